@@ -1,0 +1,117 @@
+"""Atomic artifacts: a folder or file appears complete or not at all.
+
+Pattern (pitfall 9): write into a hidden sibling temp path, fsync, one ``os.replace``;
+a completion marker is the last thing written; stale temp folders are ignored and swept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_sibling(final: Path) -> Path:
+    """A unique hidden path next to ``final`` (same filesystem, so rename is atomic)."""
+    return final.parent / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+
+
+def sweep_stale_temps(parent: Path, name: str) -> None:
+    """Remove temp siblings left by a killed writer of ``parent/name``."""
+    if parent.is_dir():
+        for stale in parent.glob(f"{TEMP_PREFIX}{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder; on clean exit it replaces ``final`` in one rename.
+
+    On an exception the temp folder is removed and ``final`` is left as it was
+    (absent if it was absent), so readers never see a half-written folder.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(final.parent, final.name)
+    tmp = temp_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            old = temp_sibling(final)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temp sibling and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What every stage function returns: its artifact folder and its metrics."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """A stage folder holds its final model in ``model/``; accept the stage folder itself.
+
+    Anything else (a plain Hugging Face folder, a hub id) is returned unchanged.
+    """
+    candidate = Path(path) / "model"
+    if (candidate / "config.json").is_file():
+        return str(candidate)
+    return os.fspath(path)

@@ -1,0 +1,179 @@
+"""The ``rlhfkit`` command: a thin layer over the stage functions.
+
+Each subcommand builds the stage's typed config and calls the same function a Python
+script would call. A user mistake (RlhfkitError) becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+from rlhfkit.errors import RlhfkitError
+
+# Stages configured by a YAML file plus KEY=VALUE overrides: name -> (module, config class, function).
+CONFIG_STAGES: dict[str, tuple[str, str, str, str]] = {
+    "sft": ("rlhfkit.sft", "SFTStageConfig", "train_sft", "supervised fine-tuning on assistant turns (TRL SFTTrainer)"),
+    "reward": ("rlhfkit.reward", "RewardStageConfig", "train_reward", "Bradley-Terry reward model (TRL RewardTrainer)"),
+    "ppo": ("rlhfkit.ppo", "PPOStageConfig", "train_ppo", "RLHF-PPO of the SFT policy against the reward model"),
+    "run": ("rlhfkit.pipeline", "RunConfig", "run_chain", "the whole chain: data -> model -> SFT -> reward -> PPO -> eval -> report"),
+}
+
+
+def _load(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _data_build(args: argparse.Namespace) -> None:
+    from rlhfkit.data import DataBuildConfig, build_data
+
+    config = DataBuildConfig(
+        sources=args.sources,
+        out=args.out,
+        lang=_csv(args.lang) if args.lang else None,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        top_k=args.top_k,
+        include_synthetic=not args.no_synthetic,
+        drop_orphans=args.drop_orphans,
+        format=args.format,
+    )
+    result = build_data(config)
+    s = result.metrics
+    print(
+        f"wrote {result.output_dir}: {s['trees']} trees, {s['messages']} messages, "
+        f"{s['sft_examples']} SFT examples, {s['pairs']} pairs"
+    )
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from rlhfkit.world import SynthConfig, synth_data
+
+    config = SynthConfig(
+        out=args.out,
+        trees=args.trees,
+        seed=args.seed,
+        annotator_noise=args.annotator_noise,
+        lang_mix=args.lang_mix,
+    )
+    result = synth_data(config)
+    s = result.metrics
+    print(f"wrote {result.output_dir}: {s['trees']} trees, {s['messages']} messages, {s['pairs']} ranked pairs")
+
+
+def _model_init(args: argparse.Namespace) -> None:
+    from rlhfkit.world import ModelInitConfig, init_model
+
+    config = ModelInitConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size, size=args.size, seed=args.seed)
+    result = init_model(config)
+    m = result.metrics
+    print(f"wrote {result.output_dir}: vocab {m['vocab_size']}, {m['parameters'] / 1e6:.2f} M parameters")
+
+
+def _config_stage(name: str) -> Callable[[argparse.Namespace], None]:
+    module, cls_name, fn_name, _ = CONFIG_STAGES[name]
+
+    def run(args: argparse.Namespace) -> None:
+        from rlhfkit.config import load_config
+
+        cls = _load(module, cls_name)
+        extra: dict[str, Any] = {}
+        if getattr(args, "out", None):
+            extra["output_dir"] = args.out
+        config = load_config(cls, args.config, args.overrides, **extra)
+        result = _load(module, fn_name)(config)
+        print(f"{name}: done, artifacts in {result.output_dir}")
+
+    return run
+
+
+class _DescribeConfig(argparse.Action):
+    """``--help`` for config stages lists every config field with its help text."""
+
+    def __init__(self, option_strings, dest, stage: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.stage = stage
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rlhfkit.config import describe
+
+        module, cls_name, _, _ = CONFIG_STAGES[self.stage]
+        parser.print_help()
+        cls = _load(module, cls_name)
+        print(f"\nconfig keys ({cls_name}):")
+        print(describe(cls))
+        notes = getattr(cls, "help_notes", None)
+        if callable(notes):
+            print("\n" + notes())
+        parser.exit()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit", description="SFT -> reward model -> PPO, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build training data; synthesise the embedded world")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    build = data_sub.add_parser("build", help="Open Assistant / TRL data -> SFT conversations and preference pairs")
+    build.add_argument("sources", nargs="+", metavar="SOURCE", help="export file, message table, saved dataset folder or hub id")
+    build.add_argument("--out", required=True, help="output folder (appears only when complete)")
+    build.add_argument("--lang", help="keep only these languages, comma-separated (e.g. en,de)")
+    build.add_argument("--val-fraction", type=float, default=0.05, help="fraction of trees in validation (default 0.05)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the split by tree")
+    build.add_argument("--top-k", type=int, help="SFT: keep only replies ranked below K among ranked siblings")
+    build.add_argument("--no-synthetic", action="store_true", help="drop synthetic messages (and their subtrees)")
+    build.add_argument("--drop-orphans", action="store_true", help="drop subtrees whose parent_id is unknown instead of failing")
+    build.add_argument("--format", help="force the input format instead of detecting it")
+    build.set_defaults(func=_data_build)
+
+    synth = data_sub.add_parser("synth", help="write the embedded world's synthetic conversation trees")
+    synth.add_argument("--out", required=True, help="output JSONL file (nested export format)")
+    synth.add_argument("--trees", type=int, default=3000, help="number of trees")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--annotator-noise", type=float, default=0.5, help="annotator noise; 0 ranks in gold order")
+    synth.add_argument("--lang-mix", default="en=0.9,de=0.05,es=0.05", help="language shares, e.g. en=0.9,de=0.1")
+    synth.set_defaults(func=_data_synth)
+
+    model = sub.add_parser("model", help="create the embedded tokenizer and model")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    init = model_sub.add_parser("init", help="train a byte-level BPE tokenizer and create an untrained Llama model")
+    init.add_argument("--out", required=True, help="output folder (Hugging Face format)")
+    init.add_argument("--corpus", required=True, help="JSONL data to train the tokenizer on (data synth output or any export)")
+    init.add_argument("--vocab-size", type=int, default=4096)
+    init.add_argument("--size", choices=["micro", "tiny", "small"], default="tiny", help="tiny ~3M parameters, small ~20M")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_model_init)
+
+    for name, (_, _, _, help_text) in CONFIG_STAGES.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("-h", "--help", action=_DescribeConfig, stage=name, help="show this help and every config key")
+        p.add_argument("config", metavar="CONFIG.yaml", help="YAML config of the stage")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (dotted for sections)")
+        p.add_argument("--out", help="output folder (overrides output_dir)")
+        p.set_defaults(func=_config_stage(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RlhfkitError as e:
+        print(f"rlhfkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlhfkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Typed configs: plain dataclasses loaded from YAML with ``key=value`` overrides.
+
+Every error in a config is found before any model loads and reported at once, in one
+line (pitfall 14): unknown keys (with the closest valid name), wrong types, bad values.
+Nothing is coerced silently. A stage config may pass the fields of a TRL config class
+through under their TRL names (``passthrough``); they land in its ``trl_args`` dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar, Union
+
+import yaml
+
+from rlhfkit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field whose ``help`` is shown by ``--help`` and in docs."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+class Passthrough:
+    """Mixin: unknown keys that are fields of ``passthrough_class()`` go to ``trl_args``."""
+
+    passthrough_name: ClassVar[str] = ""
+
+    @classmethod
+    def passthrough_class(cls) -> type | None:  # pragma: no cover - overridden
+        return None
+
+
+def _parse_scalar_text(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Return ``value`` converted only where lossless (int -> float, '3e-3' -> float)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in inner:
+            trial: list[str] = []
+            out = _check_value(value, a, where, trial)
+            if not trial:
+                return out
+            sub.extend(trial)
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{where}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str) and origin is not None and args and args[0] is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return value
+        if args:
+            return [_check_value(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(value)]
+        return list(value)
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return value
+        return _build(tp, value, where, errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                errors.append(f"{where}: expected a number, got {value!r}")
+                return value
+        if not isinstance(value, float):
+            errors.append(f"{where}: expected a number, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (os.PathLike,)):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _passthrough_fields(cls: type) -> dict[str, Any]:
+    pcls = cls.passthrough_class() if issubclass(cls, Passthrough) else None
+    if pcls is None:
+        return {}
+    hints = typing.get_type_hints(pcls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(pcls) if f.init}
+
+
+def _build(cls: type[T], data: Mapping[str, Any], where: str, errors: list[str]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    passthrough = _passthrough_fields(cls)
+    kwargs: dict[str, Any] = {}
+    trl_args: dict[str, Any] = dict(data.get("trl_args") or {}) if "trl_args" in fields else {}
+    prefix = f"{where}." if where else ""
+    for key, value in data.items():
+        if key == "trl_args" and "trl_args" in fields:
+            continue
+        if key in fields:
+            kwargs[key] = _check_value(value, hints[key], f"{prefix}{key}", errors)
+        elif key in passthrough:
+            trl_args[key] = _check_value(value, passthrough[key], f"{prefix}{key}", errors)
+        else:
+            options = [k for k in fields if k != "trl_args"] + list(passthrough)
+            errors.append(f"unknown key '{prefix}{key}'{_closest(key, options)}")
+    if "trl_args" in fields:
+        kwargs["trl_args"] = trl_args
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for n in missing:
+        errors.append(f"missing required key '{prefix}{n}'")
+    if missing or errors:
+        try:
+            return cls(**{**{n: None for n in missing}, **kwargs})
+        except Exception:  # noqa: BLE001 - errors already recorded
+            return None  # type: ignore[return-value]
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        for problem in validate() or []:
+            errors.append(f"{prefix}{problem}")
+    return obj
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {} if child is None else child
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``['ppo.kl_coef=0.1', 'seed=3']`` -> ``[('ppo.kl_coef', 0.1), ('seed', 3)]``."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE (for example learning_rate=1e-4)")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), _parse_scalar_text(text)))
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return data
+
+
+def load_config(
+    cls: type[T],
+    source: str | os.PathLike | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    **kwargs: Any,
+) -> T:
+    """Build ``cls`` from a YAML file or mapping, then ``KEY=VALUE`` overrides, then kwargs.
+
+    Raises ConfigError listing every problem found, in one line.
+    """
+    label = ""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read_yaml(source)
+        label = f"{source}: "
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        set_dotted(data, key, value)
+    for key, value in kwargs.items():
+        set_dotted(data, key, value)
+    errors: list[str] = []
+    obj = _build(cls, data, "", errors)
+    if errors:
+        raise ConfigError(label + "; ".join(errors))
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def describe(cls: type, indent: str = "  ") -> str:
+    """Field list with types, defaults and help, for ``--help`` and the docs."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name == "trl_args":
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f" = {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = ""
+        else:
+            default = " (required)"
+        help_text = f.metadata.get("help", "")
+        lines.append(f"{indent}{f.name} ({_type_name(hints[f.name])}{default}): {help_text}")
+    if issubclass(cls, Passthrough) and cls.passthrough_name:
+        lines.append(f"{indent}... and any field of {cls.passthrough_name}, under its TRL name")
+    return "\n".join(lines)
+

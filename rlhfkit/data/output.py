@@ -1,0 +1,104 @@
+"""The on-disk schema of a data folder, its writer, and readers for later stages.
+
+``DIR/sft`` and ``DIR/pairs`` are ``datasets.DatasetDict`` folders with splits ``train``
+and ``validation`` in TRL's conversational formats; ``DIR/stats.json`` holds the counts;
+``DIR/manifest.json`` holds the fingerprint later stages put in their cache keys
+(pitfall 7: a cache built from other data must never be reused).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from rlhfkit.artifacts import read_json
+from rlhfkit.errors import DataError
+
+SPLITS = ("train", "validation")
+
+
+def _features() -> tuple:
+    from datasets import Features, List, Value
+
+    message = {"role": Value("string"), "content": Value("string")}
+    sft = Features({"messages": List(message), "tree_id": Value("string"), "message_id": Value("string")})
+    pairs = Features(
+        {
+            "prompt": List(message),
+            "chosen": List(message),
+            "rejected": List(message),
+            "tree_id": Value("string"),
+            "chosen_rank": Value("int64"),
+            "rejected_rank": Value("int64"),
+        }
+    )
+    return sft, pairs
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No 'Saving the dataset' bars on the CLI's stderr; restore the user's setting after."""
+    import datasets
+
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def save_splits(table: pa.Table, split_of_row: list[str], kind: str, out: Path, fingerprint: str) -> None:
+    """Write ``table``'s rows into a DatasetDict folder, one split per ``split_of_row`` value."""
+    from datasets import Dataset, DatasetDict, DatasetInfo
+
+    features = _features()[0 if kind == "sft" else 1]
+    table = table.cast(features.arrow_schema)
+    parts, shards = {}, {}
+    for split in SPLITS:
+        mask = pa.array([s == split for s in split_of_row], pa.bool_())
+        part = table.filter(mask)
+        parts[split] = Dataset(part, info=DatasetInfo(features=features), split=split,
+                               fingerprint=f"{fingerprint}-{kind}-{split}")  # fmt: skip
+        # datasets writes 0 shards for an empty split and then cannot load it back.
+        shards[split] = 1 if part.num_rows == 0 else None
+    with _quiet_datasets():
+        DatasetDict(parts).save_to_disk(str(out), num_shards=shards)
+
+
+def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:
+    """Distinct user-turn contexts (each SFT example's ``messages[:-1]``), first-seen order.
+
+    These are the prompts PPO generates from: the context every SFT answer was given.
+    """
+    import datasets
+
+    folder = Path(path) / "sft"
+    if not folder.is_dir():
+        raise DataError(f"{path}: not a data folder (no sft/ inside; run 'rlhfkit data build')")
+    ds = datasets.load_from_disk(str(folder))
+    if split not in ds:
+        raise DataError(f"{folder}: no split '{split}' (has {', '.join(ds)})")
+    seen: set[tuple] = set()
+    prompts = []
+    for table in ds[split].select_columns(["messages"]).with_format("arrow").iter(batch_size=4096):
+        for messages in table.column("messages").to_pylist():
+            context = messages[:-1]
+            key = tuple((m["role"], m["content"]) for m in context)
+            if context and key not in seen:
+                seen.add(key)
+                prompts.append(context)
+    return prompts
+
+
+def data_fingerprint(path: str | os.PathLike) -> str:
+    """The fingerprint of a data folder's inputs, options and code version (for cache keys)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        raise DataError(f"{path}: not a data folder (no manifest.json; run 'rlhfkit data build')")
+    return read_json(manifest)["fingerprint"]

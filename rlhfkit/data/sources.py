@@ -1,0 +1,191 @@
+"""Open each SOURCE as streams of rows, each row with a location for error messages.
+
+A SOURCE is a JSONL file (optionally ``.gz``), a ``.json`` array, a Parquet file, a folder
+written by ``datasets.save_to_disk``, any other folder or a hub id (read through
+``datasets.load_dataset``), or an in-memory ``datasets.Dataset`` / ``DatasetDict``.
+Files are streamed: only one line or one record batch is held at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from rlhfkit.errors import DataError
+
+BATCH_ROWS = 4096
+# owner/name as on the hub; a path with a file suffix is never taken for a hub id.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_SUFFIXES = {".jsonl", ".json", ".gz", ".parquet", ".csv", ".txt"}
+
+Rows = Iterator[tuple[int, dict]]
+
+
+@dataclass
+class RowStream:
+    """One table of rows: a file, or one split of a dataset.
+
+    ``rows(columns)`` yields ``(key, row)``; ``where(key)`` turns the key into
+    ``file:line`` (JSON files) or ``label row N`` (tables) for error messages.
+    ``columns`` lets tabular readers skip columns the format does not use.
+    """
+
+    label: str
+    stem: str
+    digest: str
+    columns: list[str] | None
+    read: Callable[[Sequence[str] | None], Rows]
+    by_line: bool
+
+    def rows(self, columns: Sequence[str] | None = None) -> Rows:
+        return self.read(columns)
+
+    def where(self, key: int) -> str:
+        return f"{self.label}:{key}" if self.by_line else f"{self.label} row {key}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.isspace():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({_one_line(e)})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                yield lineno, row
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read past line {lineno} ({_one_line(e)})") from None
+
+
+def _json_array_rows(path: Path) -> Rows:
+    try:
+        items = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    for i, row in enumerate(items):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _parquet_stream(path: Path, label: str, stem: str) -> RowStream:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+
+    def read(columns: Sequence[str] | None) -> Rows:
+        wanted = [c for c in names if columns is None or c in columns]
+        i = 0
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                for row in batch.to_pylist():
+                    yield i, row
+                    i += 1
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read past row {i} ({_one_line(e)})") from None
+
+    return RowStream(label, stem, _file_digest(path), list(names), read, by_line=False)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name or path.name
+
+
+def _file_streams(path: Path, label: str) -> list[RowStream]:
+    stem = _stem(path)
+    if path.suffix == ".parquet":
+        return [_parquet_stream(path, label, stem)]
+    if path.suffix == ".json" and _is_json_array(path):
+        return [RowStream(label, stem, _file_digest(path), None, lambda _c: _json_array_rows(path), by_line=False)]
+    return [RowStream(label, stem, _file_digest(path), None, lambda _c: _jsonl_rows(path), by_line=True)]
+
+
+def dataset_streams(ds: Any, label: str, stem: str) -> list[RowStream]:
+    """Streams over a ``Dataset`` or every split of a ``DatasetDict``."""
+    import datasets
+
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        out = []
+        for split, part in ds.items():
+            out.extend(dataset_streams(part, f"{label}[{split}]", f"{stem}/{split}"))
+        return out
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"{label}: expected a datasets.Dataset or DatasetDict, got {type(ds).__name__}")
+
+    def read(columns: Sequence[str] | None) -> Rows:
+        names = [c for c in ds.column_names if columns is None or c in columns]
+        i = 0
+        for table in ds.select_columns(names).with_format("arrow").iter(batch_size=BATCH_ROWS):
+            for row in table.to_pylist():
+                yield i, row
+                i += 1
+
+    return [RowStream(label, stem, ds._fingerprint, list(ds.column_names), read, by_line=False)]
+
+
+def _load_dataset(source: str) -> Any:
+    """The real hub path (also any dataset-shaped local folder): ``datasets.load_dataset``."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad SOURCE for the user
+        raise DataError(f"{source}: datasets.load_dataset failed ({_one_line(e)})") from None
+
+
+def open_source(source: str) -> list[RowStream]:
+    """The row streams of one SOURCE string (a file, a folder or a hub id)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_streams(path, source)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as e:  # noqa: BLE001 - a broken saved folder is bad input
+                raise DataError(f"{source}: cannot load the saved dataset ({_one_line(e)})") from None
+        else:
+            ds = _load_dataset(str(path))
+        return dataset_streams(ds, source, path.name)
+    if _HUB_ID.fullmatch(source) and Path(source).suffix not in _FILE_SUFFIXES:
+        return dataset_streams(_load_dataset(source), source, source.rsplit("/", 1)[-1])
+    raise DataError(f"{source}: no such file or folder")

@@ -1,0 +1,13 @@
+"""The package's exceptions: user mistakes are RlhfkitError, one line, never a traceback at the CLI."""
+
+
+class RlhfkitError(Exception):
+    """Bad input or configuration. The message is one line that says what and where."""
+
+
+class ConfigError(RlhfkitError):
+    """A configuration is invalid (unknown key, wrong type, inconsistent sizes, missing file)."""
+
+
+class DataError(RlhfkitError):
+    """Input data is unreadable or malformed; the message names the file, line or field."""

@@ -1,0 +1,115 @@
+"""PPO checkpoints: everything a resume needs, written atomically, nothing pickled.
+
+A checkpoint ``checkpoints/update-000010/`` holds the policy and value weights
+(safetensors), the optimizer state (tensors; loaded with ``weights_only=True``), the
+random generators of every process (safetensors) and ``state.json`` (update counter,
+elapsed time, scheduler, KL controller, config). It is written to a temp sibling and
+renamed, so a folder named ``update-*`` is always complete (pitfall 9); older ones are
+removed only after the new one is in place. The data position is the update counter
+itself (prompts are drawn by ``batch_indices(update, ...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from rlhfkit.artifacts import atomic_dir, read_json, write_text_atomic
+from rlhfkit.errors import ConfigError
+
+PREFIX = "update-"
+# Fields that may change between a run and its resume without changing the training.
+RESUMABLE_CHANGES = {"output_dir", "report_to", "logging_steps", "sample_every", "num_samples", "save_steps",
+                     "save_total_limit", "torch_threads", "rollout_forward_batch_size"}
+
+
+def latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint (temp folders of a killed save are ignored)."""
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _resumable_config(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+
+
+def check_config(path: Path, config: Any) -> None:
+    saved = read_json(path / "state.json")["config"]
+    current = json.loads(json.dumps(_resumable_config(config)))
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(
+            f"{path.parent.parent} holds checkpoints of another config (differs in {', '.join(changed)}); "
+            "use a new output_dir or delete the old one"
+        )
+
+
+def save(accelerator, folder: Path, update: int, elapsed: float, module, optimizer, scheduler, kl_ctl,
+         generators, config) -> None:
+    from accelerate.utils import gather_object
+
+    rng = gather_object([[g.get_state() for g in generators]])
+    if accelerator.is_main_process:
+        with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
+            save_model(module.policy, str(tmp / "policy.safetensors"))
+            save_model(module.value, str(tmp / "value.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
+                      str(tmp / "rng.safetensors"))
+            write_text_atomic(tmp / "state.json", json.dumps({
+                "update": update,
+                "elapsed_s": elapsed,
+                "scheduler": scheduler.state_dict(),
+                "kl_controller": kl_ctl.state_dict(),
+                "config": _resumable_config(config),
+            }, indent=2))
+        old = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+        for stale in old[: max(0, len(old) - config.save_total_limit)]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int) -> tuple[int, float]:
+    """Restore every piece of state; returns (updates done, seconds spent so far)."""
+    state = read_json(path / "state.json")
+    load_model(module.policy, str(path / "policy.safetensors"))
+    load_model(module.value, str(path / "value.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    kl_ctl.load_state_dict(state["kl_controller"])
+    rng = load_file(str(path / "rng.safetensors"))
+    for i, generator in enumerate(generators):
+        generator.set_state(rng[f"rank{rank}_gen{i}"])
+    return int(state["update"]), float(state["elapsed_s"])
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row and flush it to disk: a killed run loses at most the row being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_log(path: Path, update: int) -> None:
+    """Drop rows past ``update`` (and a torn last line) so a resumed log has no duplicates."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("update", 0) <= update:
+            keep.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))

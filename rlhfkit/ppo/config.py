@@ -1,0 +1,170 @@
+"""The PPO stage's config, and its batch arithmetic said once.
+
+Sizes are counted in episodes (one prompt, one sampled response):
+
+    rollout_batch_size        episodes sampled per update, across all processes
+    mini_batch_size           = rollout_batch_size / num_mini_batches  (one optimizer step each)
+    per_device_train_batch_size   episodes per forward/backward on one process
+    gradient_accumulation_steps   = mini_batch_size / (per_device_train_batch_size x processes)
+    optimizer steps per update    = num_ppo_epochs x num_mini_batches
+    num_updates               = total_episodes / rollout_batch_size
+
+A combination that does not divide evenly is rejected before any model loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhfkit.config import field
+
+
+def world_size() -> int:
+    """Processes of this launch, read from the launcher's environment (no model loaded)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class PPOStageConfig:
+    # --- inputs and outputs
+    model: str = field(help="policy to align: the SFT stage's folder, a Hugging Face folder or a hub id")
+    reward_model: str | None = field(None, help="reward model folder (the reward stage's output); or pass reward_fn in Python")
+    data: str | None = field(None, help="prompts: a data-build folder (its user turns) or a dataset folder with a 'prompt' column")
+    output_dir: str = field("runs/ppo", help="artifact folder: model/, checkpoints/, metrics.jsonl, samples.jsonl, metrics.json")
+    value_model: str = field("reward", help="value model init: 'reward' (from the reward model), 'policy' (from the policy), or a folder")
+    prompt_split: str = field("train", help="split of the data to draw prompts from")
+    trust_remote_code: bool = field(False, help="allow model code from the hub (off unless you trust it)")
+    seed: int = field(0, help="seed of sampling, shuffling and initialisation")
+    # --- batch arithmetic (see the module docstring)
+    total_episodes: int | None = field(None, help="episodes to train on in all; a whole number of updates (or set num_updates)")
+    num_updates: int | None = field(None, help="PPO updates (each samples rollout_batch_size episodes); alternative to total_episodes")
+    rollout_batch_size: int = field(64, help="episodes sampled per update, across all processes")
+    num_mini_batches: int = field(4, help="minibatches per PPO epoch; one optimizer step each")
+    per_device_train_batch_size: int = field(16, help="episodes per forward/backward on one process (micro-batch)")
+    rollout_forward_batch_size: int = field(64, help="episodes per forward while sampling and scoring, per process")
+    num_ppo_epochs: int = field(4, help="passes over each rollout batch")
+    # --- sampling
+    response_length: int = field(48, help="most tokens sampled per response")
+    temperature: float = field(1.0, help="sampling temperature; log-probs for the loss use the same temperature")
+    max_prompt_length: int = field(256, help="prompt tokens kept (the last ones: the instruction is at the end)")
+    missing_eos_penalty: float | None = field(1.0, help="subtracted from the score of a response that never emits EOS; null = off")
+    # --- objective
+    kl_coef: float = field(0.05, help="KL penalty coefficient beta (initial value when kl_target is set)")
+    kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator: k1 = logp - ref, k3 = exp(ref-logp)-1-(ref-logp)")
+    kl_target: float | None = field(None, help="adaptive KL (Ziegler et al.): target KL per sequence; null = fixed kl_coef")
+    kl_horizon: int = field(10000, help="adaptive KL horizon in episodes")
+    gamma: float = field(1.0, help="discount")
+    lam: float = field(0.95, help="GAE lambda")
+    whiten_rewards: bool = field(False, help="whiten per-token rewards before GAE (mean kept)")
+    score_clip: float | None = field(None, help="clip reward-model scores to [-score_clip, score_clip]; null = off")
+    cliprange: float = field(0.2, help="policy ratio clip epsilon")
+    cliprange_value: float = field(0.2, help="value clip epsilon")
+    vf_coef: float = field(0.1, help="weight of the value loss")
+    target_kl: float | None = field(None, help="stop this update's PPO epochs early when approx-KL passes it; null = off")
+    # --- optimisation
+    learning_rate: float = field(3e-6, help="AdamW learning rate of policy and value model")
+    lr_scheduler_type: str = field("linear", help="transformers scheduler name, stepped once per optimizer step")
+    warmup_steps: int = field(0, help="scheduler warm-up, in optimizer steps")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    max_grad_norm: float = field(1.0, help="clip the global gradient norm of each model to this")
+    # --- LoRA: the reference is then the same weights with the adapter disabled
+    lora: bool = field(False, help="train a LoRA adapter on the policy; the reference is the adapter disabled (no copy)")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout (PPO keeps dropout off: keep 0)")
+    lora_target_modules: list[str] | None = field(None, help="modules to adapt; null = peft's default for the architecture")
+    # --- logging and checkpoints
+    report_to: list[str] = field(default_factory=lambda: ["none"], help="trackers through accelerate: tensorboard, wandb, none")
+    logging_steps: int = field(1, help="write a metrics row every N updates")
+    sample_every: int = field(10, help="log sample responses every N updates (0 = never)")
+    num_samples: int = field(4, help="responses shown per sample log")
+    save_steps: int = field(10, help="checkpoint every N updates (0 = only at the end)")
+    save_total_limit: int = field(1, help="checkpoints kept (the newest, rotated after a new one is complete)")
+    torch_threads: int | None = field(None, help="torch intra-op threads; null = torch's default")
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("rollout_batch_size", "num_mini_batches", "per_device_train_batch_size",
+                     "rollout_forward_batch_size", "num_ppo_epochs", "response_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if problems:
+            return problems
+        if (self.total_episodes is None) == (self.num_updates is None):
+            problems.append("set exactly one of total_episodes and num_updates")
+        elif self.total_episodes is not None and self.total_episodes % self.rollout_batch_size:
+            problems.append(
+                f"total_episodes={self.total_episodes} is not a whole number of updates of "
+                f"rollout_batch_size={self.rollout_batch_size} episodes"
+            )
+        n = world_size()
+        if self.rollout_batch_size % self.num_mini_batches:
+            problems.append(
+                f"rollout_batch_size={self.rollout_batch_size} does not split into num_mini_batches={self.num_mini_batches} equal minibatches"
+            )
+        elif (self.rollout_batch_size // self.num_mini_batches) % (self.per_device_train_batch_size * n):
+            problems.append(
+                f"mini_batch_size={self.rollout_batch_size // self.num_mini_batches} (rollout_batch_size/num_mini_batches) "
+                f"is not a multiple of per_device_train_batch_size={self.per_device_train_batch_size} x {n} process(es)"
+            )
+        if self.rollout_batch_size % n:
+            problems.append(f"rollout_batch_size={self.rollout_batch_size} does not split over {n} processes")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.kl_coef < 0:
+            problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            problems.append(f"kl_target must be > 0, got {self.kl_target}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            problems.append(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        if self.cliprange <= 0 or self.cliprange_value <= 0:
+            problems.append("cliprange and cliprange_value must be > 0")
+        bad = set(self.report_to) - {"none", "tensorboard", "wandb", "all"}
+        if bad:
+            problems.append(f"report_to: unknown tracker(s) {sorted(bad)}; use tensorboard, wandb or none")
+        return problems
+
+    # --- derived sizes, computed once
+    @property
+    def num_processes(self) -> int:
+        return world_size()
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.rollout_batch_size // self.num_mini_batches
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.mini_batch_size // (self.per_device_train_batch_size * self.num_processes)
+
+    @property
+    def local_rollout_batch_size(self) -> int:
+        return self.rollout_batch_size // self.num_processes
+
+    @property
+    def updates(self) -> int:
+        return self.num_updates if self.num_updates is not None else self.total_episodes // self.rollout_batch_size
+
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        return self.num_ppo_epochs * self.num_mini_batches
+
+    def batch_arithmetic(self) -> str:
+        """The derived sizes, in one block, printed at start."""
+        n = self.num_processes
+        return "\n".join([
+            f"PPO batch arithmetic ({n} process{'es' if n > 1 else ''}):",
+            f"  episodes per update (rollout_batch_size)    {self.rollout_batch_size}  ({self.local_rollout_batch_size} per process, one response per prompt)",
+            f"  minibatch = rollout_batch_size / num_mini_batches = {self.rollout_batch_size} / {self.num_mini_batches} = {self.mini_batch_size}",
+            f"  micro-batch per process (per_device_train_batch_size) {self.per_device_train_batch_size}",
+            f"  gradient accumulation = {self.mini_batch_size} / ({self.per_device_train_batch_size} x {n}) = {self.gradient_accumulation_steps}",
+            f"  optimizer steps per update = num_ppo_epochs x num_mini_batches = {self.num_ppo_epochs} x {self.num_mini_batches} = {self.optimizer_steps_per_update}",
+            f"  updates {self.updates}, total episodes {self.updates * self.rollout_batch_size}, "
+            f"optimizer steps {self.updates * self.optimizer_steps_per_update}",
+        ])
+
+    @classmethod
+    def help_notes(cls) -> str:
+        return __doc__.split("\n\n", 1)[1].strip()

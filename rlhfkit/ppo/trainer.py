@@ -1,0 +1,582 @@
+"""RLHF-PPO (Ziegler et al. 2019; Ouyang et al. 2022) on transformers + accelerate.
+
+One update, top to bottom:
+  1. take the next ``rollout_batch_size`` prompts (order fixed by seed and update index);
+  2. ``make_rollout``: sample, truncate at EOS, score with reference / value / reward;
+  3. per-token rewards = -beta * KL + score at the last response token; GAE; whiten A;
+  4. ``ppo_update``: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps of the clipped
+     policy loss + vf_coef x clipped value loss, each a global token mean over the minibatch;
+  5. adapt beta (adaptive KL), log one metrics row (TRL's keys), checkpoint every N updates.
+
+The math lives in ``rlhfkit.ppo.core``; sampling and scoring in ``rlhfkit.ppo.rollout``;
+checkpoints in ``rlhfkit.ppo.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlhfkit.artifacts import StageResult, atomic_dir, resolve_model_path, write_json_atomic
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.ppo import checkpoint as ckpt
+from rlhfkit.ppo.config import PPOStageConfig
+from rlhfkit.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    approx_kl,
+    compute_gae,
+    kl_per_token,
+    logprobs_from_logits,
+    policy_loss,
+    rewards_with_kl,
+    value_loss,
+    whiten,
+)
+from rlhfkit.ppo.rollout import (
+    RewardFn,
+    Rollout,
+    left_pad,
+    response_logits,
+    sample,
+    sequence_scores,
+    token_values,
+    truncate_at_eos,
+)
+
+MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module, so accelerate wraps (DDP, FSDP, ...) and syncs both."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids, attention_mask, response_length: int):
+        logits = response_logits(self.policy, input_ids, attention_mask, response_length)
+        values = token_values(self.value, input_ids, attention_mask, response_length)
+        return logits, values
+
+
+@dataclass
+class Scorer:
+    """How a response gets its score: a reward model (maybe with its own tokenizer) or a function."""
+
+    model: torch.nn.Module | None = None
+    tokenizer: Any = None
+    same_tokenizer: bool = True
+    fn: RewardFn | None = None
+
+    @torch.no_grad()
+    def __call__(self, rollout_ids, rollout_mask, prompts: list[Any], responses: list[str]) -> torch.Tensor:
+        if self.fn is not None:
+            scores = [float(s) for s in self.fn(prompts, responses)]
+            if len(scores) != len(responses):
+                raise RlhfkitError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
+            return torch.tensor(scores, dtype=torch.float32)
+        if self.same_tokenizer:
+            return sequence_scores(self.model, rollout_ids, rollout_mask)
+        # Different tokenizer: decode, re-encode with the reward model's own chat template.
+        encoded = [
+            self.tokenizer.apply_chat_template(
+                as_messages(p) + [{"role": "assistant", "content": r}], tokenize=True, return_dict=True
+            )["input_ids"]
+            for p, r in zip(prompts, responses)
+        ]
+        ids, mask = left_pad(encoded, self.tokenizer.pad_token_id or 0)
+        return sequence_scores(self.model, ids, mask)
+
+
+def as_messages(prompt: Any) -> list[dict]:
+    """A prompt given as text becomes one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Any], max_prompt_length: int) -> list[list[int]]:
+    """Chat-template each prompt with the generation prompt; keep its last max_prompt_length tokens.
+
+    Tokenizing through the template in one go avoids a second BOS (pitfall 2).
+    """
+    encoded = []
+    for prompt in prompts:
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"])["input_ids"]
+        encoded.append(list(ids)[-max_prompt_length:])
+    return encoded
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO's log-prob ratios assume a deterministic forward: dropout off everywhere."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, name) and isinstance(getattr(model.config, name), float):
+            setattr(model.config, name, 0.0)
+
+
+def batch_indices(update: int, batch_size: int, num_prompts: int, seed: int) -> list[int]:
+    """Prompt indices of an update: epochs over a seeded permutation, derived from the update index.
+
+    Deriving the order from (seed, update) makes the data position part of the update counter,
+    so a resumed run draws exactly the prompts the uninterrupted run would have (pitfall 10).
+    """
+    start = update * batch_size
+    out = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_prompts)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(num_prompts, generator=generator)[offset]))
+    return out
+
+
+@torch.no_grad()
+def make_rollout(
+    module: PolicyAndValue,
+    ref_policy: torch.nn.Module | None,
+    scorer: Scorer,
+    tokenizer,
+    prompts: list[Any],
+    prompt_ids: list[list[int]],
+    config: PPOStageConfig,
+    generator: torch.Generator,
+) -> tuple[Rollout, list[str]]:
+    """Episodes for one batch of prompts, in ``rollout_forward_batch_size`` chunks.
+
+    Steps: (1) sample responses at temperature T, keeping the sampled tokens' log-probs as
+    the old log-probs; (2) truncate after the first EOS and pad; (3) reference log-probs at
+    the same T (the adapter disabled in LoRA mode); (4) values V(s_t); (5) scores from the
+    reward model or function, minus the penalty for a missing EOS, clipped if asked.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chunks = []
+    texts: list[str] = []
+    step = config.rollout_forward_batch_size
+    for start in range(0, len(prompts), step):
+        query_ids, query_mask = left_pad(prompt_ids[start:start + step], pad)
+        # (1) sample
+        response_ids, logprobs = sample(module.policy, query_ids, query_mask, config.response_length,
+                                        config.temperature, eos, pad, generator)
+        # (2) truncate at the stop token
+        response_ids, response_mask, has_eos = truncate_at_eos(response_ids, eos, pad)
+        logprobs = logprobs * response_mask
+        input_ids = torch.cat([query_ids, response_ids], 1)
+        attention_mask = torch.cat([query_mask, response_mask], 1)
+        width = response_ids.shape[1]
+        # (3) reference log-probs
+        if ref_policy is None:  # LoRA: the reference is the policy without its adapter
+            with module.policy.disable_adapter():
+                ref_logits = response_logits(module.policy, input_ids, attention_mask, width)
+        else:
+            ref_logits = response_logits(ref_policy, input_ids, attention_mask, width)
+        ref_logprobs = logprobs_from_logits(ref_logits, response_ids, config.temperature) * response_mask
+        del ref_logits
+        # (4) values
+        values = token_values(module.value, input_ids, attention_mask, width) * response_mask
+        # (5) scores
+        responses = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, pad), skip_special_tokens=True)
+        raw = scorer(input_ids, attention_mask, prompts[start:start + step], responses)
+        scores = raw.clone()
+        if config.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
+        if config.score_clip is not None:
+            scores = scores.clamp(-config.score_clip, config.score_clip)
+        texts.extend(responses)
+        chunks.append(Rollout(query_ids, query_mask, response_ids, response_mask, logprobs, ref_logprobs,
+                              values, scores, raw, has_eos))
+    return concat_rollouts(chunks, pad), texts
+
+
+def concat_rollouts(chunks: list[Rollout], pad_id: int) -> Rollout:
+    """Join chunks whose query and response widths differ (queries pad left, responses right)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    query_width = max(c.query_ids.shape[1] for c in chunks)
+    response_width = max(c.response_ids.shape[1] for c in chunks)
+
+    def pad(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        return torch.cat([filler, t] if left else [t, filler], 1)
+
+    return Rollout(
+        query_ids=torch.cat([pad(c.query_ids, query_width, pad_id, True) for c in chunks]),
+        query_mask=torch.cat([pad(c.query_mask, query_width, 0, True) for c in chunks]),
+        response_ids=torch.cat([pad(c.response_ids, response_width, pad_id, False) for c in chunks]),
+        response_mask=torch.cat([pad(c.response_mask, response_width, 0, False) for c in chunks]),
+        logprobs=torch.cat([pad(c.logprobs, response_width, 0.0, False) for c in chunks]),
+        ref_logprobs=torch.cat([pad(c.ref_logprobs, response_width, 0.0, False) for c in chunks]),
+        values=torch.cat([pad(c.values, response_width, 0.0, False) for c in chunks]),
+        scores=torch.cat([c.scores for c in chunks]),
+        raw_scores=torch.cat([c.raw_scores for c in chunks]),
+        has_eos=torch.cat([c.has_eos for c in chunks]),
+    )
+
+
+def ppo_update(
+    accelerator,
+    module,
+    optimizer,
+    scheduler,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    config: PPOStageConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps over this process's episodes.
+
+    Each micro-batch's loss is weighted so that the accumulated gradient is the token mean over
+    the whole minibatch on all processes, whatever the split into micro-batches (pitfall 8).
+    """
+    local = rollout.query_ids.shape[0]
+    mini = local // config.num_mini_batches
+    micro = config.per_device_train_batch_size
+    accumulation = config.gradient_accumulation_steps
+    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+    width = rollout.response_ids.shape[1]
+    stats: dict[str, list[float]] = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac")}
+    stop_early = False
+    for _epoch in range(config.num_ppo_epochs):
+        order = torch.randperm(local, generator=generator)
+        for mb_start in range(0, local, mini):
+            mb = order[mb_start:mb_start + mini]
+            minibatch_tokens = accelerator.reduce(mask[mb].sum().float(), reduction="sum")
+            mb_stats = torch.zeros(5)
+            for mc_start in range(0, mini, micro):
+                idx = mb[mc_start:mc_start + micro]
+                m = mask[idx]
+                with accelerator.accumulate(module):
+                    logits, new_values = module(input_ids[idx], attention_mask[idx], width)
+                    new_logprobs = logprobs_from_logits(logits, rollout.response_ids[idx], config.temperature)
+                    del logits
+                    pg_loss, pg_clipfrac = policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], m, config.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(new_values, rollout.values[idx], returns[idx], m, config.cliprange_value)
+                    # masked means over this micro-batch -> its share of the minibatch token mean;
+                    # accelerate divides by the accumulation steps and DDP averages over processes.
+                    share = m.sum() / minibatch_tokens * accumulation * accelerator.num_processes
+                    loss = (pg_loss + config.vf_coef * vf_loss) * share
+                    if not torch.isfinite(loss):
+                        raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        unwrapped = accelerator.unwrap_model(module)
+                        for part in (unwrapped.policy, unwrapped.value):
+                            norm = accelerator.clip_grad_norm_(
+                                [p for p in part.parameters() if p.requires_grad], config.max_grad_norm)
+                            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                                raise RlhfkitError("gradient norm is not finite: lower learning_rate or check the reward scale")
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                weight = (m.sum() / minibatch_tokens * accelerator.num_processes).item()
+                with torch.no_grad():
+                    kl = approx_kl(new_logprobs, rollout.logprobs[idx], m)
+                mb_stats += weight * torch.stack([kl, pg_clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac])
+            mb_stats = accelerator.reduce(mb_stats, reduction="mean") if accelerator.num_processes > 1 else mb_stats
+            for key, value in zip(stats, mb_stats.tolist()):
+                stats[key].append(value)
+            if config.target_kl is not None and mb_stats[0].item() > config.target_kl:
+                stop_early = True
+                break
+        if stop_early:
+            break
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["early_stopped"] = float(stop_early)
+    return out
+
+
+def load_prompts(config: PPOStageConfig, prompts: Any = None) -> list[Any]:
+    """Prompts from the argument (list or Dataset), a data-build folder, or a dataset with 'prompt'."""
+    if prompts is None:
+        if config.data is None:
+            raise ConfigError("no prompts: set data (a data-build folder or a dataset folder with a 'prompt' column)")
+        path = Path(config.data)
+        if not path.exists():
+            raise ConfigError(f"data: {path} not found")
+        if (path / "sft").is_dir():
+            from rlhfkit.data import prompts_from_data_dir
+
+            return prompts_from_data_dir(path, config.prompt_split)
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            prompts = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data: {path} is neither a data-build folder nor a saved dataset ({e})") from None
+        if isinstance(prompts, DatasetDict):
+            if config.prompt_split not in prompts:
+                raise ConfigError(f"data: {path} has no split '{config.prompt_split}' (has {', '.join(prompts)})")
+            prompts = prompts[config.prompt_split]
+    if hasattr(prompts, "column_names"):
+        if "prompt" not in prompts.column_names:
+            raise ConfigError(f"prompt dataset has no 'prompt' column (columns: {', '.join(prompts.column_names)})")
+        prompts = prompts["prompt"]
+    prompts = list(prompts)
+    if not prompts:
+        raise ConfigError("no prompts found")
+    return prompts
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_model(auto_class, path: str, trust_remote_code: bool, **kwargs):
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from None
+
+
+def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PPOStageConfig, eos_id: int) -> dict[str, float]:
+    """TRL's objective/* keys: per-sequence sums, averaged over episodes."""
+    mask = rollout.response_mask.float()
+    kl_seq = (kl * mask).sum(1)
+    non_score = -beta * kl_seq
+    return {
+        "objective/kl": kl_seq.mean().item(),
+        "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
+        "objective/scores": rollout.scores.mean().item(),
+        "objective/raw_scores": rollout.raw_scores.mean().item(),
+        "objective/kl_coef": beta,
+        "val/num_eos_tokens": float((rollout.response_ids == eos_id).sum().item()),
+        "val/response_length": mask.sum(1).mean().item(),
+    }
+
+
+def train_ppo(
+    config: PPOStageConfig,
+    *,
+    policy: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    reward_model: torch.nn.Module | None = None,
+    reward_tokenizer: Any = None,
+    reward_fn: RewardFn | None = None,
+    value_model: torch.nn.Module | None = None,
+    prompts: Any = None,
+    gold_fn: MetricFn | None = None,
+) -> StageResult:
+    """Align ``config.model`` against the reward model (or ``reward_fn``) with PPO.
+
+    In-memory objects replace the paths in ``config``: ``policy`` + ``tokenizer``,
+    ``reward_model`` (+ ``reward_tokenizer`` when it differs), ``reward_fn(prompts,
+    responses) -> scores`` instead of a model, ``prompts`` (a list or a Dataset with a
+    'prompt' column). ``gold_fn`` is only measured and logged (``objective/gold``), never
+    optimised. Writes ``output_dir/model`` (the final policy), ``metrics.jsonl`` (a row per
+    update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint.
+    """
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
+    from transformers.utils import logging as hf_logging
+
+    problems = config.validate()
+    if policy is None and not config.model:
+        problems.append("model: set the policy to align (the SFT stage's folder)")
+    if reward_fn is None and reward_model is None and config.reward_model is None:
+        problems.append("reward_model: set it (the reward stage's folder) or pass reward_fn")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == ["none"] else config.report_to,
+        project_dir=str(out),
+    )
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(config.batch_arithmetic(), flush=True)
+
+    # --- prompts and models (everything validated above, so loading is the first slow step)
+    prompt_list = load_prompts(config, prompts)
+    policy_path = resolve_model_path(config.model) if config.model else None
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(policy_path, config.trust_remote_code)
+    if policy is None:
+        policy = _load_model(AutoModelForCausalLM, policy_path, config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; only EOS stops
+    prompt_ids = encode_prompts(tokenizer, prompt_list, config.max_prompt_length)
+    scorer = Scorer(fn=reward_fn)
+    reward_path = resolve_model_path(config.reward_model) if config.reward_model else None
+    if reward_fn is None:
+        if reward_model is None:
+            reward_model = _load_model(AutoModelForSequenceClassification, reward_path, config.trust_remote_code, num_labels=1)
+            if reward_tokenizer is None:
+                reward_tokenizer = _load_tokenizer(reward_path, config.trust_remote_code)
+        reward_tokenizer = reward_tokenizer or tokenizer
+        same = reward_tokenizer.get_vocab() == tokenizer.get_vocab() and reward_tokenizer.chat_template == tokenizer.chat_template
+        scorer = Scorer(model=reward_model.eval().requires_grad_(False), tokenizer=reward_tokenizer, same_tokenizer=same)
+    if value_model is None:
+        value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)
+        if value_source is None:
+            raise ConfigError("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
+        value_model = _load_model(AutoModelForSequenceClassification, value_source, config.trust_remote_code, num_labels=1)
+    if value_model.config.pad_token_id is None:
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+    ref_policy = None
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                   lora_dropout=config.lora_dropout,
+                                                   target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
+    else:
+        ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+    for model in (policy, value_model, ref_policy, scorer.model):
+        if model is not None:
+            disable_dropout(model)
+    module = PolicyAndValue(policy, value_model)
+    module.train()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = config.updates * config.optimizer_steps_per_update
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=total_steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    for model in (ref_policy, scorer.model):
+        if model is not None:
+            model.to(accelerator.device)
+    kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+              if config.kl_target is not None else FixedKLController(config.kl_coef))
+    rank_seed = config.seed * 1000 + accelerator.process_index
+    sample_gen = torch.Generator().manual_seed(rank_seed)
+    shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)
+
+    # --- resume
+    start_update, elapsed_before = 0, 0.0
+    state = ckpt.latest(out / "checkpoints")
+    if state is not None:
+        ckpt.check_config(state, config)
+        start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
+                                                 kl_ctl, (sample_gen, shuffle_gen), accelerator.process_index)
+        if main:
+            print(f"resuming from {state} (update {start_update} of {config.updates})", flush=True)
+    if main:
+        ckpt.truncate_log(out / "metrics.jsonl", start_update)
+        ckpt.truncate_log(out / "samples.jsonl", start_update)
+    if config.report_to != ["none"]:
+        accelerator.init_trackers("rlhfkit-ppo", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+
+    # --- the loop
+    from tqdm.auto import tqdm
+
+    unwrapped = accelerator.unwrap_model(module)
+    local = config.local_rollout_batch_size
+    started = time.perf_counter()
+    bar = tqdm(total=config.updates, initial=start_update, desc="ppo", unit="update", disable=not main, dynamic_ncols=True)
+    last_row: dict[str, float] = {}
+    for update in range(start_update, config.updates):
+        # 1. prompts of this update, this process's slice
+        indices = batch_indices(update, config.rollout_batch_size, len(prompt_list), config.seed)
+        indices = indices[accelerator.process_index * local:(accelerator.process_index + 1) * local]
+        batch_prompts = [prompt_list[i] for i in indices]
+        # 2. rollout
+        unwrapped.eval()
+        rollout, responses = make_rollout(unwrapped, ref_policy, scorer, tokenizer, batch_prompts,
+                                          [prompt_ids[i] for i in indices], config, sample_gen)
+        unwrapped.train()
+        # 3. rewards, advantages
+        beta = kl_ctl.value
+        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * rollout.response_mask
+        rewards, _ = rewards_with_kl(rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+                                     beta, config.kl_estimator)
+        if config.whiten_rewards:
+            rewards = whiten(rewards, rollout.response_mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, rollout.values, rollout.response_mask, config.gamma, config.lam)
+        advantages = whiten(advantages, rollout.response_mask)
+        # 4. optimise
+        train_stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns,
+                                 config, shuffle_gen)
+        # 5. bookkeeping
+        episode_stats = _episode_metrics(rollout, kl, beta, config, tokenizer.eos_token_id)
+        gold = None
+        if gold_fn is not None:
+            gold = torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)])
+            episode_stats["objective/gold"] = gold.mean().item()
+        if accelerator.num_processes > 1:
+            keys = sorted(episode_stats)
+            reduced = accelerator.reduce(torch.tensor([episode_stats[k] for k in keys]), reduction="mean")
+            episode_stats = dict(zip(keys, reduced.tolist()))
+        mean_kl = episode_stats["objective/kl"]
+        kl_ctl.update(mean_kl, config.rollout_batch_size)
+        elapsed = elapsed_before + time.perf_counter() - started
+        episodes = (update + 1) * config.rollout_batch_size
+        row = {
+            "update": update + 1,
+            "episode": episodes,
+            **episode_stats,
+            "policy/approxkl_avg": train_stats["approxkl"],
+            "policy/clipfrac_avg": train_stats["clipfrac"],
+            "loss/policy_avg": train_stats["pg_loss"],
+            "loss/value_avg": train_stats["vf_loss"],
+            "val/clipfrac_avg": train_stats["vf_clipfrac"],
+            "policy/early_stopped": train_stats["early_stopped"],
+            "lr": scheduler.get_last_lr()[0],
+            "eps": episodes / elapsed if elapsed > 0 else 0.0,
+            "elapsed_s": elapsed,
+        }
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RlhfkitError(f"update {update + 1}: {key} is {value}; stopping (lower learning_rate or check rewards)")
+        last_row = row
+        if main and ((update + 1) % config.logging_steps == 0 or update + 1 == config.updates):
+            ckpt.append_jsonl(out / "metrics.jsonl", row)
+        if config.report_to != ["none"]:
+            accelerator.log(row, step=update + 1)
+        if main and config.sample_every and ((update + 1) % config.sample_every == 0 or update == 0):
+            queries = tokenizer.batch_decode(rollout.query_ids[: config.num_samples], skip_special_tokens=True)
+            for j, (q, r) in enumerate(zip(queries, responses[: config.num_samples])):
+                ckpt.append_jsonl(out / "samples.jsonl", {
+                    "update": update + 1, "prompt": q, "response": r,
+                    "score": rollout.scores[j].item(), **({"gold": gold[j].item()} if gold is not None else {}),
+                })
+        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
+        bar.update(1)
+        if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
+            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, unwrapped, optimizer, scheduler, kl_ctl,
+                      (sample_gen, shuffle_gen), config)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if config.report_to != ["none"]:
+        accelerator.end_training()
+
+    # --- final artefacts: the policy (adapter merged) and the summary, written last
+    metrics = {**last_row, "updates": config.updates, "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
+    if main:
+        final = unwrapped.policy
+        if config.lora:
+            final = copy.deepcopy(final).merge_and_unload()
+        with atomic_dir(out / "model") as tmp:
+            final.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(out / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return StageResult(out, metrics)
