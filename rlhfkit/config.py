@@ -188,6 +188,13 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str, errors: list[str])
     return obj
 
 
+def collect_errors(cls: type, data: Mapping[str, Any], where: str = "") -> list[str]:
+    """Every problem building ``cls`` from ``data`` would raise, prefixed with ``where.``."""
+    errors: list[str] = []
+    _build(cls, data, where, errors)
+    return errors
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data

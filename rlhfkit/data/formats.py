@@ -14,8 +14,7 @@ from rlhfkit.data.corpus import Corpus
 from rlhfkit.data.sources import RowStream
 from rlhfkit.errors import DataError
 
-OASST_FORMATS = ("oasst-trees", "oasst-messages")
-FORMATS = OASST_FORMATS + ("preference", "sharegpt", "messages", "alpaca", "prompt-completion")
+FORMATS = ("oasst-trees", "oasst-messages", "preference", "sharegpt", "messages", "alpaca", "prompt-completion")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "chatgpt": "assistant", "system": "system"}  # fmt: skip
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
@@ -70,7 +69,7 @@ def _turns(value: Any, field: str, where: str, role_key: str = "role", text_key:
             raise DataError(f"{where}: missing required field '{field}[{i}].{role_key}'")
         if text is None:
             raise DataError(f"{where}: missing required field '{field}[{i}].{text_key}'")
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise DataError(f"{where}: field '{field}[{i}].{role_key}' has unsupported role {role!r}")
         out.append((roles[role], _text(text, f"{field}[{i}].{text_key}", where)))
     return out
@@ -144,19 +143,23 @@ def _preference(row: dict, where: str) -> tuple[Turns, Turns, Turns]:
     )
 
 
-def read_rows(stream: RowStream, fmt: str, corpus: Corpus, stem: str) -> int:
-    """Convert every row of a non-oasst stream into ``corpus``; returns the row count."""
+def read_rows(stream: RowStream, fmt: str, corpus: Corpus, stem: str, group: int) -> int:
+    """Convert every row of a non-oasst stream into ``corpus``; returns the row count.
+
+    ``group`` orders this stream's rows after the oasst trees and the earlier sources.
+    """
     n = 0
     for i, (key, row) in enumerate(stream.rows()):
         n += 1
         where = stream.where(key)
-        tree = f"{stem}:{i}"
+        tree_id = f"{stem}:{i}"
         if fmt == "preference":
             prompt, chosen, rejected = _preference(row, where)
             if not corpus.drop_degenerate("".join(t for _, t in chosen), "".join(t for _, t in rejected)):
                 p, c, j = ([corpus.add_message(r, t) for r, t in side] for side in (prompt, chosen, rejected))
-                corpus.add_pair(tree, p, c, j)
-                corpus.tree_messages[tree] = len(p) + len(c) + len(j)
+                tree = corpus.add_tree(tree_id, (group, "", i))
+                corpus.add_pair(tree, corpus.prompts.append(p), c, j)
+                corpus.tree_messages[tree] += len(p) + len(c) + len(j)
             continue
         turns = SFT_CONVERTERS[fmt](row, where)
         last = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
@@ -164,6 +167,7 @@ def read_rows(stream: RowStream, fmt: str, corpus: Corpus, stem: str) -> int:
             corpus.dropped["no_reply"] += 1
             continue
         ids = [corpus.add_message(r, t) for r, t in turns[: last + 1]]
-        corpus.add_sft(tree, f"{tree}:{last}", ids)
-        corpus.tree_messages[tree] = len(ids)
+        tree = corpus.add_tree(tree_id, (group, "", i))
+        corpus.add_sft(tree, f"{tree_id}:{last}", ids)
+        corpus.tree_messages[tree] += len(ids)
     return n

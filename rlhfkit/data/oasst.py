@@ -1,15 +1,17 @@
 """Open Assistant message trees: read nested exports and flat message tables, filter, emit.
 
-Both input shapes become one forest of ``Msg`` records keyed by ``message_id``, so a tree
-may even be spread over several sources. The output is canonical, independent of the
-input's row order: trees by ``tree_id``, siblings by (rank, unranked last, message_id).
+Both shapes are walked as the same nested dicts: a nested export's row already is one
+(root under ``prompt``, children under ``replies``); flat-table rows are collected, then
+linked by ``parent_id`` into that shape. A nested tree is emitted as soon as its line is
+read, so memory holds the kept texts, not the parsed JSON. Output order is canonical
+(siblings by rank, unranked last, then message_id; trees sorted by the writer), so a
+shuffled flat table gives exactly the datasets of its nested export.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from rlhfkit.data.corpus import Corpus
 from rlhfkit.data.sources import RowStream
@@ -21,204 +23,210 @@ MESSAGE_COLUMNS = (
     "message_id", "parent_id", "message_tree_id", "text", "role", "lang",
     "review_result", "deleted", "rank", "synthetic",
 )  # fmt: skip
+_WHERE = "\0where"  # key under which a flat-table row keeps its location
 
 
-class Msg:
-    __slots__ = ("id", "parent_id", "tree_id", "role", "text", "lang", "review", "deleted", "rank", "synthetic",
-                 "where", "children", "pool")  # fmt: skip
+class _BadMessage(Exception):
+    """A message lacks a field; the caller adds the location it knows."""
 
-    def sort_key(self) -> tuple:
-        return (self.rank is None, self.rank or 0, self.id)
+    def __init__(self, problem: str, message: dict):
+        super().__init__(problem)
+        self.message = message
 
 
-def _rank(value: object, where: str, mid: str) -> int | None:
-    """Ranks are ints; tables store them as float (nullable), sometimes NaN for none."""
+def _rank(value: object, mid: str, message: dict) -> int | None:
+    """Ranks are ints; tables store them as nullable floats (NaN or None for unranked)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise DataError(f"{where}: message {mid} has a non-integer rank {value!r}")
+        raise _BadMessage(f"message {mid} has a non-integer rank {value!r}", message)
     return int(value)
 
 
-def _message(row: dict, where: str, tree_id: str | None, parent_id: str | None) -> Msg:
-    m = Msg()
-    mid = row.get("message_id")
+def _fields(m: dict) -> tuple[str, str, str, int | None]:
+    """(message_id, role, text, rank) of a message, checked."""
+    mid, role, text = m.get("message_id"), m.get("role"), m.get("text")
     if mid is None:
-        raise DataError(f"{where}: missing required field 'message_id'")
-    m.id = mid = str(mid)
-    text = row.get("text")
-    role = row.get("role")
-    if text is None:
-        raise DataError(f"{where}: missing required field 'text' (message {mid})")
-    if role is None:
-        raise DataError(f"{where}: missing required field 'role' (message {mid})")
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field 'text' of message {mid} is not a string")
-    m.role = ROLES.get(role)
-    if m.role is None:
-        raise DataError(f"{where}: message {mid} has unknown role {role!r} (expected prompter or assistant)")
-    m.text = text
-    m.parent_id = None if parent_id is None else str(parent_id)
-    m.tree_id = tree_id
-    lang = row.get("lang")
-    m.lang = lang.lower() if isinstance(lang, str) else None
-    m.review = row.get("review_result")
-    m.deleted = bool(row.get("deleted"))
-    m.rank = _rank(row.get("rank"), where, mid)
-    m.synthetic = bool(row.get("synthetic"))
-    m.where = where
-    m.children = []
-    return m
+        raise _BadMessage("missing required field 'message_id'", m)
+    mid = mid if type(mid) is str else str(mid)
+    if text is None or role is None:
+        raise _BadMessage(f"missing required field '{'text' if text is None else 'role'}' (message {mid})", m)
+    if type(text) is not str:
+        raise _BadMessage(f"field 'text' of message {mid} is not a string", m)
+    mapped = ROLES.get(role) if isinstance(role, str) else None
+    if mapped is None:
+        raise _BadMessage(f"message {mid} has unknown role {role!r} (expected prompter or assistant)", m)
+    rank = m.get("rank")
+    if rank is not None and type(rank) is not int:
+        rank = _rank(rank, mid, m)
+    return mid, mapped, text, rank
 
 
-class Forest:
-    """All messages of the oasst sources, linked and filtered into kept trees."""
-
-    def __init__(self) -> None:
-        self.by_id: dict[str, Msg] = {}
-
-    def _add(self, m: Msg) -> None:
-        first = self.by_id.setdefault(m.id, m)
-        if first is not m:
-            raise DataError(f"{m.where}: duplicate message_id {m.id} (first seen at {first.where})")
-
-    def read_trees(self, stream: RowStream) -> int:
-        """Nested export: one tree per row, root under ``prompt``, children under ``replies``."""
-        n = 0
-        for key, row in stream.rows():
-            n += 1
-            where = stream.where(key)
-            root = row.get("prompt")
-            if not isinstance(root, dict):
-                raise DataError(f"{where}: missing required field 'prompt' (the root message object)")
-            tree_id = row.get("message_tree_id") or root.get("message_id")
-            stack: list[tuple[dict, str | None]] = [(root, None)]
-            while stack:
-                raw, parent_id = stack.pop()
-                m = _message(raw, where, None if tree_id is None else str(tree_id), parent_id)
-                self._add(m)
-                replies = raw.get("replies") or ()
-                if not isinstance(replies, list):
-                    raise DataError(f"{where}: field 'replies' of message {m.id} is not a list")
-                stack.extend((r, m.id) for r in replies)
-        return n
-
-    def read_messages(self, stream: RowStream) -> int:
-        """Flat table: one row per message, linked by ``parent_id``, rows in any order."""
-        n = 0
-        for key, row in stream.rows(MESSAGE_COLUMNS):
-            n += 1
-            tree_id = row.get("message_tree_id")
-            self._add(_message(row, stream.where(key), None if tree_id is None else str(tree_id), row.get("parent_id")))
-        return n
-
-    def emit(
-        self,
-        corpus: Corpus,
-        *,
-        lang: Iterable[str] | None,
-        include_synthetic: bool,
-        drop_orphans: bool,
-        top_k: int | None,
-    ) -> None:
-        """Link, filter and write every kept tree's SFT examples and pairs into ``corpus``."""
-        roots, orphans = self._link()
-        self._check_cycles(roots, orphans)
-        for o in orphans:
-            if not drop_orphans:
-                raise DataError(
-                    f"{o.where}: message {o.id} has unknown parent_id {o.parent_id} (--drop-orphans drops such subtrees)"
-                )
-            corpus.dropped["orphan"] += _size(o)
-        langs = None if lang is None else {x.lower() for x in lang}
-        for root in sorted(roots, key=lambda r: (r.tree_id or r.id, r.id)):
-            root.tree_id = root.tree_id or root.id
-            reason = _drop_reason(root, langs, include_synthetic)
-            if reason:
-                corpus.dropped[reason] += _size(root)
-            else:
-                _emit_tree(root, corpus, langs, include_synthetic, top_k)
-
-    def _link(self) -> tuple[list[Msg], list[Msg]]:
-        roots, orphans = [], []
-        for m in self.by_id.values():
-            if m.parent_id is None:
-                roots.append(m)
-            else:
-                parent = self.by_id.get(m.parent_id)
-                if parent is None:
-                    orphans.append(m)
-                else:
-                    parent.children.append(m)
-        return roots, orphans
-
-    def _check_cycles(self, roots: list[Msg], orphans: list[Msg]) -> None:
-        """A message reachable from no root sits on a parent_id cycle."""
-        reached = sum(_size(m) for m in roots) + sum(_size(m) for m in orphans)
-        if reached != len(self.by_id):
-            seen = {m.id for top in roots + orphans for m in _walk(top)}
-            stuck = next(m for m in self.by_id.values() if m.id not in seen)
-            raise DataError(f"{stuck.where}: message {stuck.id} is on a parent_id cycle")
-
-
-def _walk(top: Msg) -> Iterator[Msg]:
+def _walk(top: dict) -> Iterator[dict]:
     stack = [top]
     while stack:
         m = stack.pop()
         yield m
-        stack.extend(m.children)
+        stack.extend(m.get("replies") or ())
 
 
-def _size(top: Msg) -> int:
-    return sum(1 for _ in _walk(top))
+def _size(m: dict) -> int:
+    """Messages in the subtree of ``m`` (all of them leave when ``m`` is dropped)."""
+    return sum(1 for _ in _walk(m))
 
 
-def _drop_reason(m: Msg, langs: set[str] | None, include_synthetic: bool) -> str | None:
-    if m.deleted:
-        return "deleted"
-    if m.review is False:
-        return "review_failed"
-    if langs is not None and m.lang not in langs:
-        return "lang"
-    if m.synthetic and not include_synthetic:
-        return "synthetic"
-    return None
+class TreeReader:
+    """Filters Open Assistant trees into a Corpus: SFT paths and ranked sibling pairs."""
 
+    def __init__(self, corpus: Corpus, *, lang: Iterable[str] | None, include_synthetic: bool, top_k: int | None):
+        self.corpus = corpus
+        self.langs = None if lang is None else {x.lower() for x in lang}
+        self.include_synthetic = include_synthetic
+        self.top_k = top_k
+        self.ids: set[str] = set()
+        self.flat: dict[str, dict] = {}
+        self._add_message = corpus.add_message
+        self._selective = self.langs is not None or not include_synthetic
 
-def _emit_tree(root: Msg, corpus: Corpus, langs: set[str] | None, include_synthetic: bool, top_k: int | None) -> None:
-    """Depth-first over kept messages; a dropped message takes its subtree with it.
+    def read_trees(self, stream: RowStream) -> int:
+        """Nested export: one tree per row, emitted at once."""
+        n = 0
+        for key, row in stream.rows():
+            n += 1
+            root = row.get("prompt")
+            if not isinstance(root, dict):
+                raise DataError(f"{stream.where(key)}: missing required field 'prompt' (the root message object)")
+            tree_id = row.get("message_tree_id") or root.get("message_id")
+            self._emit(root, None if tree_id is None else str(tree_id), lambda: stream.where(key))
+        return n
 
-    ``ok`` is False below an assistant reply ranked at position >= top_k among its kept
-    ranked siblings, so ``--top-k`` prunes whole paths (unranked replies pass).
-    """
-    tree = root.tree_id
-    dropped: Counter[str] = corpus.dropped
-    root.pool = corpus.add_message(root.role, root.text)
-    kept_count = 1
-    stack: list[tuple[Msg, list[int], bool]] = [(root, [root.pool], True)]
-    while stack:
-        node, path, ok = stack.pop()
-        if node.role == "assistant" and ok:
-            corpus.add_sft(tree, node.id, path)
-        kept: list[Msg] = []
-        for child in sorted(node.children, key=Msg.sort_key):
-            reason = _drop_reason(child, langs, include_synthetic)
+    def read_messages(self, stream: RowStream) -> int:
+        """Flat table rows, in any order; linked and emitted by ``finish``."""
+        n = 0
+        for key, row in stream.rows(MESSAGE_COLUMNS):
+            n += 1
+            where = stream.where(key)
+            mid = row.get("message_id")
+            if mid is None:
+                raise DataError(f"{where}: missing required field 'message_id'")
+            mid = str(mid)
+            first = self.flat.setdefault(mid, row)
+            if first is not row:
+                raise DataError(f"{where}: duplicate message_id {mid} (first at {first[_WHERE]})")
+            row[_WHERE] = where
+            row["replies"] = []
+        return n
+
+    def finish(self, drop_orphans: bool) -> None:
+        """Link the flat rows by parent_id, check orphans and cycles, emit their trees."""
+        roots, orphans = [], []
+        for row in self.flat.values():
+            parent_id = row.get("parent_id")
+            parent = None if parent_id is None else self.flat.get(str(parent_id))
+            if parent_id is None:
+                roots.append(row)
+            elif parent is None:
+                orphans.append(row)
+            else:
+                parent["replies"].append(row)
+        reached = sum(_size(r) for r in roots) + sum(_size(o) for o in orphans)
+        if reached != len(self.flat):
+            seen = {id(m) for top in roots + orphans for m in _walk(top)}
+            stuck = next(m for m in self.flat.values() if id(m) not in seen)
+            raise DataError(f"{stuck[_WHERE]}: message {stuck['message_id']} is on a parent_id cycle")
+        for o in orphans:
+            if not drop_orphans:
+                raise DataError(
+                    f"{o[_WHERE]}: message {o['message_id']} has unknown parent_id {o['parent_id']} "
+                    "(--drop-orphans drops such subtrees)"
+                )
+            self.corpus.dropped["orphan"] += _size(o)
+        for root in roots:
+            tree_id = root.get("message_tree_id") or root["message_id"]
+            self._emit(root, str(tree_id), lambda: root[_WHERE])
+        self.flat = {}
+
+    def _drop_reason(self, m: dict) -> str | None:
+        if m.get("deleted"):
+            return "deleted"
+        if m.get("review_result") is False:
+            return "review_failed"
+        if self.langs is not None and str(m.get("lang")).lower() not in self.langs:
+            return "lang"
+        if not self.include_synthetic and m.get("synthetic"):
+            return "synthetic"
+        return None
+
+    def _keep(self, m: dict) -> tuple | None:
+        """(unranked, rank or 0, message_id, rank, role, text, pool index, message) of a kept
+        message (the first three sort siblings); None when dropped, counted with its subtree.
+
+        The hot path of the build (once per message), hence the inlined fast checks.
+        """
+        if m.get("deleted") or m.get("review_result") is False or self._selective:
+            reason = self._drop_reason(m)
             if reason:
-                dropped[reason] += _size(child)
-                continue
-            child.pool = corpus.add_message(child.role, child.text)
-            kept.append(child)
-        kept_count += len(kept)
-        ranked = [c for c in kept if c.rank is not None and c.role == "assistant"]
-        if node.role == "user":
-            for i, better in enumerate(ranked):
-                for worse in ranked[i + 1 :]:
-                    if better.rank != worse.rank and not corpus.drop_degenerate(better.text, worse.text):
-                        corpus.add_pair(tree, path, [better.pool], [worse.pool], better.rank, worse.rank)
-        position: dict[str, int] = {}  # 0 = best; ties share a position
-        for i, c in enumerate(ranked):
-            position[c.id] = position[ranked[i - 1].id] if i and ranked[i - 1].rank == c.rank else i
-        for child in reversed(kept):
-            passes = top_k is None or child.id not in position or position[child.id] < top_k
-            stack.append((child, path + [child.pool], ok and passes))
-    corpus.tree_messages[tree] = corpus.tree_messages.get(tree, 0) + kept_count
+                self.corpus.dropped[reason] += _size(m)
+                return None
+        mid, role, text, rank = m.get("message_id"), m.get("role"), m.get("text"), m.get("rank")
+        role = ROLES.get(role) if type(role) is str else None
+        if type(mid) is not str or role is None or type(text) is not str or (rank is not None and type(rank) is not int):
+            mid, role, text, rank = _fields(m)  # the slow path: convert, or raise naming the field
+        ids = self.ids
+        n = len(ids)
+        ids.add(mid)
+        if len(ids) == n:
+            raise _BadMessage(f"duplicate message_id {mid}", m)
+        return (rank is None, rank or 0, mid, rank, role, text, self._add_message(role, text), m)
+
+    def _emit(self, root: dict, tree_id: str | None, where: Callable[[], str]) -> None:
+        """Depth-first over kept messages; a dropped message takes its subtree with it.
+
+        ``ok`` turns False below an assistant reply at position >= top_k among its kept
+        ranked siblings (0 = best, ties share a position), so --top-k prunes whole paths;
+        unranked replies pass.
+        """
+        corpus, top_k = self.corpus, self.top_k
+        try:
+            top = self._keep(root)
+            if top is None:
+                return
+            tree_id = tree_id or top[2]
+            tree = corpus.add_tree(tree_id, (0, tree_id, 0))
+            kept_count = 1
+            stack = [(top, [top[6]], True)]
+            while stack:
+                (_, _, mid, _, role, _, _, m), path, ok = stack.pop()
+                if ok and role == "assistant":
+                    corpus.add_sft(tree, mid, path)
+                replies = m.get("replies")
+                if not replies:
+                    continue
+                kept = [k for k in map(self._keep, replies) if k is not None]
+                if len(kept) > 1:
+                    kept.sort()
+                kept_count += len(kept)
+                if role != "user" and top_k is None:
+                    stack.extend((k, [*path, k[6]], ok) for k in reversed(kept))
+                    continue
+                ranked = [k for k in kept if not k[0] and k[4] == "assistant"]
+                if role == "user" and len(ranked) > 1:
+                    prompt = corpus.prompts.append(path)
+                    for i, (_, _, _, rank, _, text, pool, _) in enumerate(ranked):
+                        for _, _, _, worse_rank, _, worse_text, worse_pool, _ in ranked[i + 1 :]:
+                            if rank != worse_rank and not corpus.drop_degenerate(text, worse_text):
+                                corpus.add_pair(tree, prompt, (pool,), (worse_pool,), rank, worse_rank)
+                late: set[str] = set()
+                if top_k is not None and ranked:
+                    position = 0
+                    for i, k in enumerate(ranked):
+                        if i and ranked[i - 1][3] != k[3]:
+                            position = i
+                        if position >= top_k:
+                            late.add(k[2])
+                for k in reversed(kept):
+                    stack.append((k, [*path, k[6]], ok and k[2] not in late))
+            corpus.tree_messages[tree] += kept_count
+        except _BadMessage as e:
+            raise DataError(f"{e.message.get(_WHERE) or where()}: {e}") from None
+

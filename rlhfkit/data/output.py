@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -21,12 +21,14 @@ from rlhfkit.errors import DataError
 SPLITS = ("train", "validation")
 
 
-def _features() -> tuple:
+def features(kind: str):
+    """The ``datasets.Features`` of ``DIR/sft`` (kind "sft") or ``DIR/pairs`` (kind "pairs")."""
     from datasets import Features, List, Value
 
     message = {"role": Value("string"), "content": Value("string")}
-    sft = Features({"messages": List(message), "tree_id": Value("string"), "message_id": Value("string")})
-    pairs = Features(
+    if kind == "sft":
+        return Features({"messages": List(message), "tree_id": Value("string"), "message_id": Value("string")})
+    return Features(
         {
             "prompt": List(message),
             "chosen": List(message),
@@ -36,7 +38,6 @@ def _features() -> tuple:
             "rejected_rank": Value("int64"),
         }
     )
-    return sft, pairs
 
 
 @contextmanager
@@ -53,22 +54,33 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def save_splits(table: pa.Table, split_of_row: list[str], kind: str, out: Path, fingerprint: str) -> None:
-    """Write ``table``'s rows into a DatasetDict folder, one split per ``split_of_row`` value."""
-    from datasets import Dataset, DatasetDict, DatasetInfo
+def save_splits(batches: dict[str, Iterable[pa.Table]], kind: str, out: Path, fingerprint: str) -> None:
+    """Write a DatasetDict folder (features of ``kind``) from each split's stream of batches.
 
-    features = _features()[0 if kind == "sft" else 1]
-    table = table.cast(features.arrow_schema)
-    parts, shards = {}, {}
-    for split in SPLITS:
-        mask = pa.array([s == split for s in split_of_row], pa.bool_())
-        part = table.filter(mask)
-        parts[split] = Dataset(part, info=DatasetInfo(features=features), split=split,
-                               fingerprint=f"{fingerprint}-{kind}-{split}")  # fmt: skip
-        # datasets writes 0 shards for an empty split and then cannot load it back.
-        shards[split] = 1 if part.num_rows == 0 else None
+    datasets writes the folder's metadata (saving empty splits); the rows then stream into
+    each split's data file through datasets' own ArrowWriter, so the whole output table is
+    never in memory at once.
+    """
+    from datasets import Dataset, DatasetDict, DatasetInfo
+    from datasets.arrow_writer import ArrowWriter
+
+    schema = features(kind)
+    empty = {
+        split: Dataset(schema.arrow_schema.empty_table(), info=DatasetInfo(features=schema), split=split,
+                       fingerprint=f"{fingerprint}-{kind}-{split}")  # fmt: skip
+        for split in batches
+    }
     with _quiet_datasets():
-        DatasetDict(parts).save_to_disk(str(out), num_shards=shards)
+        DatasetDict(empty).save_to_disk(str(out), num_shards=dict.fromkeys(batches, 1))
+    for split, parts in batches.items():
+        (data_file,) = read_json(out / split / "state.json")["_data_files"]
+        writer = ArrowWriter(features=schema, path=str(out / split / data_file["filename"]))
+        try:
+            for table in parts:
+                writer.write_table(table)
+            writer.finalize()
+        finally:
+            writer.close()
 
 
 def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -31,15 +32,14 @@ Rows = Iterator[tuple[int, dict]]
 class RowStream:
     """One table of rows: a file, or one split of a dataset.
 
-    ``rows(columns)`` yields ``(key, row)``; ``where(key)`` turns the key into
-    ``file:line`` (JSON files) or ``label row N`` (tables) for error messages.
-    ``columns`` lets tabular readers skip columns the format does not use.
+    ``rows(columns)`` yields ``(key, row)``, reading only ``columns`` when the source is
+    a table; ``where(key)`` turns the key into ``file:line`` (JSON files) or
+    ``label row N`` (tables) for error messages. ``digest()`` identifies the content.
     """
 
     label: str
     stem: str
-    digest: str
-    columns: list[str] | None
+    digest: Callable[[], str]
     read: Callable[[Sequence[str] | None], Rows]
     by_line: bool
 
@@ -55,9 +55,18 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _file_digest(path: Path) -> Callable[[], str]:
+    """The file's sha256, computed on another core while the file is parsed (hashlib
+    releases the GIL); call the result to wait for it."""
+
+    def digest() -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(digest)
+    pool.shutdown(wait=False)
+    return future.result
 
 
 def _jsonl_rows(path: Path) -> Rows:
@@ -70,13 +79,16 @@ def _jsonl_rows(path: Path) -> Rows:
                     continue
                 try:
                     row = json.loads(line)
-                except ValueError as e:
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.pos + 1})") from None
+                except ValueError as e:  # bytes that are not UTF-8
                     raise DataError(f"{path}:{lineno}: not valid JSON ({_one_line(e)})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 yield lineno, row
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read past line {lineno} ({_one_line(e)})") from None
+        after = f" after line {lineno}" if lineno else ""
+        raise DataError(f"{path}: cannot read{after} ({_one_line(e)})") from None
 
 
 def _json_array_rows(path: Path) -> Rows:
@@ -116,9 +128,9 @@ def _parquet_stream(path: Path, label: str, stem: str) -> RowStream:
                     yield i, row
                     i += 1
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: cannot read past row {i} ({_one_line(e)})") from None
+            raise DataError(f"{path}: cannot read after row {i} ({_one_line(e)})") from None
 
-    return RowStream(label, stem, _file_digest(path), list(names), read, by_line=False)
+    return RowStream(label, stem, _file_digest(path), read, by_line=False)
 
 
 def _stem(path: Path) -> str:
@@ -133,8 +145,8 @@ def _file_streams(path: Path, label: str) -> list[RowStream]:
     if path.suffix == ".parquet":
         return [_parquet_stream(path, label, stem)]
     if path.suffix == ".json" and _is_json_array(path):
-        return [RowStream(label, stem, _file_digest(path), None, lambda _c: _json_array_rows(path), by_line=False)]
-    return [RowStream(label, stem, _file_digest(path), None, lambda _c: _jsonl_rows(path), by_line=True)]
+        return [RowStream(label, stem, _file_digest(path), lambda _c: _json_array_rows(path), by_line=False)]
+    return [RowStream(label, stem, _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True)]
 
 
 def dataset_streams(ds: Any, label: str, stem: str) -> list[RowStream]:
@@ -157,7 +169,7 @@ def dataset_streams(ds: Any, label: str, stem: str) -> list[RowStream]:
                 yield i, row
                 i += 1
 
-    return [RowStream(label, stem, ds._fingerprint, list(ds.column_names), read, by_line=False)]
+    return [RowStream(label, stem, lambda: ds._fingerprint, read, by_line=False)]
 
 
 def _load_dataset(source: str) -> Any:

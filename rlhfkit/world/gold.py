@@ -133,7 +133,7 @@ _FOLLOWUPS: dict[str, dict[str, tuple[str, ...]]] = {
 # which annotators with a length bias sometimes like, while gold drops from 1.0 to 0.7.
 RAMBLE: dict[str, tuple[str, ...]] = {
     "en": ("I hope this helps!", "Let me know if you need anything else.", "That was a fun one.",
-           "Have a nice day!", "Happy to help with more words."),
+           "Have a nice day!", "Glad to help with more words."),
     "de": ("Ich hoffe, das hilft!", "Sag Bescheid, wenn du noch etwas brauchst.", "Schönen Tag noch!"),
     "es": ("¡Espero que esto ayude!", "Avísame si necesitas algo más.", "¡Que tengas un buen día!"),
 }  # fmt: skip

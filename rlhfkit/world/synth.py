@@ -306,7 +306,7 @@ class _Gen:
         ranked = [i for i in range(len(replies)) if self.rng.random() >= UNRANKED_RATE]
         utility = {}
         for i in range(len(replies)):
-            z = self.ann.gauss(0.0, 1.0)  # drawn for every reply: noise-free content alignment
+            z = self.ann.gauss(0.0, 1.0)  # drawn for every reply, so draws line up across noise levels
             words = min(len(replies[i]["text"].split()), MAX_LENGTH_WORDS)
             utility[i] = golds[i] + self.bias * words / 10 + self.noise * z
             q = self.ann.gauss(0.0, 1.0)
@@ -373,48 +373,46 @@ def _kept(m: Mapping[str, Any]) -> bool:
 
 
 def tree_stats(trees: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Counts of a tree file, with the data stage's rules.
+    """Counts of a tree file; the first four exactly as ``rlhfkit data build`` counts them.
 
-    A message is dropped when deleted or ``review_result`` is false, and so is its subtree.
-    ``sft_examples``: kept assistant messages. ``pairs``: pairs of kept sibling assistant
-    replies whose ranks are both set and differ (one chosen/rejected pair per such pair),
-    except ``degenerate_pairs`` whose two texts are equal (or empty) after stripping, which
-    the data stage drops (they would give a zero gradient).
-    ``dropped_deleted`` / ``dropped_review_failed``: messages dropped for that reason
-    themselves (deleted wins when both); ``dropped_in_subtree``: their kept-looking
-    descendants dropped with them.
+    The data stage drops a deleted or review-failed message together with its subtree.
+    ``messages``: kept messages. ``sft_examples``: kept assistant messages. ``pairs``: pairs
+    of kept sibling assistant replies whose ranks are both set and differ, except
+    ``degenerate_pairs`` whose two texts are equal (or empty) after stripping, which the data
+    stage drops too. ``dropped_deleted`` / ``dropped_review_failed``: messages dropped for
+    that reason, subtrees included (deleted wins when both). ``messages_written``,
+    ``prompter_messages``, ``assistant_messages``, ``unranked``, ``synthetic``: counts over
+    everything in the file.
     """
     s: Counter[str] = Counter()
     langs: Counter[str] = Counter()
     roots: set[str] = set()
 
-    def walk(m: Mapping[str, Any], dropped: bool) -> None:
-        s["messages"] += 1
+    def walk(m: Mapping[str, Any], dropped: str | None) -> None:
+        s["messages_written"] += 1
         s[f"{m['role']}_messages"] += 1
-        if dropped:
-            s["dropped_in_subtree"] += 1
-        elif m.get("deleted"):
-            s["dropped_deleted"] += 1
-            dropped = True
-        elif m.get("review_result") is False:
-            s["dropped_review_failed"] += 1
-            dropped = True
-        else:
-            s["kept_messages"] += 1
+        if dropped is None and m.get("deleted"):
+            dropped = "deleted"
+        elif dropped is None and m.get("review_result") is False:
+            dropped = "review_failed"
+        if dropped is None:
+            s["messages"] += 1
             if m["role"] == "assistant":
                 s["sft_examples"] += 1
+        else:
+            s[f"dropped_{dropped}"] += 1
         if m.get("synthetic"):
             s["synthetic"] += 1
         if m["role"] == "assistant" and m.get("rank") is None:
             s["unranked"] += 1
         replies = m.get("replies") or []
-        if not dropped:
+        if dropped is None:
             ranked = [r for r in replies if r["role"] == "assistant" and _kept(r) and r.get("rank") is not None]
             for i, a in enumerate(ranked):
                 for b in ranked[i + 1 :]:
                     if a["rank"] != b["rank"]:
-                        same = a["text"].strip() == b["text"].strip() or not a["text"].strip() or not b["text"].strip()
-                        s["degenerate_pairs" if same else "pairs"] += 1
+                        x, y = a["text"].strip(), b["text"].strip()
+                        s["pairs" if x and y and x != y else "degenerate_pairs"] += 1
         for r in replies:
             walk(r, dropped)
 
@@ -422,13 +420,13 @@ def tree_stats(trees: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         s["trees"] += 1
         langs[t["prompt"]["lang"]] += 1
         roots.add(t["prompt"]["text"])
-        if t["prompt"]["replies"] and any(r["replies"] for r in t["prompt"]["replies"]):
+        if any(r.get("replies") for r in t["prompt"].get("replies") or []):
             s["multi_turn_trees"] += 1
-        walk(t["prompt"], False)
+        walk(t["prompt"], None)
     keys = (
-        "trees", "messages", "prompter_messages", "assistant_messages", "kept_messages", "sft_examples", "pairs",
-        "degenerate_pairs",
-        "dropped_deleted", "dropped_review_failed", "dropped_in_subtree", "unranked", "synthetic", "multi_turn_trees",
+        "trees", "messages", "sft_examples", "pairs", "degenerate_pairs", "dropped_deleted",
+        "dropped_review_failed", "messages_written", "prompter_messages", "assistant_messages",
+        "unranked", "synthetic", "multi_turn_trees",
     )  # fmt: skip
     out: dict[str, Any] = {k: s[k] for k in keys}
     out["distinct_root_prompts"] = len(roots)
@@ -439,10 +437,10 @@ def tree_stats(trees: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 def synth_data(config: SynthConfig) -> StageResult:
     """Write ``config.trees`` synthetic trees to ``config.out`` (atomically) and return counts.
 
-    Metrics: trees, messages, prompter/assistant_messages, kept_messages, sft_examples,
-    pairs (as the data stage counts them), degenerate_pairs, dropped_deleted, dropped_review_failed,
-    dropped_in_subtree, unranked, synthetic, multi_turn_trees, distinct_root_prompts,
-    languages (trees per language), seconds.
+    Metrics (see ``tree_stats``): trees, messages, sft_examples and pairs as the data stage
+    will count them; degenerate_pairs, dropped_deleted, dropped_review_failed,
+    messages_written, prompter_messages, assistant_messages, unranked, synthetic,
+    multi_turn_trees, distinct_root_prompts, languages (trees per language), seconds.
     """
     problems = config.validate()
     if problems:

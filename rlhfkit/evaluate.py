@@ -1,0 +1,194 @@
+"""Held-out evaluation: the SFT policy against the PPO policy, with standard errors.
+
+Both policies answer the same held-out prompts, ``samples_per_prompt`` times each at the
+rollout temperature (where RL's gain shows) and once greedily. Every figure is a mean
+over prompts of per-prompt means, and its standard error is taken across prompts, so
+samples of one prompt are not counted as independent. Win rates pair the i-th PPO sample
+with the i-th SFT sample of the same prompt (a tie counts one half).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlhfkit.config import field
+from rlhfkit.ppo.rollout import left_pad, response_logits, sample, sequence_scores
+from rlhfkit.ppo.core import logprobs_from_logits
+from rlhfkit.ppo.trainer import as_messages, encode_prompts
+
+GoldFn = Callable[[Any, str], float]
+
+
+@dataclass
+class EvalConfig:
+    max_prompts: int = field(200, help="held-out prompts evaluated (the first N of the validation split)")
+    samples_per_prompt: int = field(4, help="sampled responses per prompt and policy")
+    temperature: float | None = field(None, help="sampling temperature; null = the PPO stage's temperature")
+    response_length: int | None = field(None, help="most tokens per response; null = the PPO stage's response_length")
+    greedy: bool = field(True, help="also evaluate one greedy response per prompt")
+    batch_size: int = field(64, help="prompts per sampling batch")
+    num_examples: int = field(12, help="prompts shown side by side in the report")
+    seed: int = field(1234, help="sampling seed (the same for both policies)")
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+@dataclass
+class Samples:
+    """Responses of one policy: ``per_prompt[i][k]`` is prompt i's k-th response."""
+
+    texts: list[list[str]]
+    lengths: list[list[int]]
+    logprobs: list[list[float]]  # sum over tokens, at the sampling temperature
+    rewards: list[list[float]]
+    input_ids: list[list[torch.Tensor]]  # [query | response] rows, for re-scoring under other models
+
+
+@torch.no_grad()
+def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temperature: float,
+             response_length: int, batch_size: int, seed: int, greedy: bool = False) -> Samples:
+    from rlhfkit.ppo.rollout import truncate_at_eos
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids = encode_prompts(tokenizer, prompts, 10_000)
+    generator = torch.Generator().manual_seed(seed)
+    out = Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
+                  [[] for _ in prompts])
+    policy.eval()
+    for _ in range(k):
+        for start in range(0, len(prompts), batch_size):
+            query_ids, query_mask = left_pad(prompt_ids[start:start + batch_size], pad)
+            response_ids, logprobs = sample(policy, query_ids, query_mask, response_length, temperature, eos, pad,
+                                            generator, greedy=greedy)
+            response_ids, response_mask, _ = truncate_at_eos(response_ids, eos, pad)
+            ids = torch.cat([query_ids, response_ids], 1)
+            mask = torch.cat([query_mask, response_mask], 1)
+            rewards = sequence_scores(reward_model, ids, mask).tolist() if reward_model is not None else [float("nan")] * len(ids)
+            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            for j in range(len(texts)):
+                i = start + j
+                out.texts[i].append(texts[j])
+                out.lengths[i].append(int(response_mask[j].sum()))
+                out.logprobs[i].append(float((logprobs[j] * response_mask[j]).sum()))
+                out.rewards[i].append(rewards[j])
+                out.input_ids[i].append(ids[j][mask[j].bool()].clone())
+    return out
+
+
+@torch.no_grad()
+def sequence_logprob(model, row: torch.Tensor, prompt_len: int, temperature: float) -> float:
+    """Sum of log-probs of row[prompt_len:] under ``model`` at ``temperature``."""
+    ids = row[None]
+    mask = torch.ones_like(ids)
+    width = ids.shape[1] - prompt_len
+    logits = response_logits(model, ids, mask, width)
+    return float(logprobs_from_logits(logits, ids[:, prompt_len:], temperature).sum())
+
+
+def _per_prompt(values: list[list[float]]) -> list[float]:
+    return [sum(v) / len(v) for v in values if v]
+
+
+def _summary(samples: Samples, gold: list[list[float]] | None) -> dict[str, Any]:
+    reward, reward_se = mean_se(_per_prompt(samples.rewards))
+    length, length_se = mean_se(_per_prompt([[float(x) for x in v] for v in samples.lengths]))
+    out = {"reward": reward, "reward_se": reward_se, "length": length, "length_se": length_se}
+    if gold is not None:
+        out["gold"], out["gold_se"] = mean_se(_per_prompt(gold))
+    else:
+        out["gold"], out["gold_se"] = None, None
+    return out
+
+
+def _win_rate(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    per_prompt = []
+    for xs, ys in zip(a, b):
+        wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(xs, ys)]
+        per_prompt.append(sum(wins) / len(wins))
+    return mean_se(per_prompt)
+
+
+def evaluate(
+    sft_policy,
+    ppo_policy,
+    reward_model,
+    tokenizer,
+    prompts: list[Any],
+    config: EvalConfig,
+    temperature: float,
+    response_length: int,
+    gold_fn: GoldFn | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return (metrics, examples). Metrics keys follow ``summary.json``'s ``eval.*``."""
+    prompts = prompts[: config.max_prompts]
+    k = config.samples_per_prompt
+    args = (tokenizer, prompts)
+    sft = generate(sft_policy, reward_model, *args, k, temperature, response_length, config.batch_size, config.seed)
+    ppo = generate(ppo_policy, reward_model, *args, k, temperature, response_length, config.batch_size, config.seed)
+
+    def gold_of(s: Samples):
+        if gold_fn is None:
+            return None
+        return [[float(gold_fn(as_messages(p), t)) for t in texts] for p, texts in zip(prompts, s.texts)]
+
+    sft_gold, ppo_gold = gold_of(sft), gold_of(ppo)
+    # KL(ppo || sft) per sequence, estimated on PPO's own samples: sum_t log pi_ppo - log pi_sft.
+    prompt_lens = [len(ids) for ids in encode_prompts(tokenizer, prompts, 10_000)]
+    sft_policy.eval()
+    kl = [[lp - sequence_logprob(sft_policy, row, prompt_lens[i], temperature)
+           for lp, row in zip(ppo.logprobs[i], ppo.input_ids[i])] for i in range(len(prompts))]
+    metrics: dict[str, Any] = {
+        "prompts": len(prompts),
+        "samples_per_prompt": k,
+        "temperature": temperature,
+        "sft": _summary(sft, sft_gold),
+        "ppo": _summary(ppo, ppo_gold),
+    }
+    metrics["ppo"]["kl"], metrics["ppo"]["kl_se"] = mean_se(_per_prompt(kl))
+    metrics["win_rate_reward"], metrics["win_rate_reward_se"] = _win_rate(ppo.rewards, sft.rewards)
+    if sft_gold is not None:
+        metrics["win_rate_gold"], metrics["win_rate_gold_se"] = _win_rate(ppo_gold, sft_gold)
+        diff = [a - b for a, b in zip(_per_prompt(ppo_gold), _per_prompt(sft_gold))]
+        metrics["gold_gain"], metrics["gold_gain_se"] = mean_se(diff)
+    else:
+        metrics["win_rate_gold"] = metrics["win_rate_gold_se"] = None
+        metrics["gold_gain"] = metrics["gold_gain_se"] = None
+    diff = [a - b for a, b in zip(_per_prompt(ppo.rewards), _per_prompt(sft.rewards))]
+    metrics["reward_gain"], metrics["reward_gain_se"] = mean_se(diff)
+    if config.greedy:
+        for name, policy in (("sft", sft_policy), ("ppo", ppo_policy)):
+            g = generate(policy, reward_model, *args, 1, temperature, response_length, config.batch_size,
+                         config.seed, greedy=True)
+            metrics[name]["greedy"] = _summary(g, gold_of(g))
+    examples = []
+    for i in range(min(config.num_examples, len(prompts))):
+        examples.append({
+            "prompt": as_messages(prompts[i])[-1]["content"],
+            "sft": sft.texts[i][0], "sft_reward": sft.rewards[i][0],
+            "sft_gold": sft_gold[i][0] if sft_gold else None,
+            "ppo": ppo.texts[i][0], "ppo_reward": ppo.rewards[i][0],
+            "ppo_gold": ppo_gold[i][0] if ppo_gold else None,
+        })
+    scatter = [
+        {"policy": name, "reward": r, "gold": g}
+        for name, s, gold in (("sft", sft, sft_gold), ("ppo", ppo, ppo_gold)) if gold is not None
+        for rs, gs in zip(s.rewards, gold) for r, g in zip(rs, gs)
+    ]
+    metrics["scatter"] = scatter
+    return metrics, examples

@@ -1,0 +1,309 @@
+"""The chained run: world -> data -> model -> SFT -> reward -> PPO -> eval -> report.
+
+Each stage's output feeds the next. ``RUN_DIR/manifest.json`` records per stage its
+status, the hash of its config and inputs, times and metrics; a re-run skips stages that
+are done and unchanged, reruns a changed stage and everything after it, and resumes an
+interrupted stage from its last checkpoint (the stages checkpoint themselves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhfkit.artifacts import StageResult, read_json, write_json_atomic
+from rlhfkit.config import collect_errors, field
+from rlhfkit.errors import ConfigError
+from rlhfkit.evaluate import EvalConfig, evaluate
+
+STAGES = ("world", "data", "model", "sft", "reward", "ppo", "eval")
+# Keys the chain fills in for each training stage; a section must not set them.
+WIRED_KEYS = ("model", "data", "output_dir", "reward_model")
+
+
+@dataclass
+class WorldSection:
+    trees: int = field(3000, help="synthetic conversation trees")
+    annotator_noise: float = field(0.5, help="annotator noise of the simulated preference ranks")
+    lang_mix: str = field("en=0.9,de=0.05,es=0.05", help="language shares of the trees")
+
+
+@dataclass
+class DataSection:
+    source: list[str] | None = field(None, help="Open Assistant export(s) or dataset(s); null = the embedded synthetic world")
+    lang: list[str] | None = field(None, help="keep only these languages")
+    val_fraction: float = field(0.1, help="fraction of trees held out for validation and evaluation")
+    top_k: int | None = field(None, help="SFT: keep only replies ranked below K")
+    include_synthetic: bool = field(True, help="keep synthetic messages")
+    drop_orphans: bool = field(False, help="drop subtrees with unknown parents instead of failing")
+    format: str | None = field(None, help="force the input format")
+
+
+@dataclass
+class ModelSection:
+    name: str | None = field(None, help="policy to start from (hub id or folder); null = build the embedded tiny model")
+    size: str = field("tiny", help="embedded model size: micro, tiny or small")
+    vocab_size: int = field(4096, help="embedded tokenizer vocabulary asked for")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field("runs/demo", help="run folder: stage outputs, manifest.json, summary.json, report.html")
+    seed: int = field(0, help="seed of every stage")
+    world: WorldSection = field(default_factory=WorldSection, help="the embedded world (used when data.source is null)")
+    data: DataSection = field(default_factory=DataSection, help="data stage")
+    model: ModelSection = field(default_factory=ModelSection, help="starting model")
+    sft: dict = field(default_factory=dict, help="SFT stage keys (see rlhfkit sft --help) without model/data/output_dir")
+    reward: dict = field(default_factory=dict, help="reward stage keys (see rlhfkit reward --help)")
+    ppo: dict = field(default_factory=dict, help="PPO stage keys (see rlhfkit ppo --help)")
+    eval: EvalConfig = field(default_factory=EvalConfig, help="held-out evaluation")
+
+    def validate(self) -> list[str]:
+        """Build every stage config with placeholder paths, so all errors show before any work."""
+        problems = []
+        for name, cls in self.stage_classes().items():
+            section = getattr(self, name)
+            for key in WIRED_KEYS:
+                if key in section:
+                    problems.append(f"{name}.{key} is set by the chain; remove it")
+            problems.extend(collect_errors(cls, {**section, **_placeholders(cls)}, name))
+        if self.model.name is None and self.data.source is not None:
+            local = [s for s in self.data.source if Path(s).is_file()]
+            if not local:
+                problems.append("model.name: set a model when data.source is not a local file (the tokenizer is trained on it)")
+        for source in self.data.source or []:
+            if os.sep in source or source.endswith((".jsonl", ".gz", ".parquet", ".json")):
+                if not Path(source).exists():
+                    problems.append(f"data.source: {source} not found")
+        return problems
+
+    @staticmethod
+    def stage_classes() -> dict[str, type]:
+        from rlhfkit.ppo import PPOStageConfig
+        from rlhfkit.reward import RewardStageConfig
+        from rlhfkit.sft import SFTStageConfig
+
+        return {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
+
+
+def _placeholders(cls) -> dict[str, str]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: "<chain>" for k in WIRED_KEYS if k in names}
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        return path  # a hub id: its name is its identity here
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Manifest:
+    """``RUN_DIR/manifest.json``: stage -> status, hash, times, metrics; rewritten atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.data = read_json(self.path) if self.path.is_file() else {"stages": {}}
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].get(name, {})
+
+    def set(self, name: str, **entry: Any) -> None:
+        self.data["stages"][name] = {**self.data["stages"].get(name, {}), **entry}
+        write_json_atomic(self.path, self.data)
+
+
+@dataclass
+class RunResult(StageResult):
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ran: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Chain:
+    def __init__(self, config: RunConfig, log: Callable[[str], None]):
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.manifest = Manifest(self.run_dir)
+        self.log = log
+        self.hashes: dict[str, str] = {}
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def stage(self, name: str, inputs: list[str], spec: Any, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes."""
+        h = _hash(spec, [self.hashes[i] for i in inputs])
+        self.hashes[name] = h
+        entry = self.manifest.stage(name)
+        out = self.run_dir / name
+        index = STAGES.index(name) + 1
+        if entry.get("status") == "done" and entry.get("hash") == h and out.exists():
+            self.log(f"[{index}/{len(STAGES)}] {name}: unchanged, skipped ({entry.get('wall_time_s', 0):.1f} s last time)")
+            self.skipped.append(name)
+            return entry.get("metrics", {})
+        if entry.get("hash") not in (None, h) and out.exists():
+            shutil.rmtree(out)  # changed config or inputs: start this stage afresh
+        resumed = entry.get("hash") == h and entry.get("status") == "running"
+        self.log(f"[{index}/{len(STAGES)}] {name}: {'resuming' if resumed else 'running'}")
+        started = time.time()
+        self.manifest.set(name, status="running", hash=h, started=started)
+        metrics = fn(out)
+        wall = time.time() - started + (entry.get("wall_time_s", 0.0) if resumed else 0.0)
+        self.manifest.set(name, status="done", finished=time.time(), wall_time_s=wall, metrics=metrics)
+        self.ran.append(name)
+        return metrics
+
+
+def _metrics_only(result: StageResult) -> dict[str, Any]:
+    return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+    """Run (or resume) the whole chain into ``config.output_dir``; return the summary."""
+    from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
+    from rlhfkit.ppo import PPOStageConfig, train_ppo
+    from rlhfkit.reward import RewardStageConfig, train_reward
+    from rlhfkit.sft import SFTStageConfig, train_sft
+    from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
+
+    problems = config.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    chain = _Chain(config, log)
+    run = chain.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run / "config.json", dataclasses.asdict(config))
+    synthetic = config.data.source is None
+    c = config
+
+    # world: the synthetic trees (embedded default only)
+    if synthetic:
+        world_spec = dataclasses.asdict(c.world) | {"seed": c.seed}
+        chain.stage("world", [], world_spec, lambda out: _metrics_only(synth_data(SynthConfig(
+            out=str(out / "trees.jsonl"), trees=c.world.trees, seed=c.seed,
+            annotator_noise=c.world.annotator_noise, lang_mix=c.world.lang_mix))))
+        sources = [str(run / "world" / "trees.jsonl")]
+    else:
+        sources = list(c.data.source)
+        chain.hashes["world"] = _hash([_file_digest(s) for s in sources])
+    # data
+    data_spec = dataclasses.asdict(c.data) | {"seed": c.seed}
+    chain.stage("data", ["world"], data_spec, lambda out: _metrics_only(build_data(DataBuildConfig(
+        sources=sources, out=str(out), lang=c.data.lang, val_fraction=c.data.val_fraction, seed=c.seed,
+        top_k=c.data.top_k, include_synthetic=c.data.include_synthetic, drop_orphans=c.data.drop_orphans,
+        format=c.data.format))))
+    # model: the embedded tokenizer + untrained model, or the user's model as is
+    if c.model.name is None:
+        corpus = next(s for s in sources if Path(s).is_file())
+        chain.stage("model", ["world"], dataclasses.asdict(c.model) | {"seed": c.seed}, lambda out: _metrics_only(
+            init_model(ModelInitConfig(out=str(out), corpus=corpus, vocab_size=c.model.vocab_size,
+                                       size=c.model.size, seed=c.seed))))
+        model_path = str(run / "model")
+    else:
+        chain.hashes["model"] = _hash(c.model.name)
+        model_path = c.model.name
+    data_path = str(run / "data")
+
+    def stage_config(cls, section: dict, **wired: str):
+        from rlhfkit.config import load_config
+
+        return load_config(cls, {"seed": c.seed, **section, **wired})
+
+    sft_cfg = stage_config(SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(run / "sft"))
+    chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(sft_cfg)))
+    reward_cfg = stage_config(RewardStageConfig, c.reward, model=str(run / "sft"), data=data_path,
+                              output_dir=str(run / "reward"))
+    chain.stage("reward", ["sft", "data"], c.reward, lambda out: _metrics_only(train_reward(reward_cfg)))
+    ppo_cfg = stage_config(PPOStageConfig, c.ppo, model=str(run / "sft"), reward_model=str(run / "reward"),
+                           data=data_path, output_dir=str(run / "ppo"))
+    gold_fn = (lambda prompts, responses: [gold_score(p, r) for p, r in zip(prompts, responses)]) if synthetic else None
+    chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
+                lambda out: _metrics_only(train_ppo(ppo_cfg, gold_fn=gold_fn)))
+
+    def run_eval(out: Path) -> dict[str, Any]:
+        metrics, examples = _evaluate(run, ppo_cfg, c.eval, prompts_from_data_dir(data_path, "validation"),
+                                      gold_score if synthetic else None)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "examples.json", examples)
+        write_json_atomic(out / "scatter.json", metrics.pop("scatter"))
+        write_json_atomic(out / "eval.json", metrics)
+        return metrics
+
+    chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)
+    summary = build_summary(run, chain.manifest)
+    write_json_atomic(run / "summary.json", summary)
+    from rlhfkit.report import write_report
+
+    write_report(run, summary)
+    log(f"report: {run / 'report.html'}")
+    return RunResult(run, summary, summary, chain.ran, chain.skipped)
+
+
+def _evaluate(run: Path, ppo_cfg, eval_cfg: EvalConfig, prompts: list, gold_fn) -> tuple[dict, list]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhfkit.artifacts import resolve_model_path
+
+    if not prompts:
+        raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run / "sft"))
+    sft = AutoModelForCausalLM.from_pretrained(resolve_model_path(run / "sft"))
+    ppo = AutoModelForCausalLM.from_pretrained(resolve_model_path(run / "ppo"))
+    reward = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(run / "reward"), num_labels=1)
+    reward.eval()
+    temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
+    length = eval_cfg.response_length or ppo_cfg.response_length
+    return evaluate(sft, ppo, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
+
+
+def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:
+    """``summary.json``: the figures a person looks for first, plus each stage's wall time."""
+    stages = manifest.data["stages"]
+    m = {name: stages.get(name, {}).get("metrics", {}) for name in STAGES}
+    ev = read_json(run / "eval" / "eval.json") if (run / "eval" / "eval.json").is_file() else {}
+    sft_e, ppo_e = ev.get("sft", {}), ev.get("ppo", {})
+    return {
+        "sft.eval_loss": m["sft"].get("eval_loss"),
+        "reward.eval_accuracy": m["reward"].get("eval_accuracy"),
+        "reward.gold_agreement": m["reward"].get("gold_agreement"),
+        "eval.sft.reward": sft_e.get("reward"),
+        "eval.sft.gold": sft_e.get("gold"),
+        "eval.sft.length": sft_e.get("length"),
+        "eval.ppo.reward": ppo_e.get("reward"),
+        "eval.ppo.gold": ppo_e.get("gold"),
+        "eval.ppo.length": ppo_e.get("length"),
+        "eval.ppo.kl": ppo_e.get("kl"),
+        "eval.win_rate_gold": ev.get("win_rate_gold"),
+        "eval.win_rate_reward": ev.get("win_rate_reward"),
+        "eval.gold_gain": ev.get("gold_gain"),
+        "eval.gold_gain_se": ev.get("gold_gain_se"),
+        "eval.reward_gain": ev.get("reward_gain"),
+        "eval.reward_gain_se": ev.get("reward_gain_se"),
+        "eval.sft.gold_se": sft_e.get("gold_se"),
+        "eval.ppo.gold_se": ppo_e.get("gold_se"),
+        "eval.win_rate_gold_se": ev.get("win_rate_gold_se"),
+        "eval.win_rate_reward_se": ev.get("win_rate_reward_se"),
+        "eval.sft.greedy_gold": sft_e.get("greedy", {}).get("gold"),
+        "eval.ppo.greedy_gold": ppo_e.get("greedy", {}).get("gold"),
+        "eval.prompts": ev.get("prompts"),
+        "eval.samples_per_prompt": ev.get("samples_per_prompt"),
+        "wall_time_s": {name: stages[name].get("wall_time_s") for name in STAGES if name in stages},
+    }

@@ -1,0 +1,200 @@
+"""``report.md`` and ``report.html``: the run at a glance, from the files the stages wrote."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.artifacts import read_json, write_text_atomic
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def log_history(stage_dir: Path) -> list[dict]:
+    """A Trainer stage's logged losses: its log_history.json, else its newest trainer_state.json."""
+    direct = stage_dir / "log_history.json"
+    if direct.is_file():
+        return read_json(direct)
+    states = sorted(stage_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.rsplit("-", 1)[-1]))
+    return read_json(states[-1]).get("log_history", []) if states else []
+
+
+def _fmt(value: Any, se: Any = None) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+        if se is not None and isinstance(se, float):
+            text += f" ± {se:.2g}"
+        return text
+    return str(value)
+
+
+def _plots(run: Path, scatter: list[dict]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = run / "plots"
+    out_dir.mkdir(exist_ok=True)
+    made: dict[str, str] = {}
+
+    def save(fig, name: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        made[name] = title
+
+    for stage, title in (("sft", "SFT loss"), ("reward", "Reward model")):
+        history = log_history(run / stage)
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+        acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
+        if not train and not evals:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", color="#3465a4")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss", color="#cc0000")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        if acc:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*acc), "s--", color="#4e9a06", label="eval accuracy")
+            ax2.set_ylabel("accuracy")
+        ax.legend(loc="upper right")
+        ax.set_title(title)
+        save(fig, f"{stage}_curves", title)
+
+    rows = _load_jsonl(run / "ppo" / "metrics.jsonl")
+    if rows:
+        panels = [("objective/scores", "reward-model score"), ("objective/kl", "KL to reference (nats/seq)"),
+                  ("objective/gold", "gold score"), ("val/response_length", "response length (tokens)")]
+        panels = [p for p in panels if any(p[0] in r for r in rows)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0))
+        for ax, (key, label) in zip(list(axes) if len(panels) > 1 else [axes], panels):
+            pts = [(r["update"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*pts), color="#3465a4")
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("update")
+        save(fig, "ppo_curves", "PPO over updates")
+
+    if scatter:
+        fig, ax = plt.subplots(figsize=(4.8, 3.8))
+        for name, color in (("sft", "#888a85"), ("ppo", "#cc0000")):
+            pts = [(s["reward"], s["gold"]) for s in scatter if s["policy"] == name]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, s=8, alpha=0.4, color=color, label=name.upper())
+        ax.set_xlabel("reward-model score")
+        ax.set_ylabel("gold score")
+        ax.legend()
+        ax.set_title("Reward model vs gold judge (held-out samples)")
+        save(fig, "reward_vs_gold", "Reward model vs gold judge")
+    return made
+
+
+def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``report.md`` and ``report.html`` into ``run``; return the plot names."""
+    run = Path(run)
+    config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    manifest = read_json(run / "manifest.json") if (run / "manifest.json").is_file() else {"stages": {}}
+    examples = read_json(run / "eval" / "examples.json") if (run / "eval" / "examples.json").is_file() else []
+    scatter = read_json(run / "eval" / "scatter.json") if (run / "eval" / "scatter.json").is_file() else []
+    ev = read_json(run / "eval" / "eval.json") if (run / "eval" / "eval.json").is_file() else {}
+    plots = _plots(run, scatter)
+
+    headline = [
+        ("SFT eval loss", _fmt(summary.get("sft.eval_loss"))),
+        ("Reward model accuracy (held-out pairs)", _fmt(summary.get("reward.eval_accuracy"))),
+        ("Reward model agreement with gold", _fmt(summary.get("reward.gold_agreement"))),
+    ]
+    policy_rows = []
+    for name in ("sft", "ppo"):
+        e = ev.get(name, {})
+        policy_rows.append([name.upper(), _fmt(e.get("reward"), e.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
+                            _fmt(e.get("greedy", {}).get("gold")), _fmt(e.get("length"), e.get("length_se")),
+                            _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
+    gains = [
+        ("gold gain (PPO − SFT, paired)", _fmt(ev.get("gold_gain"), ev.get("gold_gain_se"))),
+        ("reward gain (PPO − SFT, paired)", _fmt(ev.get("reward_gain"), ev.get("reward_gain_se"))),
+        ("win rate of PPO over SFT, gold judge", _fmt(ev.get("win_rate_gold"), ev.get("win_rate_gold_se"))),
+        ("win rate of PPO over SFT, reward model", _fmt(ev.get("win_rate_reward"), ev.get("win_rate_reward_se"))),
+    ]
+    stage_rows = []
+    for name, entry in manifest.get("stages", {}).items():
+        metrics = entry.get("metrics", {})
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8] if not isinstance(v, (dict, list)))
+        stage_rows.append([name, entry.get("status", ""), _fmt(entry.get("wall_time_s")), shown])
+    eval_note = (f"{ev.get('prompts', '–')} held-out prompts × {ev.get('samples_per_prompt', '–')} samples at "
+                 f"T={ev.get('temperature', '–')}; ± is one standard error across prompts.")
+
+    md = ["# rlhfkit run report", "", f"Run folder: `{run}`", "", "## Headline", ""]
+    md += [f"- {k}: **{v}**" for k, v in headline + gains]
+    md += ["", "## Policies on held-out prompts", "", eval_note, "",
+           "| policy | reward | gold | gold (greedy) | length | KL to SFT |", "|---|---|---|---|---|---|"]
+    md += ["| " + " | ".join(r) + " |" for r in policy_rows]
+    md += ["", "## Stages", "", "| stage | status | wall s | metrics |", "|---|---|---|---|"]
+    md += ["| " + " | ".join(r) + " |" for r in stage_rows]
+    md += ["", "## Plots", ""] + [f"![{t}](plots/{n}.png)" for n, t in plots.items()]
+    md += ["", "## Samples (first sample per prompt)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+    for ex in examples:
+        cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        md.append(f"| {cell(ex['prompt'])} | {cell(ex['sft'])} (r {_fmt(ex['sft_reward'])}, g {_fmt(ex['sft_gold'])}) "
+                  f"| {cell(ex['ppo'])} (r {_fmt(ex['ppo_reward'])}, g {_fmt(ex['ppo_gold'])}) |")
+    md += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+    write_text_atomic(run / "report.md", "\n".join(md))
+
+    e = html.escape
+
+    def table(head: list[str], rows: list[list[str]]) -> str:
+        return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+                + "</tbody></table>")
+
+    sample_rows = "".join(
+        f"<tr><td>{e(ex['prompt'])}</td><td>{e(ex['sft'])}<div class=s>reward {_fmt(ex['sft_reward'])} · gold "
+        f"{_fmt(ex['sft_gold'])}</div></td><td>{e(ex['ppo'])}<div class=s>reward {_fmt(ex['ppo_reward'])} · gold "
+        f"{_fmt(ex['ppo_gold'])}</div></td></tr>" for ex in examples)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>rlhfkit report</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}}
+h1{{margin-bottom:.2em}} h2{{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}}
+table{{border-collapse:collapse;width:100%;margin:.6em 0;font-size:.92em}}
+th,td{{border:1px solid #ddd;padding:.35em .55em;text-align:left;vertical-align:top}}
+th{{background:#f4f4f4}} .cards{{display:flex;flex-wrap:wrap;gap:.8em}}
+.card{{border:1px solid #ddd;border-radius:6px;padding:.6em .9em;min-width:200px;flex:1}}
+.card b{{display:block;font-size:1.35em}} .s{{color:#777;font-size:.85em;margin-top:.2em}}
+img{{max-width:100%;border:1px solid #eee;margin:.4em 0}} pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}}
+.muted{{color:#666}}
+</style></head><body>
+<h1>rlhfkit run report</h1><p class=muted>{e(str(run))}</p>
+<h2>Headline</h2><div class=cards>
+{"".join(f'<div class=card>{e(k)}<b>{e(v)}</b></div>' for k, v in headline + gains)}
+</div>
+<h2>Policies on held-out prompts</h2><p class=muted>{e(eval_note)}</p>
+{table(["policy", "reward", "gold", "gold (greedy)", "length", "KL to SFT"], policy_rows)}
+<h2>Plots</h2>
+{"".join(f'<figure><img src="plots/{n}.png" alt="{e(t)}"><figcaption class=muted>{e(t)}</figcaption></figure>' for n, t in plots.items())}
+<h2>Samples</h2><p class=muted>First sample per prompt, same held-out prompts, same seed.</p>
+<table><thead><tr><th>prompt</th><th>SFT</th><th>PPO</th></tr></thead><tbody>{sample_rows}</tbody></table>
+<h2>Stages</h2>{table(["stage", "status", "wall s", "metrics"], stage_rows)}
+<h2>Configuration</h2><pre>{e(json.dumps(config, indent=2))}</pre>
+</body></html>"""
+    write_text_atomic(run / "report.html", page)
+    return {"plots": list(plots)}

@@ -1,0 +1,134 @@
+"""The chained run: end to end on a tiny config, skip when unchanged, rerun downstream on
+change, resume after SIGKILL during PPO, and config errors as one line."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhfkit.cli import main
+from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.pipeline import RunConfig, run_chain
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "seed": 0,
+    "world": {"trees": 240},
+    "data": {"val_fraction": 0.2},
+    "model": {"size": "micro", "vocab_size": 512},
+    "sft": {"learning_rate": 3e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000},
+    "reward": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000},
+    "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 8,
+            "num_ppo_epochs": 1, "response_length": 12, "learning_rate": 1e-4, "save_steps": 2, "sample_every": 2},
+    "eval": {"max_prompts": 16, "samples_per_prompt": 2, "num_examples": 3},
+}
+
+
+def tiny_config(out: Path, **changes) -> RunConfig:
+    return load_config(RunConfig, {**TINY, "output_dir": str(out)}, [f"{k}={v}" for k, v in changes.items()])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chain") / "run"
+    result = run_chain(tiny_config(out), log=lambda _: None)
+    return out, result
+
+
+def test_chain_end_to_end(finished_run):
+    out, result = finished_run
+    assert result.ran == ["world", "data", "model", "sft", "reward", "ppo", "eval"]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("sft.eval_loss", "reward.eval_accuracy", "reward.gold_agreement", "eval.sft.reward", "eval.sft.gold",
+                "eval.sft.length", "eval.ppo.reward", "eval.ppo.gold", "eval.ppo.length", "eval.ppo.kl",
+                "eval.win_rate_gold", "eval.win_rate_reward"):
+        assert isinstance(summary[key], float), key
+    assert 0 <= summary["eval.win_rate_gold"] <= 1 and 0 <= summary["eval.ppo.gold"] <= 1
+    assert set(summary["wall_time_s"]) == {"world", "data", "model", "sft", "reward", "ppo", "eval"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "Samples" in html and (out / "report.md").is_file()
+    assert (out / "plots" / "ppo_curves.png").is_file() and (out / "plots" / "reward_vs_gold.png").is_file()
+
+
+def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(finished_run, tmp_path):
+    out, _ = finished_run
+    started = time.perf_counter()
+    again = run_chain(tiny_config(out), log=lambda _: None)
+    assert again.ran == [] and len(again.skipped) == 7
+    assert time.perf_counter() - started < 20
+    ppo_model = (out / "ppo" / "model" / "model.safetensors").stat().st_mtime_ns
+    sft_model = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    changed = run_chain(tiny_config(out, **{"ppo.kl_coef": 0.2}), log=lambda _: None)
+    assert changed.ran == ["ppo", "eval"]
+    assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_model
+    assert (out / "ppo" / "model" / "model.safetensors").stat().st_mtime_ns != ppo_model
+
+
+def test_kill_during_ppo_then_resume(tmp_path):
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg = {**TINY, "output_dir": str(out)}
+    cfg["ppo"] = {**TINY["ppo"], "num_updates": 6}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "rlhfkit.cli", "run", str(cfg_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "ppo" / "checkpoints" / "update-000002" / "state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "the run never reached its first PPO checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["ppo"]["status"] == "running"
+    sft_mtime = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    logs = []
+    result = run_chain(load_config(RunConfig, cfg_path), log=logs.append)
+    assert result.ran == ["ppo", "eval"]
+    assert any("ppo: resuming" in line for line in logs)
+    assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.kl_coeff=0.1", "unknown key 'ppo.kl_coeff' (did you mean 'kl_coef'?)"),
+    ("sft.num_train_epochs=many", "sft.num_train_epochs: expected a number, got 'many'"),
+    ("data.source=/nonexistent/export.jsonl", "data.source: /nonexistent/export.jsonl not found"),
+    ("ppo.num_mini_batches=3", "does not split into num_mini_batches=3"),
+])
+def test_config_errors_one_line_no_traceback(tmp_path, capsys, override, message):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run")}))
+    assert main(["run", str(cfg_path), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError) as raised:  # the API raises what the CLI prints
+        load_config(RunConfig, cfg_path, [override])
+    assert message in str(raised.value) and f"rlhfkit: error: {raised.value}" == err.strip()
+
+
+def test_shipped_configs_validate():
+    """Every shipped config gives its exact command in its header, loads and validates (no download)."""
+    from rlhfkit.cli import CONFIG_STAGES, _load
+
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        found = re.search(r"rlhfkit (sft|reward|ppo|run) \S*" + re.escape(path.name), path.read_text())
+        assert found, f"{path.name}: the header must give the exact command"
+        module, cls_name, _, _ = CONFIG_STAGES[found.group(1)]
+        load_config(_load(module, cls_name), path)
