@@ -121,6 +121,24 @@ class PPOStageConfig:
             problems.append(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         if self.cliprange <= 0 or self.cliprange_value <= 0:
             problems.append("cliprange and cliprange_value must be > 0")
+        # values that would otherwise crash mid-run (logging_steps=0, kl_horizon=0), silently undo
+        # the run (save_total_limit=0 deletes the checkpoint just written; max_grad_norm=0 zeroes
+        # every gradient) or be silently overridden (dropout is forced off everywhere)
+        if self.logging_steps < 1:
+            problems.append(f"logging_steps must be at least 1, got {self.logging_steps}")
+        if self.save_total_limit < 1:
+            problems.append(f"save_total_limit must be at least 1, got {self.save_total_limit}")
+        for name in ("save_steps", "sample_every", "num_samples", "warmup_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_horizon", "max_grad_norm", "learning_rate", "target_kl", "score_clip"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be > 0, got {value}")
+        if self.lora_dropout != 0:
+            problems.append(f"lora_dropout must be 0: PPO turns dropout off everywhere, got {self.lora_dropout}")
+        if self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy"):
+            problems.append(f"lr_scheduler_type: {self.lr_scheduler_type} is driven by a validation metric; PPO has none")
         bad = set(self.report_to) - {"none", "tensorboard", "wandb", "all"}
         if bad:
             problems.append(f"report_to: unknown tracker(s) {sorted(bad)}; use tensorboard, wandb or none")

@@ -333,6 +333,18 @@ def load_prompts(config: PPOStageConfig, prompts: Any = None) -> list[Any]:
     return prompts
 
 
+def _scheduler_problems(config: PPOStageConfig) -> list[str]:
+    """Build the scheduler once on a dummy optimizer, so a bad name fails before any model loads."""
+    from transformers import get_scheduler
+
+    try:
+        get_scheduler(config.lr_scheduler_type, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                      num_warmup_steps=config.warmup_steps, num_training_steps=100)
+    except (ValueError, TypeError, KeyError) as e:
+        return [f"lr_scheduler_type: cannot build {config.lr_scheduler_type!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+    return []
+
+
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -397,6 +409,9 @@ def train_ppo(
         problems.append("model: set the policy to align (the SFT stage's folder)")
     if reward_fn is None and reward_model is None and config.reward_model is None:
         problems.append("reward_model: set it (the reward stage's folder) or pass reward_fn")
+    elif value_model is None and config.value_model == "reward" and reward_model is None and config.reward_model is None:
+        problems.append("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
+    problems.extend(_scheduler_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
     if config.torch_threads:
@@ -409,6 +424,18 @@ def train_ppo(
         log_with=None if config.report_to == ["none"] else config.report_to,
         project_dir=str(out),
     )
+    if (accelerator.num_processes, accelerator.gradient_accumulation_steps) != (config.num_processes,
+                                                                             config.gradient_accumulation_steps):
+        # `accelerate launch --gradient_accumulation_steps N` overrides the accumulation through the
+        # environment (the loss weights in ppo_update and the optimizer-step cadence would disagree);
+        # WORLD_SIZE without a working process group (e.g. `--multi_gpu` on a CPU-only machine without
+        # ACCELERATE_USE_CPU) gives N independent single-process runs writing the same output_dir
+        raise ConfigError(
+            f"the launcher gives {accelerator.num_processes} process(es) and gradient accumulation "
+            f"{accelerator.gradient_accumulation_steps}, but the batch arithmetic (WORLD_SIZE={config.num_processes}) "
+            f"expects {config.num_processes} and {config.gradient_accumulation_steps}; do not set gradient "
+            "accumulation in the launcher, and on CPU launch with ACCELERATE_USE_CPU=true"
+        )
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -433,6 +460,11 @@ def train_ppo(
                 reward_tokenizer = _load_tokenizer(reward_path, config.trust_remote_code)
         reward_tokenizer = reward_tokenizer or tokenizer
         same = reward_tokenizer.get_vocab() == tokenizer.get_vocab() and reward_tokenizer.chat_template == tokenizer.chat_template
+        if not same and value_model is None and config.value_model == "reward":
+            # the value model reads the policy's token ids: initialised from a reward model with
+            # another vocabulary it would embed the wrong tokens (or index past its table)
+            raise ConfigError("value_model: 'reward' needs a reward model with the policy's tokenizer; this one has "
+                              "another, so set value_model=policy (or a folder that shares the policy's tokenizer)")
         scorer = Scorer(model=reward_model.eval().requires_grad_(False), tokenizer=reward_tokenizer, same_tokenizer=same)
     if value_model is None:
         value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)

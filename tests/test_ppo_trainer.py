@@ -1,0 +1,875 @@
+"""Tests for the PPO trainer: sampling log-probs, reward pooling, gradient accumulation,
+batch arithmetic, resume after a real SIGKILL, learning, KL control, LoRA, a reward model
+with its own tokenizer, a 2-process run and user errors.
+
+Everything runs on tiny local models (``build_model(tokenizer, "micro")``, ~0.1 M
+parameters, a ~330-token BPE vocabulary) with one torch thread: the machine has two
+cores, other jobs may share them, and a tiny model is slower with two threads fighting
+for one core than with one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.ppo import PPOStageConfig, train_ppo
+from rlhfkit.ppo import trainer as trainer_mod
+from rlhfkit.ppo.core import logprobs_from_logits, policy_loss
+from rlhfkit.ppo.rollout import Rollout, left_pad, response_logits, sample, sequence_scores, token_values, truncate_at_eos
+from rlhfkit.ppo.trainer import PolicyAndValue, batch_indices, encode_prompts, ppo_update
+from rlhfkit.world.model import build_model, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+WORDS = "apple banana cherry grape lemon mango melon peach pear plum".split()
+TEXTS = [f"sort: {' '.join(WORDS[i:i + 3])} then {i} {i + 1} {i + 2}" for i in range(8)] * 20 + [
+    "Sorry, I can't help with that.", "reverse the words", "count to three", "why?"] * 10
+OTHER_TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 40
+
+# Per-update metric keys of TRL's PPOTrainer that every metrics row must carry.
+TRL_KEYS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+            "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+            "loss/value_avg", "val/clipfrac_avg", "val/num_eos_tokens", "lr", "episode", "eps"]
+TIME_KEYS = {"eps", "elapsed_s"}
+
+
+def has_digit(prompts, responses):
+    """Toy reward: 1 if the response contains a digit. About 7% of the vocabulary holds a
+    digit, so a random policy earns it on roughly a third of 6-token responses."""
+    return [float(any(c.isdigit() for c in r)) for r in responses]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _reward_model(tokenizer, seed: int):
+    from transformers import LlamaForSequenceClassification
+
+    base = build_model(tokenizer, "micro", seed=seed)
+    config = base.config.__class__(**{**base.config.to_dict(), "num_labels": 1})
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # a score head with some spread, so different sequences score differently
+        model.score.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_world")
+    tok = train_tokenizer(TEXTS, 400)
+    policy = build_model(tok, "micro", seed=0)
+    policy.save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    rm = _reward_model(tok, seed=1)
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    tok2 = train_tokenizer(TEXTS + OTHER_TEXTS, 360)  # another vocabulary for the reward model
+    assert len(tok2) != len(tok)
+    rm2 = _reward_model(tok2, seed=2)
+    rm2.save_pretrained(root / "rm2")
+    tok2.save_pretrained(root / "rm2")
+    prompts = [[{"role": "user", "content": t}] for t in sorted(set(TEXTS))]
+    return SimpleNamespace(root=root, tok=tok, tok2=tok2, policy=policy.eval(), rm=rm, rm2=rm2,
+                           policy_dir=root / "policy", rm_dir=root / "rm", rm2_dir=root / "rm2", prompts=prompts)
+
+
+def small_config(world, out, **overrides) -> PPOStageConfig:
+    """A run of a few seconds: 8 episodes per update, 6-token responses."""
+    base = dict(model=str(world.policy_dir), value_model="policy", output_dir=str(out), num_updates=2,
+                rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=2, num_ppo_epochs=1,
+                response_length=6, learning_rate=3e-3, lr_scheduler_type="constant", save_steps=0,
+                sample_every=0, missing_eos_penalty=None, torch_threads=1, seed=0)
+    base.update(overrides)
+    return PPOStageConfig(**base)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. log-probs of the sampled tokens
+# ---------------------------------------------------------------------------------------
+def _queries(world, n=3):
+    """Chat-templated prompts of different lengths, left-padded."""
+    prompts = [[{"role": "user", "content": t}] for t in
+               ["sort: apple banana cherry then 0 1 2", "why?", "count to three"]][:n]
+    ids = encode_prompts(world.tok, prompts, 256)
+    assert len({len(i) for i in ids}) == len(ids), "prompts must differ in length"
+    q, m = left_pad(ids, world.tok.pad_token_id)
+    return ids, q, m
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_logprobs_equal_full_forward_and_uncached_loop(world, temperature):
+    ids, q, m = _queries(world)
+    assert (m == 0).any(), "at least one row is left-padded"
+    gen = torch.Generator().manual_seed(0)
+    response, logprobs = sample(world.policy, q, m, 8, temperature, world.tok.eos_token_id,
+                                world.tok.pad_token_id, gen)
+    assert response.shape == logprobs.shape == (3, 8)
+    assert (logprobs < 0).all()
+    # one forward over [query | response] (no cache), as the trainer does for the loss
+    with torch.no_grad():
+        full = logprobs_from_logits(
+            response_logits(world.policy, torch.cat([q, response], 1), torch.cat([m, torch.ones_like(response)], 1), 8),
+            response, temperature)
+    torch.testing.assert_close(logprobs, full, atol=1e-4, rtol=0)
+    # explicit loop: each row on its own (no padding), no cache, log_softmax(logits / T)
+    with torch.no_grad():
+        for b, prompt in enumerate(ids):
+            seq = list(prompt)
+            for t in range(response.shape[1]):
+                logits = world.policy(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                expected = torch.log_softmax(logits / temperature, -1)[response[b, t]]
+                assert abs(logprobs[b, t].item() - expected.item()) < 1e-4, (b, t)
+                seq.append(int(response[b, t]))
+    # the temperature is really applied: at T = 1 the same tokens would score differently
+    if temperature != 1.0:
+        with torch.no_grad():
+            at_one = logprobs_from_logits(
+                response_logits(world.policy, torch.cat([q, response], 1),
+                                torch.cat([m, torch.ones_like(response)], 1), 8), response, 1.0)
+        assert (at_one - logprobs).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_first_minibatch_sees_ratio_one_at_any_temperature(world, tmp_path, temperature):
+    """One minibatch, one epoch: the loss is computed before any step, so the training forward
+    must reproduce the sampled log-probs (same temperature, same positions) -> approx-KL ~ 0
+    and nothing clipped; the reference (same weights, same temperature) gives KL ~ 0 too."""
+    config = small_config(world, tmp_path / "t", num_updates=1, num_mini_batches=1, per_device_train_batch_size=4,
+                          temperature=temperature)
+    train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    row = read_rows(tmp_path / "t" / "metrics.jsonl")[0]
+    assert row["policy/approxkl_avg"] < 1e-9
+    assert row["policy/clipfrac_avg"] == 0
+    assert abs(row["objective/kl"]) < 1e-4
+
+
+class _EosBoost(torch.nn.Module):
+    """The micro policy with +boost on the EOS logit, so responses end at different steps."""
+
+    def __init__(self, model, eos_id, boost):
+        super().__init__()
+        self.model, self.eos_id, self.boost = model, eos_id, boost
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        logits = out.logits.clone()
+        logits[..., self.eos_id] += self.boost
+        out.logits = logits
+        return out
+
+
+def test_tokens_after_eos_are_pad_and_masked(world):
+    eos, pad = world.tok.eos_token_id, world.tok.pad_token_id
+    ids = encode_prompts(world.tok, world.prompts[:8], 256)
+    q, m = left_pad(ids, pad)
+    model = _EosBoost(world.policy, eos, 5.0)  # P(EOS) ~ 0.3 per step
+    response, logprobs = sample(model, q, m, 16, 1.0, eos, pad, torch.Generator().manual_seed(1))
+    first = [(row == eos).nonzero()[0, 0].item() if (row == eos).any() else None for row in response]
+    ended = [f for f in first if f is not None]
+    assert len(set(ended)) >= 3, f"responses should end at different steps, got {first}"
+    for b, f in enumerate(first):
+        if f is None:
+            continue
+        assert (response[b, f + 1:] == pad).all()
+        assert (logprobs[b, f + 1:] == 0).all()
+        assert (logprobs[b, : f + 1] < 0).all()
+    if all(f is not None for f in first):  # sampling stops once every row has ended
+        assert response.shape[1] == max(ended) + 1
+    ids_t, mask, has_eos = truncate_at_eos(response, eos, pad)
+    assert torch.equal(ids_t, response)
+    assert has_eos.tolist() == [f is not None for f in first]
+    assert mask.sum(1).tolist() == [f + 1 if f is not None else response.shape[1] for f in first]
+    # log-probs of the kept tokens equal one full forward with that response mask (as make_rollout scores)
+    width = response.shape[1]
+    with torch.no_grad():
+        full = logprobs_from_logits(
+            response_logits(model, torch.cat([q, response], 1), torch.cat([m, mask], 1), width), response, 1.0)
+    torch.testing.assert_close(logprobs, full * mask, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. the reward is read at the last real token (pitfall 3)
+# ---------------------------------------------------------------------------------------
+def test_sequence_scores_same_for_left_and_right_padding_and_match_hf_pooling(world):
+    rm = world.rm
+    seqs = _queries(world)[0]
+    seqs = [s + [world.tok.eos_token_id] for s in seqs]
+    pad = world.tok.pad_token_id
+    assert all(pad not in s for s in seqs)
+    left_ids, left_mask = left_pad(seqs, pad)
+    width = left_ids.shape[1]
+    right_ids = torch.full_like(left_ids, pad)
+    right_mask = torch.zeros_like(left_mask)
+    for i, s in enumerate(seqs):
+        right_ids[i, : len(s)] = torch.tensor(s)
+        right_mask[i, : len(s)] = 1
+    assert width > min(len(s) for s in seqs)
+    with torch.no_grad():
+        left = sequence_scores(rm, left_ids, left_mask)
+        right = sequence_scores(rm, right_ids, right_mask)
+        alone = torch.stack([rm(input_ids=torch.tensor([s])).logits[0, 0] for s in seqs])
+        # reading at the last column (what a model that assumes left padding does) is wrong for right padding
+        backbone = rm.model(input_ids=right_ids, attention_mask=right_mask).last_hidden_state
+        naive = rm.score(backbone[:, -1]).squeeze(-1)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    assert alone.max() - alone.min() > 1e-2, "scores must differ between sequences for the test to mean anything"
+    assert (naive - alone).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# 3. gradient accumulation does not change the update (pitfall 8)
+# ---------------------------------------------------------------------------------------
+def _fixed_rollout(world, value_model):
+    """16 episodes whose responses have lengths 1..8 (so token means != mean of means)."""
+    g = torch.Generator().manual_seed(3)
+    n, width = 16, 8
+    prompts = [world.prompts[i % len(world.prompts)] for i in range(0, 5 * n, 5)]
+    q, qm = left_pad(encode_prompts(world.tok, prompts, 256), world.tok.pad_token_id)
+    lengths = torch.tensor([1 + (i * 5) % width for i in range(n)])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    response = torch.randint(10, len(world.tok), (n, width), generator=g)
+    response = torch.where(mask.bool(), response, torch.full_like(response, world.tok.pad_token_id))
+    ids, am = torch.cat([q, response], 1), torch.cat([qm, mask], 1)
+    with torch.no_grad():
+        logprobs = logprobs_from_logits(response_logits(world.policy, ids, am, width), response)
+        values = token_values(value_model, ids, am, width)
+    noise = lambda: torch.randn(n, width, generator=g)  # noqa: E731
+    rollout = Rollout(q, qm, response, mask, (logprobs + 0.1 * noise()) * mask, logprobs * mask,
+                      (values + 0.1 * noise()) * mask, torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+    advantages = (noise() + (lengths <= 4).float()[:, None]) * mask  # short responses fare better
+    returns = noise() * mask
+    return rollout, advantages, returns
+
+
+def _one_ppo_update(policy, value, rollout, advantages, returns, micro):
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    config = PPOStageConfig(model="unused", num_updates=1, rollout_batch_size=16, num_mini_batches=2,
+                            per_device_train_batch_size=micro, num_ppo_epochs=2, learning_rate=1e-3,
+                            lr_scheduler_type="constant")
+    module = PolicyAndValue(copy.deepcopy(policy), copy.deepcopy(value))
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
+    scheduler = get_scheduler("constant", optimizer)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    assert accelerator.gradient_accumulation_steps == 8 // micro
+    module, optimizer = accelerator.prepare(module, optimizer)
+    stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns, config,
+                       torch.Generator().manual_seed(0))
+    return accelerator.unwrap_model(module), stats
+
+
+def test_ppo_update_is_invariant_to_gradient_accumulation(world):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    value = AutoModelForSequenceClassification.from_pretrained(world.policy_dir, num_labels=1)
+    trainer_mod.disable_dropout(value)
+    rollout, advantages, returns = _fixed_rollout(world, value)
+    assert len(set(rollout.response_mask.sum(1).tolist())) >= 6
+    one, stats_one = _one_ppo_update(world.policy, value, rollout, advantages, returns, micro=8)  # GA 1
+    four, stats_four = _one_ppo_update(world.policy, value, rollout, advantages, returns, micro=2)  # GA 4
+    moved = 0.0
+    for (name, p1), (_, p4), p0 in zip(one.named_parameters(), four.named_parameters(),
+                                       PolicyAndValue(world.policy, value).parameters()):
+        torch.testing.assert_close(p1, p4, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        moved = max(moved, (p1 - p0).abs().max().item())
+    assert moved > 1e-3, "the update must move the weights"
+    for key in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac"):
+        assert stats_one[key] == pytest.approx(stats_four[key], rel=1e-4, abs=1e-6), key
+    assert stats_one["clipfrac"] > 0  # the clipped branch is exercised (old log-probs were perturbed)
+
+    # The naive accumulation (mean of the 4 micro-batch token means) is another loss:
+    # with lengths 1..8 it weights the tokens of short responses more.
+    with torch.no_grad():
+        logits = response_logits(world.policy, rollout.input_ids[:8], rollout.attention_mask[:8], 8)
+        new_logprobs = logprobs_from_logits(logits, rollout.response_ids[:8])
+        m = rollout.response_mask[:8]
+        token_mean, _ = policy_loss(new_logprobs, rollout.logprobs[:8], advantages[:8], m, 0.2)
+        naive = sum(policy_loss(new_logprobs[i:i + 2], rollout.logprobs[i:i + 2], advantages[i:i + 2],
+                                m[i:i + 2], 0.2)[0] for i in range(0, 8, 2)) / 4
+    assert abs(naive - token_mean) > 0.25 * abs(token_mean), (naive, token_mean)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. batch arithmetic: validated before any model loads
+# ---------------------------------------------------------------------------------------
+BASE = {"model": "unused", "num_updates": 1, "rollout_batch_size": 16, "num_mini_batches": 2,
+        "per_device_train_batch_size": 4}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"rollout_batch_size": 10, "num_mini_batches": 4}, ["rollout_batch_size=10", "num_mini_batches=4"]),
+    ({"per_device_train_batch_size": 3}, ["mini_batch_size=8", "per_device_train_batch_size=3"]),
+    ({"num_updates": None, "total_episodes": 100}, ["total_episodes=100", "rollout_batch_size=16"]),
+    ({"total_episodes": 32}, ["total_episodes", "num_updates"]),
+    ({"num_updates": None}, ["total_episodes", "num_updates"]),
+])
+def test_validate_rejects_bad_batch_arithmetic(change, expected, monkeypatch):
+    from rlhfkit.config import load_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    with pytest.raises(ConfigError) as info:
+        load_config(PPOStageConfig, data)
+    message = str(info.value)
+    for text in expected:
+        assert text in message
+    assert "\n" not in message
+
+
+def test_validate_world_size_and_all_errors_at_once(monkeypatch):
+    from rlhfkit.config import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as info:
+        load_config(PPOStageConfig, {**BASE, "rollout_batch_size": 7, "num_mini_batches": 1,
+                                     "per_device_train_batch_size": 1, "kl_coef": -1})
+    message = str(info.value)
+    assert "rollout_batch_size=7 does not split over 2 processes" in message
+    assert "per_device_train_batch_size=1 x 2 process(es)" in message
+    assert "kl_coef" in message  # every problem at once
+    good = load_config(PPOStageConfig, BASE)
+    assert (good.mini_batch_size, good.gradient_accumulation_steps, good.local_rollout_batch_size) == (8, 1, 8)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert load_config(PPOStageConfig, BASE).gradient_accumulation_steps == 2
+
+
+def test_validate_rejects_values_that_would_fail_or_be_ignored_mid_run():
+    # logging_steps=0 divided by zero after the first update, save_total_limit=0 deleted the
+    # checkpoint just written, kl_horizon=0 raised a ValueError mid-run, max_grad_norm=0 zeroed
+    # every gradient, lora_dropout was silently forced to 0
+    bad = PPOStageConfig(model="x", num_updates=1, logging_steps=0, save_total_limit=0, kl_horizon=0,
+                         lora_dropout=0.1, lr_scheduler_type="reduce_lr_on_plateau", max_grad_norm=0.0, sample_every=-1)
+    problems = bad.validate()
+    for name in ("logging_steps", "save_total_limit", "kl_horizon", "lora_dropout", "lr_scheduler_type",
+                 "max_grad_norm", "sample_every"):
+        assert sum(p.startswith(name) for p in problems) == 1, (name, problems)
+    assert PPOStageConfig(model="x", num_updates=1).validate() == []
+
+
+def test_bad_scheduler_name_fails_before_loading(world, tmp_path):
+    config = small_config(world, tmp_path / "o", model=str(tmp_path / "absent"), lr_scheduler_type="linearr")
+    with pytest.raises(ConfigError, match="lr_scheduler_type: cannot build 'linearr'") as info:
+        train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    assert "cannot load" not in str(info.value)
+
+
+def test_accumulation_forced_by_the_launcher_is_refused(world, tmp_path, monkeypatch):
+    # `accelerate launch --gradient_accumulation_steps 3` exports this; Accelerator() obeys it
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
+    with pytest.raises(ConfigError, match="gradient accumulation 3"):
+        train_ppo(small_config(world, tmp_path / "o"), prompts=world.prompts, reward_fn=has_digit)
+
+
+def test_world_size_without_process_group_is_refused(world, tmp_path, monkeypatch):
+    # what `accelerate launch --multi_gpu` gives on a CPU-only machine without ACCELERATE_USE_CPU:
+    # WORLD_SIZE=2 in every process, but each one alone (process 0 of 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="gives 1 process"):
+        train_ppo(small_config(world, tmp_path / "o"), prompts=world.prompts, reward_fn=has_digit)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_cli_reports_arithmetic_error_in_one_line_before_loading_a_model(tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    missing = tmp_path / "no-such-model"
+    config = tmp_path / "ppo.yaml"
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": ["hi", "why?"]}).save_to_disk(str(tmp_path / "data"))
+    capsys.readouterr()
+    config.write_text(f"model: {missing}\nreward_model: {missing}\noutput_dir: {tmp_path / 'out'}\n"
+                      f"data: {tmp_path / 'data'}\nnum_updates: 2\nrollout_batch_size: 12\nnum_mini_batches: 5\n")
+    assert main(["ppo", str(config)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhfkit: error:")
+    assert "rollout_batch_size=12" in err and "num_mini_batches=5" in err
+    assert "Traceback" not in err and "no-such-model" not in err
+    assert not (tmp_path / "out").exists()
+    # a KEY=VALUE override is checked the same way
+    assert main(["ppo", str(config), "num_mini_batches=4", "per_device_train_batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "mini_batch_size=3" in err and "per_device_train_batch_size=2" in err
+    # arithmetic fixed: now the missing model is the (one-line) error
+    assert main(["ppo", str(config), "num_mini_batches=4", "per_device_train_batch_size=1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(missing) in err and "Traceback" not in err
+
+
+def test_cli_help_lists_keys_and_batch_arithmetic(capsys):
+    import dataclasses
+
+    from rlhfkit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["ppo", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(PPOStageConfig):
+        assert f"  {f.name} (" in out, f.name
+    assert "mini_batch_size           = rollout_batch_size / num_mini_batches" in out
+    assert "gradient_accumulation_steps   = mini_batch_size / (per_device_train_batch_size x processes)" in out
+    assert "rejected before any model loads" in out
+
+
+# ---------------------------------------------------------------------------------------
+# 5. resume after SIGKILL equals the uninterrupted run (pitfalls 9, 10, 11)
+# ---------------------------------------------------------------------------------------
+RUN_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+from rlhfkit.ppo import PPOStageConfig, train_ppo
+
+config = PPOStageConfig(**json.loads(Path(sys.argv[1]).read_text()))
+prompts = json.loads(Path(sys.argv[2]).read_text())
+hang_at = int(os.environ.get("HANG_AT_CALL", "0"))
+calls = 0
+
+def has_digit(prompts, responses):
+    global calls
+    calls += 1
+    if calls == hang_at:  # park the run after its checkpoint until the test kills it
+        time.sleep(600)
+    return [float(any(c.isdigit() for c in r)) for r in responses]
+
+train_ppo(config, prompts=prompts, reward_fn=has_digit)
+print("finished", flush=True)
+"""
+
+
+def _run_env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(world, tmp_path):
+    # linear schedule and adaptive KL: the scheduler and the KL controller must be restored too
+    kwargs = dict(num_updates=4, save_steps=2, num_ppo_epochs=2, learning_rate=1e-2, kl_coef=0.1,
+                  lr_scheduler_type="linear", kl_target=0.5, kl_horizon=64)
+    straight = small_config(world, tmp_path / "straight", **kwargs)
+    train_ppo(straight, prompts=world.prompts, reward_fn=has_digit)
+
+    # the same run in a subprocess, SIGKILLed once the update-2 checkpoint is complete
+    out = tmp_path / "killed"
+    killed = small_config(world, out, sample_every=1, **kwargs)
+    (tmp_path / "config.json").write_text(json.dumps(vars(killed)))
+    (tmp_path / "prompts.json").write_text(json.dumps(world.prompts))
+    (tmp_path / "run.py").write_text(RUN_SCRIPT)
+    proc = subprocess.Popen([PYTHON, str(tmp_path / "run.py"), str(tmp_path / "config.json"), str(tmp_path / "prompts.json")],
+                            env=_run_env(HANG_AT_CALL="3"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marker = out / "checkpoints" / "update-000002" / "state.json"
+    deadline = time.time() + 120
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the run go on into update 3
+        assert proc.poll() is None, "the run must still be going when it is killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model").exists()
+    assert [r["update"] for r in read_rows(out / "metrics.jsonl")] == [1, 2]
+    assert {r["update"] for r in read_rows(out / "samples.jsonl")} == {1, 2}
+
+    # as if killed later (after logging update 3, mid-way through writing a row): the resume drops both
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"update": 3, "objective/scores": 123.0}) + "\n" + '{"update": 4, "obj')
+    # a stale temp folder of a killed save, with junk, is ignored
+    stale = out / "checkpoints" / ".tmp-update-000003-deadbeef"
+    stale.mkdir()
+    (stale / "state.json").write_text("{ not json")
+    (stale / "policy.safetensors").write_bytes(b"junk")
+    # and so is a checkpoint-named folder without its completion marker (state.json is written last)
+    (out / "checkpoints" / "update-000003").mkdir()
+    (out / "checkpoints" / "update-000003" / "policy.safetensors").write_bytes(b"junk")
+
+    # a changed training field is refused, naming it; nothing is touched
+    log_before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="kl_coef"):
+        train_ppo(small_config(world, out, sample_every=2, **{**kwargs, "kl_coef": 0.2}),
+                  prompts=world.prompts, reward_fn=has_digit)
+    assert (out / "metrics.jsonl").read_text() == log_before
+
+    # resume in this process, with a changed (allowed) sample_every
+    result = train_ppo(small_config(world, out, sample_every=2, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    assert result.metrics["update"] == 4
+    rows_a, rows_b = read_rows(tmp_path / "straight" / "metrics.jsonl"), read_rows(out / "metrics.jsonl")
+    assert [r["update"] for r in rows_b] == [1, 2, 3, 4]
+    for a, b in zip(rows_a, rows_b):
+        assert set(a) == set(b)
+        for key in set(a) - TIME_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
+    assert rows_a[-1]["objective/kl"] != rows_a[0]["objective/kl"]  # the runs did move
+    assert len({r["lr"] for r in rows_a}) == 4 and len({r["objective/kl_coef"] for r in rows_a}) == 4
+    assert {r["update"] for r in read_rows(out / "samples.jsonl")} == {1, 2, 4}
+    wa, wb = _weights(tmp_path / "straight" / "model"), _weights(out / "model")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    initial = world.policy.state_dict()
+    assert any((wa[k] - initial[k]).abs().max() > 1e-3 for k in wa)
+
+
+def test_batch_indices_visit_every_prompt_once_per_epoch():
+    n, batch = 10, 4
+    order = [i for u in range(5) for i in batch_indices(u, batch, n, seed=7)]  # 20 positions = 2 epochs
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:]) == list(range(10))
+    assert order[:10] != order[10:]
+    assert batch_indices(3, batch, n, seed=7) == order[12:16]  # position depends only on the update index
+    assert batch_indices(0, batch, n, seed=8) != order[:4]
+
+
+# ---------------------------------------------------------------------------------------
+# 6. learning on a toy task, metrics sanity, final model
+# ---------------------------------------------------------------------------------------
+def test_ppo_learns_toy_reward_and_writes_sane_metrics(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "learn"
+    config = small_config(world, out, num_updates=10, rollout_batch_size=16, num_mini_batches=2,
+                          per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2, sample_every=5)
+    result = train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    rows = read_rows(out / "metrics.jsonl")
+    assert [r["update"] for r in rows] == list(range(1, 11))
+    assert [r["episode"] for r in rows] == [16 * u for u in range(1, 11)]
+    for row in rows:
+        for key in TRL_KEYS:
+            assert key in row and math.isfinite(row[key]), key
+        assert row["objective/entropy"] >= 0
+        assert row["policy/approxkl_avg"] >= 0
+        assert 0 <= row["policy/clipfrac_avg"] <= 1 and 0 <= row["val/clipfrac_avg"] <= 1
+        assert row["loss/value_avg"] >= 0
+        assert -1 < row["objective/kl"] < 30  # nats per 6-token sequence; log(V) x 6 is ~35
+        assert row["objective/rlhf_reward"] == pytest.approx(row["objective/scores"] + row["objective/non_score_reward"], abs=1e-5)
+        assert row["objective/non_score_reward"] == pytest.approx(-0.05 * row["objective/kl"], abs=1e-5)
+    assert abs(rows[0]["objective/kl"]) < 1e-4  # the first rollout comes from the reference weights
+    scores = [r["objective/scores"] for r in rows]
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert last - first >= 0.25, scores
+    assert last >= 0.7, scores
+    assert result.metrics["objective/scores"] == rows[-1]["objective/scores"]
+    assert json.loads((out / "metrics.json").read_text())["updates"] == 10
+    assert {r["update"] for r in read_rows(out / "samples.jsonl")} == {1, 5, 10}
+    # final model: safetensors, loads with the plain Auto class, and is the trained policy
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "model").glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    prompt = torch.tensor([encode_prompts(world.tok, world.prompts[:1], 256)[0]])
+    with torch.no_grad():
+        p_new = torch.softmax(model(prompt).logits[0, -1], -1)
+        p_old = torch.softmax(world.policy(prompt).logits[0, -1], -1)
+    digit_ids = [i for t, i in world.tok.get_vocab().items() if any(c.isdigit() for c in world.tok.convert_tokens_to_string([t]))]
+    assert p_new[digit_ids].sum() > 1.5 * p_old[digit_ids].sum()
+
+
+# ---------------------------------------------------------------------------------------
+# 7. KL penalty and adaptive KL
+# ---------------------------------------------------------------------------------------
+def test_large_kl_coef_keeps_policy_closer(world, tmp_path):
+    kwargs = dict(num_updates=6, rollout_batch_size=16, per_device_train_batch_size=8, num_ppo_epochs=4,
+                  learning_rate=1e-2)
+    train_ppo(small_config(world, tmp_path / "free", kl_coef=0.0, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    train_ppo(small_config(world, tmp_path / "tied", kl_coef=2.0, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    free, tied = read_rows(tmp_path / "free" / "metrics.jsonl"), read_rows(tmp_path / "tied" / "metrics.jsonl")
+    assert free[0]["objective/kl"] == pytest.approx(tied[0]["objective/kl"], abs=1e-6)  # same seed, same start
+    assert all(r["objective/non_score_reward"] == 0 for r in free)
+    kl_free = sum(r["objective/kl"] for r in free[-3:]) / 3
+    kl_tied = sum(r["objective/kl"] for r in tied[-3:]) / 3
+    assert kl_free > 0.5 and kl_tied < 0.5 * kl_free, (kl_free, kl_tied)
+
+
+def test_adaptive_kl_moves_coef_toward_target(world, tmp_path):
+    target = 0.5
+    config = small_config(world, tmp_path / "adaptive", num_updates=6, rollout_batch_size=16,
+                          per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2,
+                          kl_coef=0.1, kl_target=target, kl_horizon=16)
+    train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    rows = read_rows(tmp_path / "adaptive" / "metrics.jsonl")
+    assert rows[0]["objective/kl_coef"] == pytest.approx(0.1)
+    directions = set()
+    for before, after in zip(rows, rows[1:]):
+        error = before["objective/kl"] / target - 1
+        change = after["objective/kl_coef"] / before["objective/kl_coef"] - 1
+        # beta <- beta (1 + clip(error, -0.2, 0.2) * 16 / 16)
+        assert change == pytest.approx(max(-0.2, min(0.2, error)), abs=1e-6)
+        directions.add(math.copysign(1, change))
+    assert directions == {-1.0, 1.0}, "the run should see KL both below and above the target"
+
+
+# ---------------------------------------------------------------------------------------
+# 8. LoRA: the reference is the adapter disabled
+# ---------------------------------------------------------------------------------------
+def test_lora_uses_disabled_adapter_as_reference_and_saves_merged_model(world, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    original = trainer_mod.make_rollout
+
+    def spy(module, ref_policy, *args, **kwargs):
+        seen.append((type(module.policy), ref_policy))
+        return original(module, ref_policy, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "make_rollout", spy)
+    policy = AutoModelForCausalLM.from_pretrained(world.policy_dir)
+    out = tmp_path / "lora"
+    config = small_config(world, out, lora=True, lora_r=4, num_updates=None, total_episodes=24, num_ppo_epochs=4,
+                          learning_rate=3e-2)
+    train_ppo(config, policy=policy, tokenizer=world.tok, prompts=world.prompts, reward_fn=has_digit)
+    assert len(seen) == 3 and all(ref is None and issubclass(cls, PeftModel) for cls, ref in seen)
+    rows = read_rows(out / "metrics.jsonl")
+    assert abs(rows[0]["objective/kl"]) < 1e-5  # adapter B = 0 at the start: policy == reference
+    assert abs(rows[-1]["objective/kl"]) > 1e-3  # the adapter moved away from the disabled-adapter reference
+    model_dir = out / "model"
+    assert not (model_dir / "adapter_config.json").exists()
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    weights = _weights(model_dir)
+    assert not any("lora" in k for k in weights)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not isinstance(merged, PeftModel)
+    prompt = torch.tensor([encode_prompts(world.tok, world.prompts[:1], 256)[0]])
+    with torch.no_grad():  # `policy` now carries the trained adapter: merged == base + adapter
+        torch.testing.assert_close(merged(prompt).logits, policy(prompt).logits, atol=1e-4, rtol=0)
+        assert (merged(prompt).logits - world.policy(prompt).logits).abs().max() > 1e-3
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at_call(n):
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(1)
+        if len(calls) == n:
+            raise _Crash()
+        return has_digit(prompts, responses)
+
+    return reward
+
+
+def test_lora_resume_restores_the_trained_adapter(world, tmp_path):
+    """A crash after the update-2 checkpoint, then a re-run: same rows and weights as 4 straight updates
+    (a resume that started from fresh adapters would show KL ~ 0 again at update 3)."""
+    kwargs = dict(lora=True, lora_r=4, num_updates=4, save_steps=2, num_ppo_epochs=2, learning_rate=3e-2)
+    train_ppo(small_config(world, tmp_path / "straight", **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=_crash_at_call(3))
+    assert [r["update"] for r in read_rows(out / "metrics.jsonl")] == [1, 2]
+    train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    rows_a, rows_b = read_rows(tmp_path / "straight" / "metrics.jsonl"), read_rows(out / "metrics.jsonl")
+    assert len(rows_a) == len(rows_b) == 4
+    for a, b in zip(rows_a, rows_b):
+        for key in set(a) - TIME_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
+    assert abs(rows_a[2]["objective/kl"]) > 1e-3
+    wa, wb = _weights(tmp_path / "straight" / "model"), _weights(out / "model")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0)
+
+
+def test_target_kl_stops_the_epochs_early(world, tmp_path):
+    config = small_config(world, tmp_path / "early", num_updates=1, num_ppo_epochs=4, learning_rate=1e-2, target_kl=1e-6)
+    train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    assert read_rows(tmp_path / "early" / "metrics.jsonl")[0]["policy/early_stopped"] == 1.0
+    config = small_config(world, tmp_path / "full", num_updates=1, num_ppo_epochs=4, learning_rate=1e-2, target_kl=10.0)
+    train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    assert read_rows(tmp_path / "full" / "metrics.jsonl")[0]["policy/early_stopped"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# 9. a reward model with its own tokenizer
+# ---------------------------------------------------------------------------------------
+def _spy_rollouts(monkeypatch):
+    records = SimpleNamespace(rollouts=[], scorers=[])
+    original = trainer_mod.make_rollout
+
+    def spy(module, ref_policy, scorer, tokenizer, prompts, *args, **kwargs):
+        rollout, texts = original(module, ref_policy, scorer, tokenizer, prompts, *args, **kwargs)
+        records.rollouts.append((prompts, rollout, texts))
+        records.scorers.append(scorer)
+        return rollout, texts
+
+    monkeypatch.setattr(trainer_mod, "make_rollout", spy)
+    return records
+
+
+def test_reward_model_with_other_tokenizer_scores_reencoded_text(world, tmp_path, monkeypatch):
+    records = _spy_rollouts(monkeypatch)
+    config = small_config(world, tmp_path / "rm2", reward_model=str(world.rm2_dir), num_updates=1)
+    train_ppo(config, prompts=world.prompts)
+    scorer = records.scorers[0]
+    assert scorer.same_tokenizer is False and len(scorer.tokenizer) == len(world.tok2)
+    prompts, rollout, texts = records.rollouts[0]
+    with torch.no_grad():
+        expected = []
+        for prompt, text in zip(prompts, texts):
+            ids = world.tok2.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=True,
+                                                 return_dict=True)["input_ids"]
+            expected.append(world.rm2(input_ids=torch.tensor([ids])).logits[0, 0])
+    torch.testing.assert_close(rollout.raw_scores, torch.stack(expected), atol=1e-4, rtol=0)
+    with torch.no_grad():  # the policy's token ids through rm2 would give other scores
+        wrong = sequence_scores(world.rm2, rollout.input_ids, rollout.attention_mask)
+    assert (wrong - rollout.raw_scores).abs().max() > 1e-3
+
+
+def test_reward_model_with_same_tokenizer_scores_rollout_ids(world, tmp_path, monkeypatch):
+    """Same tokenizer: the reward model reads the rollout's own ids. Sampled in chunks of 3
+    (rollout_forward_batch_size), so this also checks the re-padding of concatenated chunks."""
+    records = _spy_rollouts(monkeypatch)
+    prompts = world.prompts + [[{"role": "user", "content": "why?"}], [{"role": "user", "content": "count to three"}]] * 3
+    config = small_config(world, tmp_path / "rm", reward_model=str(world.rm_dir), value_model="reward", num_updates=1,
+                          rollout_forward_batch_size=3, missing_eos_penalty=1.0, score_clip=50.0)
+    train_ppo(config, prompts=prompts)
+    assert records.scorers[0].same_tokenizer is True
+    _, rollout, _ = records.rollouts[0]
+    mask = rollout.response_mask
+    assert len(set(rollout.query_mask.sum(1).tolist())) > 1, "queries of several lengths"
+    with torch.no_grad():
+        expected = sequence_scores(world.rm, rollout.input_ids, rollout.attention_mask)
+        logits = response_logits(world.policy, rollout.input_ids, rollout.attention_mask, mask.shape[1])
+        logprobs = logprobs_from_logits(logits, rollout.response_ids) * mask
+        values = token_values(world.rm, rollout.input_ids, rollout.attention_mask, mask.shape[1]) * mask
+    torch.testing.assert_close(rollout.raw_scores, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.scores, rollout.raw_scores - 1.0 * (~rollout.has_eos), atol=1e-6, rtol=0)
+    # update 1 samples from the initial policy, which is also the reference; the value model starts as the RM
+    torch.testing.assert_close(rollout.logprobs, logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.ref_logprobs, logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.values, values, atol=1e-4, rtol=0)
+
+
+def test_value_model_from_reward_model_with_other_tokenizer_is_rejected(world, tmp_path):
+    config = small_config(world, tmp_path / "bad", reward_model=str(world.rm2_dir), value_model="reward")
+    with pytest.raises(ConfigError, match="value_model: 'reward' needs a reward model with the policy's tokenizer"):
+        train_ppo(config, prompts=world.prompts)
+
+
+# ---------------------------------------------------------------------------------------
+# 10. two processes on CPU (gloo) through accelerate launch
+# ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_with_accelerate_launch(world, tmp_path):
+    out = tmp_path / "ddp"
+    config = small_config(world, out, num_updates=2, rollout_batch_size=8, num_mini_batches=2,
+                          per_device_train_batch_size=2, save_steps=1, sample_every=1)
+    (tmp_path / "config.json").write_text(json.dumps(vars(config)))
+    (tmp_path / "prompts.json").write_text(json.dumps(world.prompts))
+    (tmp_path / "run.py").write_text(RUN_SCRIPT)
+    accelerate = Path(PYTHON).parent / "accelerate"
+    # accelerate 1.15: `--cpu --num_processes 2` silently starts ONE process (simple launcher);
+    # two CPU processes on gloo take the torchrun launcher (--multi_gpu) plus ACCELERATE_USE_CPU.
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         str(tmp_path / "run.py"), str(tmp_path / "config.json"), str(tmp_path / "prompts.json")],
+        env=_run_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finished") == 2
+    assert "2 processes" in proc.stdout  # the batch arithmetic saw both processes
+    rows = read_rows(out / "metrics.jsonl")
+    assert [(r["update"], r["episode"]) for r in rows] == [(1, 8), (2, 16)]
+    for row in rows:
+        for key in TRL_KEYS:
+            assert key in row and math.isfinite(row[key]), key
+    assert (out / "checkpoints" / "update-000001" / "state.json").is_file()
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# 11. user errors
+# ---------------------------------------------------------------------------------------
+def test_no_reward_model_and_no_reward_fn_is_a_config_error(world, tmp_path):
+    with pytest.raises(ConfigError, match="reward_model"):
+        train_ppo(small_config(world, tmp_path / "o"), prompts=world.prompts)
+    assert not (tmp_path / "o").exists()
+
+
+def test_value_model_reward_without_reward_model_fails_before_loading(world, tmp_path):
+    config = small_config(world, tmp_path / "o", model=str(tmp_path / "absent"), value_model="reward")
+    with pytest.raises(ConfigError, match="value_model: 'reward' needs reward_model") as info:
+        train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    assert "cannot load" not in str(info.value)
+
+
+def test_nan_reward_stops_with_one_line_and_logs_no_nan(world, tmp_path):
+    from rlhfkit.errors import RlhfkitError
+
+    def nan_reward(prompts, responses):
+        return [float("nan")] * len(responses)
+
+    with pytest.raises(RlhfkitError, match="not finite") as info:
+        train_ppo(small_config(world, tmp_path / "nan"), prompts=world.prompts, reward_fn=nan_reward)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists()
+
+
+def test_nonexistent_model_path_is_a_config_error_naming_it(world, tmp_path):
+    missing = tmp_path / "nowhere" / "policy"
+    with pytest.raises(ConfigError) as info:
+        train_ppo(small_config(world, tmp_path / "o", model=str(missing)), prompts=world.prompts, reward_fn=has_digit)
+    assert str(missing) in str(info.value)
+
+
+def test_dataset_without_prompt_column_is_a_config_error(world, tmp_path):
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    data.save_to_disk(str(tmp_path / "data"))
+    config = small_config(world, tmp_path / "o", data=str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match="'prompt' column"):
+        train_ppo(config, reward_fn=has_digit)
+    with pytest.raises(ConfigError, match="'prompt' column"):
+        train_ppo(small_config(world, tmp_path / "o"), prompts=data, reward_fn=has_digit)
