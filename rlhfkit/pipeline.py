@@ -79,9 +79,9 @@ class RunConfig:
             if not local:
                 problems.append("model.name: set a model when data.source is not a local file (the tokenizer is trained on it)")
         for source in self.data.source or []:
-            if os.sep in source or source.endswith((".jsonl", ".gz", ".parquet", ".json")):
-                if not Path(source).exists():
-                    problems.append(f"data.source: {source} not found")
+            looks_local = source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".gz", ".parquet", ".json"))
+            if looks_local and not Path(source).exists():  # owner/name without a suffix is a hub id
+                problems.append(f"data.source: {source} not found")
         return problems
 
     @staticmethod
@@ -185,6 +185,9 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResul
     from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
 
     problems = config.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("rlhfkit run is one process; under a multi-process launch run the stages one at a time "
+                        "(rlhfkit sft / reward / ppo), each with accelerate launch")
     if problems:
         raise ConfigError("; ".join(problems))
     chain = _Chain(config, log)

@@ -128,7 +128,7 @@ def test_shipped_configs_validate():
     paths = sorted((REPO / "configs").glob("*.yaml"))
     assert paths
     for path in paths:
-        found = re.search(r"rlhfkit (sft|reward|ppo|run) \S*" + re.escape(path.name), path.read_text())
+        found = re.search(r"rlhfkit(?:\.cli)? (sft|reward|ppo|run) \S*" + re.escape(path.name), path.read_text())
         assert found, f"{path.name}: the header must give the exact command"
         module, cls_name, _, _ = CONFIG_STAGES[found.group(1)]
         load_config(_load(module, cls_name), path)

@@ -466,6 +466,12 @@ def train_ppo(
             raise ConfigError("value_model: 'reward' needs a reward model with the policy's tokenizer; this one has "
                               "another, so set value_model=policy (or a folder that shares the policy's tokenizer)")
         scorer = Scorer(model=reward_model.eval().requires_grad_(False), tokenizer=reward_tokenizer, same_tokenizer=same)
+    if value_model is None and config.value_model == "policy" and policy_path is None:
+        # an in-memory policy: a value model of the same architecture, its backbone copied, a fresh head
+        value_config = copy.deepcopy(policy.config)
+        value_config.num_labels = 1
+        value_model = AutoModelForSequenceClassification.from_config(value_config)
+        value_model.load_state_dict(policy.state_dict(), strict=False)
     if value_model is None:
         value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)
         if value_source is None:

@@ -1,0 +1,193 @@
+# The whole chain on the embedded world, one explicit stage call at a time:
+#
+#   .venv/bin/python examples/01_embedded_chain.py --out runs/example01             # demo sizes
+#   .venv/bin/python examples/01_embedded_chain.py --size tiny --out /tmp/ex01      # smoke run
+#
+# Tried on: 2-core x86_64 CPU, no GPU, torch 2.13.0+cpu, shared with other work.
+#   --size tiny (micro model, 240 trees, 4 PPO updates): 50-95 s. At this size the micro
+#     model does not yet answer any task (gold 0.0 before and after PPO): it checks the
+#     plumbing, not the learning.
+#   --size demo (the sizes of configs/demo.yaml: tiny model, 3000 trees, 6 SFT epochs,
+#     60 PPO updates): not run to the end here; its SFT stage (852 steps) ran at 3-5 s
+#     per step on the busy 2-core machine, i.e. an hour or more for SFT alone.
+#
+# It does what `rlhfkit run configs/demo.yaml` does, but as plain Python calls, so each
+# stage's inputs and outputs are visible and any of them can be swapped for your own:
+#
+#   synth_data -> build_data -> init_model -> train_sft -> train_reward -> train_ppo -> evaluate
+#
+# Between stages it prints one parseable line per stage (``STAGE key=value ...``):
+#
+#   WORLD trees=... messages=... pairs=...
+#   DATA sft_train=... pairs_train=... prompts_train=... prompts_validation=...
+#   MODEL parameters=... vocab_size=...
+#   SFT eval_loss=... train_loss=... steps=... time_s=...
+#   REWARD eval_accuracy=... gold_agreement=... eval_loss=... time_s=...
+#   PPO_TRAIN updates=... gold_first=... gold_last=... score_first=... score_last=... kl=... time_s=...
+#   PPO gold_before=... gold_after=... gain=... gain_se=... win_rate_gold=... kl=... prompts=...
+#
+# "gold" is the embedded world's judge (rlhfkit.world.gold_score, in [0, 1]); it is never
+# shown to the reward model or to PPO, only measured. gold_before / gold_after are the SFT
+# and PPO policies on held-out prompts, sampled at the PPO temperature.
+#
+# Re-running with the same --out reuses finished stages (SFT, reward and PPO also resume
+# from their last checkpoint after a kill).
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# Stage sizes. "demo" mirrors configs/demo.yaml; "tiny" mirrors the TINY run of tests/test_pipeline.py.
+SIZES = {
+    "demo": {
+        "world": {"trees": 3000, "annotator_noise": 0.5},
+        "data": {"val_fraction": 0.1},
+        "model": {"size": "tiny", "vocab_size": 4096},
+        "sft": {"learning_rate": 3e-3, "num_train_epochs": 6, "per_device_train_batch_size": 64,
+                "lr_scheduler_type": "cosine", "warmup_steps": 30},
+        "reward": {"learning_rate": 5e-4, "num_train_epochs": 2, "per_device_train_batch_size": 32},
+        "ppo": {"num_updates": 60, "rollout_batch_size": 64, "num_mini_batches": 2, "per_device_train_batch_size": 32,
+                "num_ppo_epochs": 2, "response_length": 24, "temperature": 1.0, "kl_coef": 0.02,
+                "learning_rate": 5e-5, "vf_coef": 0.1, "save_steps": 10, "sample_every": 10},
+        "eval": {"max_prompts": 200, "samples_per_prompt": 4},
+    },
+    "tiny": {
+        "world": {"trees": 240, "annotator_noise": 0.5},
+        "data": {"val_fraction": 0.2},
+        "model": {"size": "micro", "vocab_size": 512},
+        "sft": {"learning_rate": 3e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000},
+        "reward": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32,
+                   "save_steps": 1000},
+        "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 8,
+                "num_ppo_epochs": 1, "response_length": 12, "learning_rate": 1e-4, "save_steps": 2,
+                "sample_every": 2},
+        "eval": {"max_prompts": 16, "samples_per_prompt": 2},
+    },
+}
+
+
+def fmt(value) -> str:
+    """One token per value: floats with 4 decimals, None as 'none'."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def say(stage: str, **figures) -> None:
+    """Print ``STAGE key=value ...`` on one line (what tests and scripts parse)."""
+    print(stage + " " + " ".join(f"{k}={fmt(v)}" for k, v in figures.items()), flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="SFT -> reward model -> PPO on the embedded world, as Python calls.")
+    p.add_argument("--size", choices=sorted(SIZES), default="demo",
+                   help="demo = the sizes of configs/demo.yaml (default); tiny = a 1-2 minute smoke run")
+    p.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
+    p.add_argument("--out", default=None, help="run folder (default runs/example01-SIZE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Heavy imports after argument parsing, so --help is instant.
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhfkit.artifacts import resolve_model_path
+    from rlhfkit.config import load_config
+    from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
+    from rlhfkit.evaluate import EvalConfig, evaluate
+    from rlhfkit.ppo import PPOStageConfig, train_ppo
+    from rlhfkit.reward import RewardStageConfig, train_reward
+    from rlhfkit.sft import SFTStageConfig, train_sft
+    from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
+
+    size = SIZES[args.size]
+    out = Path(args.out or f"runs/example01-{args.size}")
+    out.mkdir(parents=True, exist_ok=True)
+    seed = args.seed
+    started = time.perf_counter()
+    print(f"example 01: size={args.size} out={out}", flush=True)
+
+    # 1. world: synthetic Open Assistant-style trees whose replies the gold judge can score
+    trees = out / "world" / "trees.jsonl"
+    if not trees.is_file():
+        world = synth_data(SynthConfig(out=str(trees), seed=seed, **size["world"]))
+        say("WORLD", trees=world.metrics["trees"], messages=world.metrics["messages"], pairs=world.metrics["pairs"])
+
+    # 2. data: trees -> SFT conversations and preference pairs, split by tree
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        build_data(DataBuildConfig(sources=[str(trees)], out=str(data), seed=seed, **size["data"]))
+    stats = json.loads((data / "stats.json").read_text())["splits"]
+    train_prompts = prompts_from_data_dir(data, "train")
+    val_prompts = prompts_from_data_dir(data, "validation")
+    say("DATA", sft_train=stats["train"]["sft_examples"], pairs_train=stats["train"]["pairs"],
+        prompts_train=len(train_prompts), prompts_validation=len(val_prompts))
+
+    # 3. model: a byte-level BPE tokenizer trained on the world, and an untrained Llama
+    model_dir = out / "model"
+    if not (model_dir / "config.json").is_file():
+        m = init_model(ModelInitConfig(out=str(model_dir), corpus=str(trees), seed=seed, **size["model"])).metrics
+        say("MODEL", parameters=m["parameters"], vocab_size=m["vocab_size"])
+
+    # 4. SFT. load_config routes TRL keys (learning_rate, num_train_epochs, ...) to trl_args
+    #    and checks every key before anything loads; SFTStageConfig(...) works as well.
+    sft_cfg = load_config(SFTStageConfig, {**size["sft"], "model": str(model_dir), "data": str(data),
+                                           "output_dir": str(out / "sft"), "seed": seed})
+    sft = train_sft(sft_cfg).metrics
+    say("SFT", eval_loss=sft["eval_loss"], train_loss=sft["train_loss"], train_loss_first=sft["train_loss_first"],
+        steps=sft["steps"], time_s=sft["wall_time_s"])
+
+    # 5. reward model: Bradley-Terry on the annotators' ranks, starting from the SFT model
+    reward_cfg = load_config(RewardStageConfig, {**size["reward"], "model": str(out / "sft"), "data": str(data),
+                                                 "output_dir": str(out / "reward"), "seed": seed})
+    rm = train_reward(reward_cfg).metrics
+    say("REWARD", eval_accuracy=rm["eval_accuracy"], gold_agreement=rm["gold_agreement"], eval_loss=rm["eval_loss"],
+        time_s=rm["wall_time_s"])
+
+    # 6. PPO against the learned reward model; gold_fn is only measured and logged, never optimised
+    def gold_fn(prompts, responses):
+        return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+    ppo_cfg = PPOStageConfig(model=str(out / "sft"), reward_model=str(out / "reward"), data=str(data),
+                             output_dir=str(out / "ppo"), seed=seed, **size["ppo"])
+    ppo = train_ppo(ppo_cfg, gold_fn=gold_fn).metrics
+    rows = read_jsonl(out / "ppo" / "metrics.jsonl")
+    say("PPO_TRAIN", updates=ppo["updates"], gold_first=rows[0].get("objective/gold") if rows else None,
+        gold_last=ppo.get("objective/gold"), score_first=rows[0]["objective/scores"] if rows else None,
+        score_last=ppo["objective/scores"], kl=ppo["objective/kl"], time_s=ppo["wall_time_s"])
+
+    # 7. held-out gold evaluation: the SFT and the PPO policy answer the same validation prompts
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(out / "sft"))
+    sft_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "sft"))
+    ppo_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "ppo"))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(out / "reward"), num_labels=1)
+    eval_cfg = EvalConfig(num_examples=3, greedy=False, seed=seed, **size["eval"])
+    ev, examples = evaluate(sft_policy, ppo_policy, reward_model.eval(), tokenizer, val_prompts, eval_cfg,
+                            ppo_cfg.temperature, ppo_cfg.response_length, gold_score)
+    (out / "eval.json").write_text(json.dumps({k: v for k, v in ev.items() if k != "scatter"}, indent=2))
+    for ex in examples:
+        print(f"  prompt: {ex['prompt']!r}\n    sft ({ex['sft_gold']:.1f}): {ex['sft']!r}\n"
+              f"    ppo ({ex['ppo_gold']:.1f}): {ex['ppo']!r}")
+    say("PPO", gold_before=ev["sft"]["gold"], gold_after=ev["ppo"]["gold"], gain=ev["gold_gain"],
+        gain_se=ev["gold_gain_se"], win_rate_gold=ev["win_rate_gold"], reward_before=ev["sft"]["reward"],
+        reward_after=ev["ppo"]["reward"], kl=ev["ppo"]["kl"], prompts=ev["prompts"])
+    say("DONE", out=out, time_s=time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""Bradley-Terry reward model, through TRL's RewardTrainer.
+
+The model is the SFT model (or any causal LM folder) loaded as
+``AutoModelForSequenceClassification(num_labels=1)``: a scalar head on the last hidden
+state, read at the last non-pad token. ``config.pad_token_id`` is set from a pad token
+distinct from eos, so the head never reads a padding or an earlier eos (pitfall 3).
+
+Pairs are tokenized here, exactly as TRL would (``apply_chat_template(prompt + reply,
+tokenize=True)``), so that pairs that are too long or identical after tokenization are
+dropped *and counted* (pitfall 5), and an optional margin column is added:
+``margin = margin_scale * (rejected_rank - chosen_rank)`` (lower rank = better), used by
+TRL as ``-logsigmoid(r_c - r_r - margin)``. ``center_rewards_coefficient`` (TRL) adds the
+centring term.
+
+After training, every held-out pair is scored by the final (merged) model:
+``eval_accuracy`` = fraction with r(chosen) > r(rejected), ``eval_loss`` = mean
+``-logsigmoid(r_c - r_r)`` (no margin, no centring), and, when the embedded world's gold
+judge recognises the prompts, ``gold_agreement`` = fraction of pairs with unequal gold
+whose reward order matches the gold order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+from rlhfkit.artifacts import StageResult, write_text_atomic
+from rlhfkit.config import field
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.training import (
+    StageConfig,
+    build_trl_args,
+    completed_result,
+    defaults_note,
+    ensure_chat_template,
+    finish_stage,
+    first_line,
+    load_model,
+    load_split_dict,
+    load_tokenizer,
+    logger,
+    lora_config,
+    make_stage_callback,
+    model_source,
+    prepare_output_dir,
+    require_finite,
+    resolve_trl_kwargs,
+    run_training,
+    save_final_model,
+    train_losses,
+    unwrap_for_saving,
+)
+
+REWARD_TRL_DEFAULTS: dict[str, Any] = {
+    "disable_dropout": True,  # a reward is a deterministic function of the text
+}
+DEFAULT_MAX_LENGTH = 1024  # TRL's default, capped at the model's max_position_embeddings
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+SCORES_FILE = "eval_scores.jsonl"
+
+
+@dataclasses.dataclass
+class RewardStageConfig(StageConfig):
+    """Config of ``rlhfkit reward``: rlhfkit's fields below, and any field of trl.RewardConfig."""
+
+    margin_scale: float = field(
+        0.0,
+        help="0: no margin; > 0: margin = margin_scale * (rejected_rank - chosen_rank) in the Bradley-Terry loss",
+    )
+    gold_agreement: Literal["auto", "on", "off"] = field(
+        "auto",
+        help="agreement with the embedded world's gold judge on held-out pairs: auto = when it recognises the prompts",
+    )
+
+    stage_name: ClassVar[str] = "reward"
+    passthrough_name: ClassVar[str] = "trl.RewardConfig"
+
+    @classmethod
+    def passthrough_class(cls) -> type:
+        from trl import RewardConfig
+
+        return RewardConfig
+
+    @classmethod
+    def help_notes(cls) -> str:
+        return defaults_note(REWARD_TRL_DEFAULTS, [
+            "max_length=min(1024, the model's max_position_embeddings) (longer pairs are dropped and counted)",
+            "the final evaluation is rlhfkit's own, over the whole validation split",
+        ])
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not (math.isfinite(self.margin_scale) and self.margin_scale >= 0):
+            problems.append(f"margin_scale: must be >= 0, got {self.margin_scale}")
+        if self.gold_agreement == "on" and importlib.util.find_spec("rlhfkit.world.gold") is None:
+            problems.append("gold_agreement: 'on' needs rlhfkit.world.gold, which is not installed")
+        return problems
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def _check_pair(example: dict[str, Any], where: str) -> None:
+    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    ident = example.get("tree_id", "?")
+    if not isinstance(prompt, list) or not prompt or prompt[-1].get("role") != "user":
+        raise DataError(f"{where}: pair in tree {ident}: prompt must be a list of messages ending with a user turn")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(reply, list) or len(reply) != 1 or reply[0].get("role") != "assistant":
+            raise DataError(f"{where}: pair in tree {ident}: {name} must be a one-element list with an assistant message")
+
+
+def tokenize_pairs(dataset, tokenizer, *, margin_scale: float, max_length: int | None, num_proc: int | None, where: str):
+    """Add ``chosen_ids`` / ``rejected_ids`` (and ``margin``); drop too-long and identical pairs.
+
+    Returns ``(dataset, {"too_long": n, "identical": m})``.
+    """
+    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{where}: column(s) {', '.join(missing)} missing (found: {', '.join(dataset.column_names)})")
+    if margin_scale > 0:
+        missing = [c for c in ("chosen_rank", "rejected_rank") if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"{where}: margin_scale > 0 needs column(s) {', '.join(missing)}")
+
+    def tokenize(example: dict[str, Any]) -> dict[str, Any]:
+        _check_pair(example, where)
+        out = {
+            "chosen_ids": tokenizer.apply_chat_template(
+                example["prompt"] + example["chosen"], tokenize=True, return_dict=True
+            )["input_ids"],
+            "rejected_ids": tokenizer.apply_chat_template(
+                example["prompt"] + example["rejected"], tokenize=True, return_dict=True
+            )["input_ids"],
+        }
+        if margin_scale > 0:
+            out["margin"] = float(margin_scale * (example["rejected_rank"] - example["chosen_rank"]))
+        return out
+
+    n0 = len(dataset)
+    dataset = dataset.map(tokenize, num_proc=num_proc, desc=f"Tokenizing {where} pairs")
+    if max_length is not None:
+        dataset = dataset.filter(
+            lambda ex: len(ex["chosen_ids"]) <= max_length and len(ex["rejected_ids"]) <= max_length,
+            num_proc=num_proc,
+            desc=f"Dropping {where} pairs longer than {max_length} tokens",
+        )
+    n1 = len(dataset)
+    dataset = dataset.filter(
+        lambda ex: ex["chosen_ids"] != ex["rejected_ids"], num_proc=num_proc, desc=f"Dropping identical {where} pairs"
+    )
+    dropped = {"too_long": n0 - n1, "identical": n1 - len(dataset)}
+    if dropped["too_long"] or dropped["identical"]:
+        logger.warning(
+            "%s: dropped %d pairs longer than max_length=%s and %d identical pairs (of %d)",
+            where, dropped["too_long"], max_length, dropped["identical"], n0,
+        )
+    return dataset, dropped
+
+
+def trainer_columns(dataset):
+    keep = [c for c in ("chosen_ids", "rejected_ids", "margin") if c in dataset.column_names]
+    return dataset.select_columns(keep)
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+
+def reward_scores(
+    model,
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    *,
+    batch_size: int = 32,
+    padding_side: str = "right",
+):
+    """Scalar reward of each token sequence, read at its last non-pad token.
+
+    The last real token is found from the attention mask (not by searching for a pad id),
+    and position ids follow the mask, so left and right padding give the same scores
+    (pitfall 3). Works for any Hugging Face ``*ForSequenceClassification`` with a ``score``
+    head; other models fall back to their own pooled logits. Returns a float tensor [N].
+    """
+    import torch
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = getattr(model, "score", None)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # little padding per batch
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                seqs = [list(sequences[i]) for i in idx]
+                width = max(len(s) for s in seqs)
+                ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for row, s in enumerate(seqs):
+                    if padding_side == "right":
+                        ids[row, : len(s)] = torch.tensor(s)
+                        mask[row, : len(s)] = 1
+                    else:
+                        ids[row, width - len(s) :] = torch.tensor(s)
+                        mask[row, width - len(s) :] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                last = (torch.arange(width, device=device) * mask).argmax(-1)  # last attended index
+                if backbone is not None and isinstance(head, torch.nn.Module):
+                    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+                    values = head(hidden[torch.arange(len(seqs), device=device), last]).squeeze(-1)
+                else:
+                    values = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
+                scores[torch.tensor(idx)] = values.float().cpu()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def gold_agreement(mode: str, prompts, chosen_texts, rejected_texts, r_chosen, r_rejected):
+    """``(agreement | None, pairs counted, per-pair (gold_chosen, gold_rejected) | None)``.
+
+    A pair counts when the gold judge recognises its prompt and scores the two replies
+    differently; it agrees when the reward model orders them the same way (a reward tie
+    disagrees).
+    """
+    if mode == "off":
+        return None, 0, None
+    try:
+        gold = importlib.import_module("rlhfkit.world.gold")
+    except ImportError:
+        if mode == "on":
+            raise ConfigError("gold_agreement: 'on' needs rlhfkit.world.gold, which is not installed") from None
+        return None, 0, None
+    known = [gold.task_family(p) is not None for p in prompts]
+    if not any(known):
+        if mode == "on":
+            logger.warning("gold_agreement: the gold judge recognises none of the validation prompts")
+        return None, 0, None
+    golds: list[tuple[float, float] | None] = []
+    agree = counted = 0
+    for ok, p, c, r, rc, rr in zip(known, prompts, chosen_texts, rejected_texts, r_chosen, r_rejected):
+        if not ok:
+            golds.append(None)
+            continue
+        gc, gr = float(gold.gold_score(p, c)), float(gold.gold_score(p, r))
+        golds.append((gc, gr))
+        if gc == gr:
+            continue
+        counted += 1
+        agree += int((rc - rr) * (gc - gr) > 0)
+    return (agree / counted if counted else None), counted, golds
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+
+def train_reward(
+    config: RewardStageConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
+    """Train a Bradley-Terry reward model on the pairs of ``config.data``; see the module docstring.
+
+    In-memory ``model`` (a sequence-classification model with ``num_labels=1``),
+    ``tokenizer`` and datasets (rows with prompt / chosen / rejected, and the ranks when
+    ``margin_scale > 0``) override the paths in ``config``. ``callbacks`` are extra
+    transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
+    """
+    t_start = time.perf_counter()
+    problems = config.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    stage = config.stage_name
+    in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
+    if not in_memory:
+        done = completed_result(config)
+        if done is not None:
+            logger.warning("%s: %s already holds a completed run of this config", stage, config.output_dir)
+            return StageResult(Path(config.output_dir), done)
+
+    # 1. data and TRL arguments, before any model loads
+    required = list(PAIR_COLUMNS) + (["chosen_rank", "rejected_rank"] if config.margin_scale > 0 else [])
+    if train_dataset is None:
+        if not config.data:
+            raise ConfigError(f"{stage}: data is required (a `rlhfkit data build` folder)")
+        train_dataset, loaded_eval = load_split_dict(config.data, "pairs", required)
+        if eval_dataset is None:
+            eval_dataset = loaded_eval
+    user_max_length = "max_length" in config.trl_args
+    kwargs = resolve_trl_kwargs(config, REWARD_TRL_DEFAULTS, has_eval=eval_dataset is not None)
+    args = build_trl_args(RewardConfig, kwargs, stage)
+    resume_from = prepare_output_dir(config, is_main=args.process_index == 0)
+
+    # 2. tokenizer and model (a distinct pad token, and the head reads at the last non-pad token)
+    trust = bool(config.trl_args.get("trust_remote_code", False))
+    source = None if (model is not None and tokenizer is not None) else model_source(config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust)
+    ensure_chat_template(stage, tokenizer, args, source)  # checked before the model loads
+    if args.pad_token is not None:  # TRL's (deprecated) pad_token: applied here, before pairs are tokenized
+        if args.pad_token not in tokenizer.get_vocab():
+            raise ConfigError(f"pad_token: {args.pad_token!r} is not in the vocabulary of {source or 'the tokenizer'}")
+        tokenizer.pad_token = args.pad_token
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError(
+            f"{stage}: the tokenizer's pad token must exist and differ from eos ({tokenizer.eos_token!r}), "
+            "or rewards are read at the wrong token; add a pad token and resize the embeddings"
+        )
+    if model is None:
+        set_seed(config.seed)  # the new score head is initialised randomly
+        with suppress_seqcls_warning():
+            model = load_model(
+                source, AutoModelForSequenceClassification, args.model_init_kwargs, trust, num_labels=1
+            )
+    model, tokenizer = ensure_chat_template(stage, tokenizer, args, source, model, apply=True)
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    if not user_max_length:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        args.max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+
+    # 3. pairs -> token ids (+ margin); too long / identical pairs dropped and counted
+    eval_tok, eval_dropped = None, {"too_long": 0, "identical": 0}
+    with args.main_process_first(desc="tokenizing pairs"):
+        train_tok, train_dropped = tokenize_pairs(
+            train_dataset, tokenizer, margin_scale=config.margin_scale, max_length=args.max_length,
+            num_proc=args.dataset_num_proc, where=f"{stage} train",
+        )
+        if eval_dataset is not None:
+            eval_tok, eval_dropped = tokenize_pairs(
+                eval_dataset, tokenizer, margin_scale=config.margin_scale, max_length=args.max_length,
+                num_proc=args.dataset_num_proc, where=f"{stage} validation",
+            )
+    if len(train_tok) == 0:
+        raise DataError(f"{stage}: no training pairs left after dropping too-long and identical ones")
+    if eval_tok is not None and len(eval_tok) == 0:
+        logger.warning("%s: no validation pairs left; no evaluation", stage)
+        eval_tok = None
+        from transformers.trainer_utils import IntervalStrategy
+
+        args.eval_strategy = IntervalStrategy.NO
+    peft_config = lora_config(config, "SEQ_CLS", modules_to_save=["score"]) if config.lora else None
+
+    # 4. trainer; TRL's own checks become one-line errors
+    try:
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=trainer_columns(train_tok),
+            eval_dataset=trainer_columns(eval_tok) if eval_tok is not None else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[
+                make_stage_callback(stage, skip_final_eval=True, check_grad_norm=not args.fp16),
+                *callbacks,
+            ],
+        )
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"{stage}: {first_line(e)}") from None
+
+    # 5. train (resuming from the last complete checkpoint, if any)
+    session = run_training(trainer, resume_from, config.trl_args.get("resume_from_checkpoint"))
+    state = trainer.state
+    first_loss, last_loss = train_losses(state.log_history)
+    require_finite(stage, train_loss=last_loss)
+
+    # 6. final model (LoRA merged), saved; then held-out pairs scored by exactly that model
+    out = Path(config.output_dir)
+    final_model = unwrap_for_saving(trainer)
+    save_final_model(trainer, final_model, tokenizer, out / "model")
+    metrics: dict[str, Any] = {"stage": stage}
+    if eval_tok is not None:  # every rank scores (no collective to wait on); the main one writes
+        batch = args.per_device_eval_batch_size
+        r_c = reward_scores(final_model, eval_tok["chosen_ids"], tokenizer.pad_token_id, batch_size=batch)
+        r_r = reward_scores(final_model, eval_tok["rejected_ids"], tokenizer.pad_token_id, batch_size=batch)
+        diff = r_c - r_r
+        eval_loss = float(-F.logsigmoid(diff).mean())
+        eval_accuracy = float((diff > 0).float().mean())
+        require_finite(stage, eval_loss=eval_loss)
+        agreement, gold_pairs, golds = gold_agreement(
+            config.gold_agreement,
+            eval_tok["prompt"],
+            [c[0]["content"] for c in eval_tok["chosen"]],
+            [r[0]["content"] for r in eval_tok["rejected"]],
+            r_c.tolist(),
+            r_r.tolist(),
+        )
+        all_r = torch.cat([r_c, r_r])
+        metrics.update(
+            eval_accuracy=eval_accuracy,
+            eval_loss=eval_loss,
+            eval_pairs=len(eval_tok),
+            eval_reward_mean=float(all_r.mean()),
+            eval_reward_std=float(all_r.std()) if len(all_r) > 1 else 0.0,
+            gold_agreement=agreement,
+            gold_pairs=gold_pairs,
+        )
+        if trainer.accelerator.is_main_process:
+            _write_scores(out / SCORES_FILE, eval_tok, r_c.tolist(), r_r.tolist(), golds)
+    else:
+        metrics.update(eval_accuracy=None, eval_loss=None, eval_pairs=0, gold_agreement=None, gold_pairs=0)
+    pairs_done = (float(state.epoch or 0.0) - session.start_epoch) * len(train_tok)
+    metrics.update(
+        train_loss=last_loss,
+        train_loss_first=first_loss,
+        pairs_per_s=pairs_done / session.train_time_s if session.train_time_s else None,
+        train_time_s=session.train_time_s,
+        wall_time_s=time.perf_counter() - t_start,
+        steps=state.global_step,
+        steps_this_run=state.global_step - session.start_step,
+        train_pairs=len(train_tok),
+        train_pairs_dropped=train_dropped,
+        eval_pairs_dropped=eval_dropped,
+        epochs=state.epoch,
+        max_length=args.max_length,
+        margin_scale=config.margin_scale,
+        center_rewards_coefficient=args.center_rewards_coefficient,
+        lora=config.lora,
+        resumed_from=session.resumed_from,
+    )
+    finish_stage(trainer, out, metrics)
+    return StageResult(out, metrics)
+
+
+def _write_scores(path: Path, pairs, r_c: list[float], r_r: list[float], golds) -> None:
+    trees = pairs["tree_id"] if "tree_id" in pairs.column_names else [None] * len(pairs)
+    lines = []
+    for i, (tree, c, r) in enumerate(zip(trees, r_c, r_r)):
+        row: dict[str, Any] = {"pair": i, "tree_id": tree, "chosen_reward": c, "rejected_reward": r}
+        if golds is not None and golds[i] is not None:
+            row["gold_chosen"], row["gold_rejected"] = golds[i]
+        lines.append(json.dumps(row))
+    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))

@@ -1,0 +1,261 @@
+"""Supervised fine-tuning on assistant replies, through TRL's SFTTrainer.
+
+Each SFT row of a data folder is a conversation whose last message is the assistant reply
+to learn. It is given to TRL as a conversational prompt-completion pair (prompt = every
+message before the reply, completion = the reply), so:
+
+- the loss covers exactly the reply's tokens and its closing eos: TRL's
+  ``completion_only_loss`` (on for prompt-completion data) intersected with
+  ``assistant_only_loss`` (the chat template's ``{% generation %}`` markers). Earlier
+  assistant turns are context; each of them is the last message of its own row. Set
+  ``completion_only_loss=false`` to train on every assistant turn instead;
+- the eos is a label (the embedded template puts it inside the generation block; pad is a
+  distinct token), and there is one BOS, from the template (pitfalls 1, 2).
+
+With ``lora=true`` the adapters are merged into the saved model, so later stages load a
+plain model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from rlhfkit.artifacts import StageResult
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.training import (
+    StageConfig,
+    build_trl_args,
+    completed_result,
+    defaults_note,
+    ensure_chat_template,
+    finish_stage,
+    first_line,
+    load_model,
+    load_split_dict,
+    load_tokenizer,
+    logger,
+    lora_config,
+    make_stage_callback,
+    model_source,
+    prepare_output_dir,
+    require_finite,
+    resolve_trl_kwargs,
+    run_training,
+    save_final_model,
+    train_losses,
+    unwrap_for_saving,
+)
+
+# SFT-specific defaults (see rlhfkit.training.COMMON_TRL_DEFAULTS for the shared ones).
+SFT_TRL_DEFAULTS: dict[str, Any] = {
+    "assistant_only_loss": True,  # loss on assistant tokens only (generation markers)
+}
+DEFAULT_MAX_LENGTH = 1024  # TRL's default, capped at the model's max_position_embeddings
+
+
+@dataclasses.dataclass
+class SFTStageConfig(StageConfig):
+    """Config of ``rlhfkit sft``: rlhfkit's fields below, and any field of trl.SFTConfig."""
+
+    stage_name: ClassVar[str] = "sft"
+    passthrough_name: ClassVar[str] = "trl.SFTConfig"
+
+    @classmethod
+    def passthrough_class(cls) -> type:
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    @classmethod
+    def help_notes(cls) -> str:
+        return defaults_note(SFT_TRL_DEFAULTS, ["max_length=min(1024, the model's max_position_embeddings)"])
+
+
+def to_prompt_completion(dataset, where: str = "sft"):
+    """``messages`` rows -> conversational ``prompt`` / ``completion`` (the last assistant reply)."""
+    cols = dataset.column_names
+    if "prompt" in cols and "completion" in cols:
+        return dataset.select_columns(["prompt", "completion"])
+    if "messages" not in cols:
+        raise DataError(f"{where}: expected a 'messages' column (or prompt/completion), found {', '.join(cols)}")
+
+    def split(example: dict[str, Any]) -> dict[str, Any]:
+        messages = example["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            ident = example.get("message_id") or example.get("tree_id") or "?"
+            raise DataError(f"{where}: row {ident}: the last message must be an assistant reply")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+    return dataset.map(split, remove_columns=cols, desc=f"Preparing {where} conversations")
+
+
+@dataclasses.dataclass
+class PreparedSFT:
+    """A ready SFTTrainer and what ``train_sft`` needs to finish the stage."""
+
+    trainer: Any
+    args: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    resume_from: Path | None
+
+
+def build_sft_trainer(
+    config: SFTStageConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
+    callbacks: Sequence[Any] = (),
+) -> PreparedSFT:
+    """Validate, load data and model, and construct the SFTTrainer (nothing trained yet).
+
+    Every config or data problem is raised before the model loads. Used by ``train_sft``;
+    public so that tests and tools can inspect the exact tokenized training examples.
+    """
+    problems = config.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    stage = config.stage_name
+
+    # 1. data (no model loaded yet: every data or config problem surfaces first)
+    if train_dataset is None:
+        if not config.data:
+            raise ConfigError(f"{stage}: data is required (a `rlhfkit data build` folder)")
+        train_dataset, loaded_eval = load_split_dict(config.data, "sft", ["messages"])
+        if eval_dataset is None:
+            eval_dataset = loaded_eval
+
+    # 2. TRL arguments (validated by TRL itself)
+    user_max_length = "max_length" in config.trl_args
+    defaults = dict(SFT_TRL_DEFAULTS)
+    if config.trl_args.get("padding_free") and not config.trl_args.get("packing"):
+        defaults["max_length"] = None  # padding-free without packing cannot truncate
+        user_max_length = True
+    args = build_trl_args(SFTConfig, resolve_trl_kwargs(config, defaults, has_eval=eval_dataset is not None), stage)
+    with args.main_process_first(desc="preparing SFT conversations"):
+        train_dataset = to_prompt_completion(train_dataset, f"{stage} train")
+        if eval_dataset is not None:
+            eval_dataset = to_prompt_completion(eval_dataset, f"{stage} validation")
+    resume_from = prepare_output_dir(config, is_main=args.process_index == 0)
+
+    # 3. tokenizer and model
+    trust = bool(config.trl_args.get("trust_remote_code", False))
+    source = None if (model is not None and tokenizer is not None) else model_source(config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust)
+    ensure_chat_template(stage, tokenizer, args, source)
+    if model is None:
+        model = load_model(source, AutoModelForCausalLM, args.model_init_kwargs, trust)
+    if not user_max_length:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        args.max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    peft_config = lora_config(config, "CAUSAL_LM") if config.lora else None
+
+    # 4. trainer; TRL's own checks become one-line errors
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[make_stage_callback(stage, check_grad_norm=not args.fp16), *callbacks],
+        )
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"{stage}: {first_line(e)}") from None
+    lost = len(train_dataset) - len(trainer.train_dataset)
+    if not args.packing and lost:
+        logger.warning(
+            "%s: %d of %d training examples have no reply token left within max_length=%s and were dropped",
+            stage, lost, len(train_dataset), args.max_length,
+        )
+    return PreparedSFT(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from)
+
+
+def train_sft(
+    config: SFTStageConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
+    """Fine-tune ``config.model`` on the SFT rows of ``config.data``; see the module docstring.
+
+    In-memory ``model`` / ``tokenizer`` / datasets (rows with ``messages``, or TRL's
+    prompt/completion) override the paths in ``config``. ``callbacks`` are extra
+    transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
+    """
+    t_start = time.perf_counter()
+    stage = config.stage_name
+    in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
+    if not in_memory and not config.validate():
+        done = completed_result(config)
+        if done is not None:
+            logger.warning("%s: %s already holds a completed run of this config", stage, config.output_dir)
+            return StageResult(Path(config.output_dir), done)
+    prepared = build_sft_trainer(
+        config, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        callbacks=callbacks,
+    )
+    trainer, args, tokenizer = prepared.trainer, prepared.args, prepared.tokenizer
+    train_dataset, eval_dataset = prepared.train_dataset, prepared.eval_dataset
+
+    # 5. train (resuming from the last complete checkpoint, if any)
+    session = run_training(trainer, prepared.resume_from, config.trl_args.get("resume_from_checkpoint"))
+    state = trainer.state
+
+    # 6. evaluation loss at the final step (reuse the Trainer's if it just evaluated)
+    eval_loss = None
+    if eval_dataset is not None:
+        last = [e for e in state.log_history if "eval_loss" in e]
+        if last and last[-1].get("step") == state.global_step:
+            eval_loss = last[-1]["eval_loss"]
+        else:
+            eval_loss = trainer.evaluate()["eval_loss"]
+    first_loss, last_loss = train_losses(state.log_history)
+    require_finite(stage, train_loss=last_loss, eval_loss=eval_loss)
+
+    # 7. final model (LoRA merged), then metrics.json last
+    out = Path(config.output_dir)
+    final_model = unwrap_for_saving(trainer)
+    save_final_model(trainer, final_model, tokenizer, out / "model")
+    # TRL drops examples whose reply is truncated away entirely (max_length); count them
+    dropped = None if args.packing else len(train_dataset) - len(trainer.train_dataset)
+    tokens = None
+    if args.include_num_input_tokens_seen not in ("no", False):
+        tokens = int(state.num_input_tokens_seen - session.start_tokens)
+    metrics = {
+        "stage": stage,
+        "train_loss": last_loss,
+        "train_loss_first": first_loss,
+        "eval_loss": eval_loss,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / session.train_time_s if tokens is not None and session.train_time_s else None,
+        "train_time_s": session.train_time_s,
+        "wall_time_s": time.perf_counter() - t_start,
+        "steps": state.global_step,
+        "steps_this_run": state.global_step - session.start_step,
+        "examples": len(train_dataset),
+        "examples_dropped": dropped,
+        "train_sequences": len(trainer.train_dataset),
+        "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
+        "epochs": state.epoch,
+        "max_length": args.max_length,
+        "packing": bool(args.packing),
+        "lora": config.lora,
+        "resumed_from": session.resumed_from,
+    }
+    finish_stage(trainer, out, metrics)
+    return StageResult(out, metrics)
