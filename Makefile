@@ -19,9 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/rlhfkit data synth --out runs/demo/world.jsonl --trees 3000 --seed 0
-	$(VENV)/bin/rlhfkit data build runs/demo/world.jsonl --out runs/demo/data
-	$(VENV)/bin/rlhfkit model init --corpus runs/demo/world.jsonl --out runs/demo/model
+	$(VENV)/bin/rlhfkit run configs/demo.yaml --out runs/demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra
