@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from rlhfkit.config import collect_errors, load_config
-from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,31 +174,13 @@ def _stage_class(path: Path):
     return {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}.get(kind, RunConfig)
 
 
-def _is_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None and not Path(source).exists()
-
-
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_config_loads_and_validates(path, tmp_path):
     cls = _stage_class(path)
-    try:
-        config = load_config(cls, path)
-    except ConfigError as e:
-        data = yaml.safe_load(path.read_text())
-        hub = [s for s in ((data.get("data") or {}).get("source") or []) if _is_hub_id(s)] if cls is RunConfig else []
-        problems = str(e).split(": ", 1)[1].split("; ")
-        if not hub or any(p != f"data.source: {s} not found" for p, s in zip(problems, hub)) or len(problems) != len(hub):
-            raise
-        # Everything else must be right: validate again with the hub ids swapped for a local file.
-        local = tmp_path / "export.jsonl"
-        local.write_text("{}\n")
-        config = load_config(cls, path, [f"data.source={local}"])
-        assert config.data.lang is not None
-        pytest.xfail(f"RunConfig.validate takes the hub id(s) {hub} for missing paths ('/' is os.sep): "
-                     "rlhfkit/pipeline.py needs to let hub ids through (reported)")
+    config = load_config(cls, path)  # hub ids in data.source need no download to validate
     if cls is RunConfig:
         assert config.output_dir.startswith("runs/")
 
@@ -407,9 +388,6 @@ def test_stage_functions_take_in_memory_objects(micro, tmp_path):
     assert (tmp_path / "ppo" / "model" / "config.json").is_file()
 
 
-@pytest.mark.xfail(reason="API gap (reported): with an in-memory policy and no config.model, value_model='policy' "
-                          "has no path to start from; train_ppo raises a ConfigError naming value_model 'reward'",
-                   raises=ConfigError, strict=False)
 def test_ppo_value_model_from_an_in_memory_policy(micro, tmp_path):
     from rlhfkit.ppo import PPOStageConfig, train_ppo
 
