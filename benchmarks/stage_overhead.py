@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -190,6 +191,7 @@ def main() -> None:
     p.add_argument("--stages", default="sft,reward")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run; 1 keeps the comparison stable on a shared machine, 0 = torch default")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work folder (printed)")
     p.add_argument("--child", nargs=2, metavar=("STAGE", "SYSTEM"))
     p.add_argument("--work")
     p.add_argument("--out")
@@ -240,6 +242,10 @@ def main() -> None:
               "of TRL's wall time")
     print(json.dumps({"benchmark": "stage_overhead", "machine": mach, "workload": workload, "reps": args.reps,
                       "results": results}))
+    if args.keep:
+        print(f"work folder kept: {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

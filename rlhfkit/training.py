@@ -6,9 +6,10 @@ code here only decides defaults, validates, resumes and writes artifacts:
 
 - ``StageConfig``: the fields both stage configs have (model, data, output_dir, seed,
   LoRA, resume) plus ``trl_args`` (every field of the TRL config, under its TRL name).
-- ``build_trl_args``: rlhfkit's CPU-friendly defaults, overridden by anything the user set.
+- ``resolve_trl_kwargs`` / ``build_trl_args``: rlhfkit's CPU-friendly defaults, overridden
+  by anything the user set, checked by TRL itself.
 - ``find_resume_checkpoint``: the last *complete* Trainer checkpoint (pitfall 9).
-- ``StageCallback``: stops on a NaN/inf loss or grad norm (pitfall 12), logs the final step.
+- ``make_stage_callback``: stops on a NaN/inf loss or grad norm (pitfall 12), logs the final step.
 - ``run_training``: resume, time, train; ``save_final_model``: LoRA merged, atomic folder.
 
 Output layout of a stage folder::
@@ -225,11 +226,23 @@ def resolve_trl_kwargs(
 
 
 def build_trl_args(trl_cls: type, kwargs: dict[str, Any], stage: str):
-    """Construct the TRL config; its own validation errors become one-line ConfigErrors."""
+    """Construct the TRL config; its own validation errors become one-line ConfigErrors.
+
+    Also refuses a launch of N processes that did not form a process group (e.g.
+    ``torchrun`` / ``accelerate launch --multi_gpu`` on a CPU without
+    ``ACCELERATE_USE_CPU=true``): N independent runs would write the same output_dir.
+    """
     try:
-        return trl_cls(**kwargs)
+        args = trl_cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{stage}: {first_line(e)}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size != launched:
+        raise ConfigError(
+            f"{stage}: launched as {launched} processes (WORLD_SIZE) but the Trainer sees {args.world_size}; "
+            "on a CPU launch with ACCELERATE_USE_CPU=true (see configs/accelerate/cpu_2proc.yaml)"
+        )
+    return args
 
 
 def first_line(e: BaseException) -> str:
@@ -558,15 +571,3 @@ def sanitize(obj: Any) -> Any:
         return sanitize(obj.item())
     return obj
 
-
-def machine_summary() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "python": platform.python_version(),
-    }

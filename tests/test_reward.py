@@ -24,6 +24,7 @@ from test_sft import (  # noqa: E402  (shared fixtures and helpers)
     make_half_written_checkpoint,
     micro_model_dir,  # noqa: F401
     oasst_data,  # noqa: F401
+    one_torch_thread,  # noqa: F401  (autouse)
     sft_config,
     step_losses,
     weights,

@@ -22,6 +22,19 @@ pytest.importorskip("trl")
 # -- helpers shared with test_reward.py -----------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: these micro models gain little from two, and on a machine shared
+    with other jobs two spinning threads run several times slower (results are identical)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def oasst_rows(path: Path, val_every: int = 5) -> tuple[dict, dict]:
     """The data contract's sft and pairs rows from an Open Assistant tree export.
 
@@ -407,3 +420,13 @@ def test_cli_errors_are_one_line(oasst_data, micro_model_dir, tmp_path, capsys):
     assert main(["sft", str(config), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data folder not found" in err
+
+
+def test_a_launch_without_a_process_group_is_refused(oasst_data, micro_model_dir, tmp_path, monkeypatch):
+    """N processes that each train alone would write the same output_dir: refused up front."""
+    from rlhfkit.sft import train_sft
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="launched as 2 processes .* ACCELERATE_USE_CPU=true"):
+        train_sft(sft_config(tmp_path / "x", micro_model_dir, oasst_data))
+    assert not (tmp_path / "x").exists()

@@ -63,6 +63,7 @@ REWARD_TRL_DEFAULTS: dict[str, Any] = {
 DEFAULT_MAX_LENGTH = 1024  # TRL's default, capped at the model's max_position_embeddings
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 SCORES_FILE = "eval_scores.jsonl"
+_DROP = "_rlhfkit_drop"
 
 
 @dataclasses.dataclass
@@ -131,37 +132,37 @@ def tokenize_pairs(dataset, tokenizer, *, margin_scale: float, max_length: int |
 
     def tokenize(example: dict[str, Any]) -> dict[str, Any]:
         _check_pair(example, where)
-        out = {
-            "chosen_ids": tokenizer.apply_chat_template(
-                example["prompt"] + example["chosen"], tokenize=True, return_dict=True
-            )["input_ids"],
-            "rejected_ids": tokenizer.apply_chat_template(
-                example["prompt"] + example["rejected"], tokenize=True, return_dict=True
-            )["input_ids"],
-        }
+        chosen = tokenizer.apply_chat_template(example["prompt"] + example["chosen"], tokenize=True, return_dict=True)
+        rejected = tokenizer.apply_chat_template(
+            example["prompt"] + example["rejected"], tokenize=True, return_dict=True
+        )
+        out = {"chosen_ids": chosen["input_ids"], "rejected_ids": rejected["input_ids"]}
         if margin_scale > 0:
             out["margin"] = float(margin_scale * (example["rejected_rank"] - example["chosen_rank"]))
+        longest = max(len(out["chosen_ids"]), len(out["rejected_ids"]))
+        # why a pair is dropped: 0 kept, 1 too long, 2 identical after tokenization
+        if max_length is not None and longest > max_length:
+            out[_DROP] = 1
+        elif out["chosen_ids"] == out["rejected_ids"]:
+            out[_DROP] = 2
+        else:
+            out[_DROP] = 0
         return out
 
-    n0 = len(dataset)
+    n = len(dataset)
     dataset = dataset.map(tokenize, num_proc=num_proc, desc=f"Tokenizing {where} pairs")
-    if max_length is not None:
-        dataset = dataset.filter(
-            lambda ex: len(ex["chosen_ids"]) <= max_length and len(ex["rejected_ids"]) <= max_length,
-            num_proc=num_proc,
-            desc=f"Dropping {where} pairs longer than {max_length} tokens",
-        )
-    n1 = len(dataset)
-    dataset = dataset.filter(
-        lambda ex: ex["chosen_ids"] != ex["rejected_ids"], num_proc=num_proc, desc=f"Dropping identical {where} pairs"
-    )
-    dropped = {"too_long": n0 - n1, "identical": n1 - len(dataset)}
+    codes = list(dataset[_DROP])
+    dropped = {"too_long": codes.count(1), "identical": codes.count(2)}
     if dropped["too_long"] or dropped["identical"]:
+        dataset = dataset.filter(
+            lambda drop: [d == 0 for d in drop], input_columns=[_DROP], batched=True, num_proc=num_proc,
+            desc=f"Dropping too long and identical {where} pairs",
+        )
         logger.warning(
             "%s: dropped %d pairs longer than max_length=%s and %d identical pairs (of %d)",
-            where, dropped["too_long"], max_length, dropped["identical"], n0,
+            where, dropped["too_long"], max_length, dropped["identical"], n,
         )
-    return dataset, dropped
+    return dataset.remove_columns(_DROP), dropped
 
 
 def trainer_columns(dataset):
@@ -360,6 +361,8 @@ def train_reward(
 
         args.eval_strategy = IntervalStrategy.NO
     peft_config = lora_config(config, "SEQ_CLS", modules_to_save=["score"]) if config.lora else None
+    max_length = args.max_length
+    args.max_length = None  # already applied above; spares TRL a second pass over both splits
 
     # 4. trainer; TRL's own checks become one-line errors
     try:
@@ -432,7 +435,7 @@ def train_reward(
         train_pairs_dropped=train_dropped,
         eval_pairs_dropped=eval_dropped,
         epochs=state.epoch,
-        max_length=args.max_length,
+        max_length=max_length,
         margin_scale=config.margin_scale,
         center_rewards_coefficient=args.center_rewards_coefficient,
         lora=config.lora,
