@@ -79,18 +79,20 @@ def test_kill_during_ppo_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "tiny.yaml"
     cfg = {**TINY, "output_dir": str(out)}
-    cfg["ppo"] = {**TINY["ppo"], "num_updates": 6}
+    # long enough that the kill lands mid-PPO; keep every checkpoint so the poll cannot miss one
+    cfg["ppo"] = {**TINY["ppo"], "num_updates": 40, "save_total_limit": 100}
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "rlhfkit.cli", "run", str(cfg_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     checkpoint = out / "ppo" / "checkpoints" / "update-000002" / "state.json"
     deadline = time.time() + 600
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert checkpoint.exists(), "the run never reached its first PPO checkpoint"
+    assert checkpoint.exists(), "no PPO checkpoint; the run said: " + (tmp_path / "run.log").read_text()[-2000:]
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["ppo"]["status"] == "running"
     sft_mtime = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
@@ -100,7 +102,7 @@ def test_kill_during_ppo_then_resume(tmp_path):
     assert any("ppo: resuming" in line for line in logs)
     assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["update"] for r in rows] == list(range(1, 41))
 
 
 @pytest.mark.parametrize("override, message", [
