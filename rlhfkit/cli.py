@@ -77,6 +77,13 @@ def _model_init(args: argparse.Namespace) -> None:
     print(f"wrote {result.output_dir}: vocab {m['vocab_size']}, {m['parameters'] / 1e6:.2f} M parameters")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from rlhfkit.sweep import parse_grid, run_sweep
+
+    result = run_sweep(args.config, parse_grid(args.grid), args.out, seeds=args.seeds, overrides=args.overrides)
+    print(f"sweep: {len(result.rows)} runs done, results in {result.output_dir / 'results.csv'}")
+
+
 def _config_stage(name: str) -> Callable[[argparse.Namespace], None]:
     module, cls_name, fn_name, _ = CONFIG_STAGES[name]
 
@@ -158,6 +165,19 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (dotted for sections)")
         p.add_argument("--out", help="output folder (overrides output_dir)")
         p.set_defaults(func=_config_stage(name))
+    sweep = sub.add_parser("sweep", help="the chain over a grid of config values; identical stages run once",
+                           description="Runs `rlhfkit run CONFIG.yaml` for every combination of the --grid values "
+                                       "(times --seeds), sharing every stage whose config and inputs are identical. "
+                                       "Writes SWEEP_DIR/results.csv (a row per run), SWEEP_DIR/report.html and "
+                                       "SWEEP_DIR/runs/NAME/ (one run folder each). Re-run to resume.")
+    sweep.add_argument("config", metavar="CONFIG.yaml", help="run config (as for rlhfkit run)")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys for every run")
+    sweep.add_argument("--out", required=True, metavar="SWEEP_DIR", help="sweep folder")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="values of one config key (dotted); repeat for a cross product; brackets keep commas: "
+                            "data.lang=[en],[en,de]. Adds to (and per key replaces) the config's own sweep.grid")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point: seed, seed+1, ... (default 1)")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 

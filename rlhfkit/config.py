@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -44,11 +45,20 @@ class Passthrough:
         return None
 
 
-def _parse_scalar_text(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A KEY=VALUE override's value: YAML (numbers, booleans, null, lists), else the text itself.
+
+    YAML 1.1 reads ``1e-3`` (no dot) as text; here it is the number a user means.
+    """
+    if _EXPONENT_NUMBER.fullmatch(text.strip()):
+        return float(text)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _closest(name: str, options: Sequence[str]) -> str:
@@ -214,7 +224,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not KEY=VALUE (for example learning_rate=1e-4)")
         key, text = item.split("=", 1)
-        out.append((key.strip(), _parse_scalar_text(text)))
+        out.append((key.strip(), parse_value(text)))
     return out
 
 

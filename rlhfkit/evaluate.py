@@ -34,6 +34,10 @@ class EvalConfig:
     batch_size: int = field(64, help="prompts per sampling batch")
     num_examples: int = field(12, help="prompts shown side by side in the report")
     seed: int = field(1234, help="sampling seed (the same for both policies)")
+    checkpoints: bool = field(False, help="also evaluate every kept PPO checkpoint (gold, reward and KL to SFT per "
+                                          "update: the over-optimisation curve; keep them with ppo.save_total_limit)")
+    best_of_n: list[int] | None = field(None, help="best-of-n baseline: for each n, the SFT sample the reward model "
+                                                   "scores highest among n (KL = log n - (n-1)/n)")
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -105,6 +109,31 @@ def _per_prompt(values: list[list[float]]) -> list[float]:
     return [sum(v) / len(v) for v in values if v]
 
 
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n-1)/n (Stiennon et al. 2020; exact for distinct samples)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(rewards: list[list[float]], gold: list[list[float]] | None, ns: Sequence[int]) -> list[dict[str, Any]]:
+    """Best-of-n from N samples per prompt: for each n, split a prompt's samples into N // n
+    disjoint groups, keep the highest-reward sample of each group, and average (over groups,
+    then prompts); standard errors across prompts."""
+    out = []
+    for n in sorted(set(ns)):
+        chosen_reward, chosen_gold = [], []
+        for i, rs in enumerate(rewards):
+            groups = [range(start, start + n) for start in range(0, len(rs) - n + 1, n)]
+            best = [max(group, key=lambda j: rs[j]) for group in groups]
+            chosen_reward.append([rs[j] for j in best])
+            if gold is not None:
+                chosen_gold.append([gold[i][j] for j in best])
+        point = {"n": n, "kl": best_of_n_kl(n), "sqrt_kl": math.sqrt(best_of_n_kl(n))}
+        point["reward"], point["reward_se"] = mean_se(_per_prompt(chosen_reward))
+        point["gold"], point["gold_se"] = mean_se(_per_prompt(chosen_gold)) if gold is not None else (None, None)
+        out.append(point)
+    return out
+
+
 def _summary(samples: Samples, gold: list[list[float]] | None) -> dict[str, Any]:
     reward, reward_se = mean_se(_per_prompt(samples.rewards))
     length, length_se = mean_se(_per_prompt([[float(x) for x in v] for v in samples.lengths]))
@@ -122,6 +151,43 @@ def _win_rate(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]
         wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(xs, ys)]
         per_prompt.append(sum(wins) / len(wins))
     return mean_se(per_prompt)
+
+
+def _gold(gold_fn: GoldFn | None, prompts: list[Any], samples: Samples) -> list[list[float]] | None:
+    if gold_fn is None:
+        return None
+    return [[float(gold_fn(as_messages(p), t)) for t in texts] for p, texts in zip(prompts, samples.texts)]
+
+
+def _kl_to_reference(reference, samples: Samples, tokenizer, prompts: list[Any], temperature: float) -> list[list[float]]:
+    """KL(policy || reference) per sequence on the policy's own samples: sum_t log pi - log pi_ref."""
+    prompt_lens = [len(ids) for ids in encode_prompts(tokenizer, prompts, 10_000)]
+    reference.eval()
+    return [[lp - sequence_logprob(reference, row, prompt_lens[i], temperature)
+             for lp, row in zip(samples.logprobs[i], samples.input_ids[i])] for i in range(len(prompts))]
+
+
+def curve_point(policy, reference, reward_model, tokenizer, prompts: list[Any], config: EvalConfig,
+                temperature: float, response_length: int, gold_fn: GoldFn | None = None) -> dict[str, Any]:
+    """One point of the over-optimisation curve: ``policy``'s reward-model score, gold score
+    and KL to ``reference`` on the same held-out prompts and seed as ``evaluate``."""
+    prompts = prompts[: config.max_prompts]
+    samples = generate(policy, reward_model, tokenizer, prompts, config.samples_per_prompt, temperature,
+                       response_length, config.batch_size, config.seed)
+    point = _summary(samples, _gold(gold_fn, prompts, samples))
+    point["kl"], point["kl_se"] = mean_se(_per_prompt(_kl_to_reference(reference, samples, tokenizer, prompts,
+                                                                       temperature)))
+    point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))  # a small KL can come out slightly negative
+    return point
+
+
+def best_of_n_curve(sft_policy, reward_model, tokenizer, prompts: list[Any], config: EvalConfig, temperature: float,
+                    response_length: int, gold_fn: GoldFn | None = None) -> list[dict[str, Any]]:
+    """The best-of-n baseline for ``config.best_of_n``: max(n) SFT samples per prompt, scored once."""
+    prompts = prompts[: config.max_prompts]
+    samples = generate(sft_policy, reward_model, tokenizer, prompts, max(config.best_of_n), temperature,
+                       response_length, config.batch_size, config.seed + 1)
+    return best_of_n(samples.rewards, _gold(gold_fn, prompts, samples), config.best_of_n)
 
 
 def evaluate(
@@ -143,16 +209,10 @@ def evaluate(
     ppo = generate(ppo_policy, reward_model, *args, k, temperature, response_length, config.batch_size, config.seed)
 
     def gold_of(s: Samples):
-        if gold_fn is None:
-            return None
-        return [[float(gold_fn(as_messages(p), t)) for t in texts] for p, texts in zip(prompts, s.texts)]
+        return _gold(gold_fn, prompts, s)
 
     sft_gold, ppo_gold = gold_of(sft), gold_of(ppo)
-    # KL(ppo || sft) per sequence, estimated on PPO's own samples: sum_t log pi_ppo - log pi_sft.
-    prompt_lens = [len(ids) for ids in encode_prompts(tokenizer, prompts, 10_000)]
-    sft_policy.eval()
-    kl = [[lp - sequence_logprob(sft_policy, row, prompt_lens[i], temperature)
-           for lp, row in zip(ppo.logprobs[i], ppo.input_ids[i])] for i in range(len(prompts))]
+    kl = _kl_to_reference(sft_policy, ppo, tokenizer, prompts, temperature)
     metrics: dict[str, Any] = {
         "prompts": len(prompts),
         "samples_per_prompt": k,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfkit.artifacts import StageResult, read_json, write_json_atomic
+from rlhfkit.artifacts import StageResult, atomic_dir, read_json, write_json_atomic
 from rlhfkit.config import collect_errors, field
 from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig, evaluate
@@ -74,6 +75,7 @@ class RunConfig:
                 if key in section:
                     problems.append(f"{name}.{key} is set by the chain; remove it")
             problems.extend(collect_errors(cls, {**section, **_placeholders(cls)}, name))
+        problems.extend(self._curve_problems(problems))
         if self.model.name is None and self.data.source is not None:
             local = [s for s in self.data.source if Path(s).is_file()]
             if not local:
@@ -83,6 +85,23 @@ class RunConfig:
             if looks_local and not Path(source).exists():  # owner/name without a suffix is a hub id
                 problems.append(f"data.source: {source} not found")
         return problems
+
+    def _curve_problems(self, problems: list[str]) -> list[str]:
+        """The over-optimisation curve needs every PPO checkpoint kept, with full weights."""
+        out = [f"eval.best_of_n: n must be at least 1, got {n}" for n in self.eval.best_of_n or [] if n < 1]
+        if problems or not self.eval.checkpoints:
+            return out
+        from rlhfkit.config import load_config
+        from rlhfkit.ppo import PPOStageConfig
+
+        ppo = load_config(PPOStageConfig, {**self.ppo, **_placeholders(PPOStageConfig)})
+        if ppo.lora:
+            out.append("eval.checkpoints needs full fine-tuning (ppo.lora: false)")
+        needed = -(-ppo.num_updates // ppo.save_steps) if ppo.save_steps else 0
+        if ppo.save_total_limit < needed:
+            out.append(f"eval.checkpoints evaluates the kept PPO checkpoints: set ppo.save_total_limit to at least "
+                       f"{needed} (num_updates {ppo.num_updates} / save_steps {ppo.save_steps}) to keep them all")
+        return out
 
     @staticmethod
     def stage_classes() -> dict[str, type]:
@@ -139,45 +158,96 @@ class RunResult(StageResult):
 
 
 class _Chain:
-    def __init__(self, config: RunConfig, log: Callable[[str], None]):
+    """Runs stages in order, skipping the done and unchanged ones.
+
+    With a ``store`` (a sweep's shared folder) a stage's output lives at
+    ``store/NAME-HASH`` -- the hash covers its config and every upstream hash, so runs with
+    identical upstream stages find them done there -- and ``RUN_DIR/NAME`` links to it.
+    """
+
+    def __init__(self, config: RunConfig, log: Callable[[str], None], store: Path | None = None):
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.manifest = Manifest(self.run_dir)
         self.log = log
+        self.store = store
         self.hashes: dict[str, str] = {}
+        self.paths: dict[str, Path] = {}
         self.ran: list[str] = []
         self.skipped: list[str] = []
+
+    def path(self, name: str) -> Path:
+        """Where stage ``name``'s output is (its store folder in a sweep)."""
+        return self.paths.get(name, self.run_dir / name)
 
     def stage(self, name: str, inputs: list[str], spec: Any, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes."""
         h = _hash(spec, [self.hashes[i] for i in inputs])
         self.hashes[name] = h
+        if self.store is not None:
+            return self._shared_stage(name, h, fn)
         entry = self.manifest.stage(name)
         out = self.run_dir / name
-        index = STAGES.index(name) + 1
         if entry.get("status") == "done" and entry.get("hash") == h and out.exists():
-            self.log(f"[{index}/{len(STAGES)}] {name}: unchanged, skipped ({entry.get('wall_time_s', 0):.1f} s last time)")
-            self.skipped.append(name)
-            return entry.get("metrics", {})
+            return self._skip(name, entry, "unchanged")
         if entry.get("hash") not in (None, h) and out.exists():
             shutil.rmtree(out)  # changed config or inputs: start this stage afresh
         resumed = entry.get("hash") == h and entry.get("status") == "running"
+        return self._run(name, h, out, fn, resumed, entry.get("wall_time_s", 0.0) if resumed else 0.0)
+
+    def _shared_stage(self, name: str, h: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        out = self.store / f"{name}-{h}"
+        marker = self.store / f"{name}-{h}.json"  # written once the stage is done
+        self.paths[name] = out
+        _link(self.run_dir / name, out)
+        if marker.is_file():
+            entry = read_json(marker)
+            self.manifest.set(name, status="done", hash=h, shared=str(out), wall_time_s=entry["wall_time_s"],
+                              metrics=entry["metrics"])
+            return self._skip(name, entry, "shared")
+        metrics = self._run(name, h, out, fn, resumed=out.exists(), earlier=0.0)
+        write_json_atomic(marker, self.manifest.stage(name))
+        return metrics
+
+    def _skip(self, name: str, entry: dict[str, Any], why: str) -> dict[str, Any]:
+        index = STAGES.index(name) + 1
+        self.log(f"[{index}/{len(STAGES)}] {name}: {why}, skipped ({entry.get('wall_time_s', 0):.1f} s last time)")
+        self.skipped.append(name)
+        return entry.get("metrics", {})
+
+    def _run(self, name: str, h: str, out: Path, fn: Callable[[Path], dict[str, Any]], resumed: bool,
+             earlier: float) -> dict[str, Any]:
+        index = STAGES.index(name) + 1
         self.log(f"[{index}/{len(STAGES)}] {name}: {'resuming' if resumed else 'running'}")
         started = time.time()
         self.manifest.set(name, status="running", hash=h, started=started)
         metrics = fn(out)
-        wall = time.time() - started + (entry.get("wall_time_s", 0.0) if resumed else 0.0)
-        self.manifest.set(name, status="done", finished=time.time(), wall_time_s=wall, metrics=metrics)
+        self.manifest.set(name, status="done", finished=time.time(), wall_time_s=time.time() - started + earlier,
+                          metrics=metrics)
         self.ran.append(name)
         return metrics
+
+
+def _link(link: Path, target: Path) -> None:
+    """Make ``link`` a relative symlink to ``target``, replacing whatever is there."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
 def _metrics_only(result: StageResult) -> dict[str, Any]:
     return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResult:
-    """Run (or resume) the whole chain into ``config.output_dir``; return the summary."""
+def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str | os.PathLike | None = None) -> RunResult:
+    """Run (or resume) the whole chain into ``config.output_dir``; return the summary.
+
+    ``store``: a folder shared by several runs (``rlhfkit sweep``); stages whose config and
+    inputs are identical are computed once there and linked into each run.
+    """
     from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.reward import RewardStageConfig, train_reward
@@ -190,7 +260,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResul
                         "(rlhfkit sft / reward / ppo), each with accelerate launch")
     if problems:
         raise ConfigError("; ".join(problems))
-    chain = _Chain(config, log)
+    chain = _Chain(config, log, Path(store) if store is not None else None)
     run = chain.run_dir
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run / "config.json", dataclasses.asdict(config))
@@ -203,7 +273,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResul
         chain.stage("world", [], world_spec, lambda out: _metrics_only(synth_data(SynthConfig(
             out=str(out / "trees.jsonl"), trees=c.world.trees, seed=c.seed,
             annotator_noise=c.world.annotator_noise, lang_mix=c.world.lang_mix))))
-        sources = [str(run / "world" / "trees.jsonl")]
+        sources = [str(chain.path("world") / "trees.jsonl")]
     else:
         sources = list(c.data.source)
         chain.hashes["world"] = _hash([_file_digest(s) for s in sources])
@@ -213,41 +283,47 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResul
         sources=sources, out=str(out), lang=c.data.lang, val_fraction=c.data.val_fraction, seed=c.seed,
         top_k=c.data.top_k, include_synthetic=c.data.include_synthetic, drop_orphans=c.data.drop_orphans,
         format=c.data.format))))
+    data_path = str(chain.path("data"))
     # model: the embedded tokenizer + untrained model, or the user's model as is
     if c.model.name is None:
         corpus = next(s for s in sources if Path(s).is_file())
         chain.stage("model", ["world"], dataclasses.asdict(c.model) | {"seed": c.seed}, lambda out: _metrics_only(
             init_model(ModelInitConfig(out=str(out), corpus=corpus, vocab_size=c.model.vocab_size,
                                        size=c.model.size, seed=c.seed))))
-        model_path = str(run / "model")
+        model_path = str(chain.path("model"))
     else:
         chain.hashes["model"] = _hash(c.model.name)
         model_path = c.model.name
-    data_path = str(run / "data")
 
     def stage_config(cls, section: dict, **wired: str):
         from rlhfkit.config import load_config
 
         return load_config(cls, {"seed": c.seed, **section, **wired})
 
-    sft_cfg = stage_config(SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(run / "sft"))
-    chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(sft_cfg)))
-    reward_cfg = stage_config(RewardStageConfig, c.reward, model=str(run / "sft"), data=data_path,
-                              output_dir=str(run / "reward"))
-    chain.stage("reward", ["sft", "data"], c.reward, lambda out: _metrics_only(train_reward(reward_cfg)))
-    ppo_cfg = stage_config(PPOStageConfig, c.ppo, model=str(run / "sft"), reward_model=str(run / "reward"),
-                           data=data_path, output_dir=str(run / "ppo"))
+    chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
+        SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))))
+    chain.stage("reward", ["sft", "data"], c.reward, lambda out: _metrics_only(train_reward(stage_config(
+        RewardStageConfig, c.reward, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))))
+
+    def ppo_config(out: Path):
+        return stage_config(PPOStageConfig, c.ppo, model=str(chain.path("sft")), reward_model=str(chain.path("reward")),
+                            data=data_path, output_dir=str(out))
+
     gold_fn = (lambda prompts, responses: [gold_score(p, r) for p, r in zip(prompts, responses)]) if synthetic else None
     chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
-                lambda out: _metrics_only(train_ppo(ppo_cfg, gold_fn=gold_fn)))
+                lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)))
 
     def run_eval(out: Path) -> dict[str, Any]:
-        metrics, examples = _evaluate(run, ppo_cfg, c.eval, prompts_from_data_dir(data_path, "validation"),
-                                      gold_score if synthetic else None)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "examples.json", examples)
-        write_json_atomic(out / "scatter.json", metrics.pop("scatter"))
-        write_json_atomic(out / "eval.json", metrics)
+        paths = {name: chain.path(name) for name in ("sft", "reward", "ppo")}
+        metrics, examples, curve = _evaluate(paths, ppo_config(paths["ppo"]), c.eval,
+                                             prompts_from_data_dir(data_path, "validation"),
+                                             gold_score if synthetic else None)
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "examples.json", examples)
+            write_json_atomic(tmp / "scatter.json", metrics.pop("scatter"))
+            write_json_atomic(tmp / "eval.json", metrics)
+            if curve is not None:
+                write_json_atomic(tmp / "curve.json", curve)
         return metrics
 
     chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)
@@ -260,21 +336,50 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print) -> RunResul
     return RunResult(run, summary, summary, chain.ran, chain.skipped)
 
 
-def _evaluate(run: Path, ppo_cfg, eval_cfg: EvalConfig, prompts: list, gold_fn) -> tuple[dict, list]:
+def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: list,
+              gold_fn) -> tuple[dict, list, dict | None]:
+    """Held-out evaluation, plus the over-optimisation curve when ``eval.checkpoints`` or ``eval.best_of_n`` is set."""
+    from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhfkit.artifacts import resolve_model_path
+    from rlhfkit.evaluate import best_of_n_curve, curve_point
+    from rlhfkit.ppo import checkpoint
 
     if not prompts:
         raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run / "sft"))
-    sft = AutoModelForCausalLM.from_pretrained(resolve_model_path(run / "sft"))
-    ppo = AutoModelForCausalLM.from_pretrained(resolve_model_path(run / "ppo"))
-    reward = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(run / "reward"), num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(paths["sft"]))
+    sft = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"]))
+    ppo = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["ppo"]))
+    reward = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(paths["reward"]), num_labels=1)
     reward.eval()
     temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
     length = eval_cfg.response_length or ppo_cfg.response_length
-    return evaluate(sft, ppo, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
+    metrics, examples = evaluate(sft, ppo, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
+    if not eval_cfg.checkpoints and not eval_cfg.best_of_n:
+        return metrics, examples, None
+    # The curve: SFT (update 0), every kept checkpoint, the final policy -- same prompts and seed.
+    fields = ("reward", "reward_se", "gold", "gold_se", "length", "kl", "kl_se")
+    points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:6]}, "kl": 0.0, "kl_se": 0.0}]
+    if eval_cfg.checkpoints:
+        for folder in checkpoint.completed(paths["ppo"] / "checkpoints"):
+            update = checkpoint.update_of(folder)
+            if update >= ppo_cfg.num_updates:
+                continue  # the final policy, evaluated above
+            policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"]))
+            load_model(policy, str(folder / "policy.safetensors"))
+            point = curve_point(policy, sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
+            points.append({"update": update, **{k: point[k] for k in fields}})
+    points.append({"update": ppo_cfg.num_updates, **{k: metrics["ppo"].get(k) for k in fields}})
+    for point in points:
+        point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))
+    curve: dict[str, Any] = {"ppo": points, "temperature": temperature, "prompts": metrics["prompts"],
+                             "samples_per_prompt": metrics["samples_per_prompt"]}
+    if eval_cfg.best_of_n:
+        curve["best_of_n"] = best_of_n_curve(sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
+    if gold_fn is not None:
+        curve["best"] = max(points, key=lambda p: p["gold"])
+    return metrics, examples, curve
 
 
 def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:

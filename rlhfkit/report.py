@@ -43,6 +43,61 @@ def _fmt(value: Any, se: Any = None) -> str:
     return str(value)
 
 
+def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str) -> None:
+    """Gold and proxy (reward-model) score against sqrt(KL to SFT), as in Gao et al. 2022:
+    one line per PPO run (points = checkpoints), best-of-n dashed, error bars one SE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    seen_bon: list[list[dict]] = []
+    for i, (label, curve) in enumerate(curves):
+        color = colors[i % len(colors)]
+        pts = curve.get("ppo", [])
+        xs = [p["sqrt_kl"] for p in pts]
+        if pts and pts[0].get("gold") is not None:
+            gold_ax.errorbar(xs, [p["gold"] for p in pts], yerr=[p.get("gold_se") or 0 for p in pts], marker="o",
+                             ms=3, color=color, label=f"PPO {label}".strip(), capsize=2)
+        proxy_ax.errorbar(xs, [p["reward"] for p in pts], yerr=[p.get("reward_se") or 0 for p in pts], marker="o",
+                          ms=3, color=color, label=f"PPO {label}".strip(), capsize=2)
+        bon = curve.get("best_of_n")
+        if bon and bon not in seen_bon:  # runs that share SFT and reward model share one best-of-n curve
+            seen_bon.append(bon)
+            name = "best-of-n" if len(curves) == 1 else f"best-of-n {label}"
+            bx = [b["sqrt_kl"] for b in bon]
+            if bon[0].get("gold") is not None:
+                gold_ax.plot(bx, [b["gold"] for b in bon], "s--", ms=3, color=color, alpha=0.7, label=name)
+            proxy_ax.plot(bx, [b["reward"] for b in bon], "s--", ms=3, color=color, alpha=0.7, label=name)
+    for ax, ylabel in ((gold_ax, "gold score"), (proxy_ax, "proxy (reward-model) score")):
+        ax.set_xlabel("sqrt(KL to SFT)  [sqrt(nats/seq)]")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    gold_ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def best_budget_sentence(curve: dict) -> str:
+    """Where gold peaked along the PPO curve, and what the proxy did after it."""
+    pts = curve.get("ppo", [])
+    best = curve.get("best")
+    if not pts or best is None:
+        return ""
+    last = pts[-1]
+    text = (f"Gold peaked at update {best['update']} (KL {best['kl']:.2f} nats, sqrt(KL) {best['sqrt_kl']:.2f}): "
+            f"gold {best['gold']:.3f} ± {best['gold_se']:.3f}, proxy {best['reward']:.3f}. "
+            f"At the end (update {last['update']}, KL {last['kl']:.2f}): gold {last['gold']:.3f} ± {last['gold_se']:.3f}, "
+            f"proxy {last['reward']:.3f}.")
+    if best["update"] != last["update"] and last["reward"] > best["reward"] and last["gold"] < best["gold"]:
+        text += " The proxy kept rising after gold peaked: the reward model was over-optimised."
+    return text
+
+
 def _plots(run: Path, scatter: list[dict]) -> dict[str, str]:
     import matplotlib
 
@@ -94,6 +149,12 @@ def _plots(run: Path, scatter: list[dict]) -> dict[str, str]:
             ax.set_xlabel("update")
         save(fig, "ppo_curves", "PPO over updates")
 
+    curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else None
+    if curve:
+        title = "Gold and proxy score vs KL to SFT (held-out prompts)"
+        plot_overoptimization([("", curve)], out_dir / "overoptimization.png", title)
+        made["overoptimization"] = title
+
     if scatter:
         fig, ax = plt.subplots(figsize=(4.8, 3.8))
         for name, color in (("sft", "#888a85"), ("ppo", "#cc0000")):
@@ -141,6 +202,8 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
         metrics = entry.get("metrics", {})
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8] if not isinstance(v, (dict, list)))
         stage_rows.append([name, entry.get("status", ""), _fmt(entry.get("wall_time_s")), shown])
+    curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else {}
+    budget = best_budget_sentence(curve)
     eval_note = (f"{ev.get('prompts', '–')} held-out prompts × {ev.get('samples_per_prompt', '–')} samples at "
                  f"T={ev.get('temperature', '–')}; ± is one standard error across prompts.")
 
@@ -149,6 +212,8 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     md += ["", "## Policies on held-out prompts", "", eval_note, "",
            "| policy | reward | gold | gold (greedy) | length | KL to SFT |", "|---|---|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in policy_rows]
+    if budget:
+        md += ["", "## KL budget", "", budget]
     md += ["", "## Stages", "", "| stage | status | wall s | metrics |", "|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in stage_rows]
     md += ["", "## Plots", ""] + [f"![{t}](plots/{n}.png)" for n, t in plots.items()]
@@ -189,6 +254,7 @@ img{{max-width:100%;border:1px solid #eee;margin:.4em 0}} pre{{background:#f7f7f
 </div>
 <h2>Policies on held-out prompts</h2><p class=muted>{e(eval_note)}</p>
 {table(["policy", "reward", "gold", "gold (greedy)", "length", "KL to SFT"], policy_rows)}
+{f"<h2>KL budget</h2><p>{e(budget)}</p>" if budget else ""}
 <h2>Plots</h2>
 {"".join(f'<figure><img src="plots/{n}.png" alt="{e(t)}"><figcaption class=muted>{e(t)}</figcaption></figure>' for n, t in plots.items())}
 <h2>Samples</h2><p class=muted>First sample per prompt, same held-out prompts, same seed.</p>

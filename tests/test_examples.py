@@ -180,6 +180,11 @@ CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_config_loads_and_validates(path, tmp_path):
     cls = _stage_class(path)
+    if "\nsweep:" in path.read_text():  # a sweep's run config: every run of its grid validates
+        from rlhfkit.sweep import plan_sweep
+
+        assert all(cfg.output_dir.startswith("runs/") for _, _, cfg in plan_sweep(path, {}, "runs/x").runs)
+        return
     config = load_config(cls, path)  # hub ids in data.source need no download to validate
     if cls is RunConfig:
         assert config.output_dir.startswith("runs/")

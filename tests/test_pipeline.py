@@ -130,7 +130,12 @@ def test_shipped_configs_validate():
     paths = sorted((REPO / "configs").glob("*.yaml"))
     assert paths
     for path in paths:
-        found = re.search(r"rlhfkit(?:\.cli)? (sft|reward|ppo|run) \S*" + re.escape(path.name), path.read_text())
+        found = re.search(r"rlhfkit(?:\.cli)? (sft|reward|ppo|run|sweep) \S*" + re.escape(path.name), path.read_text())
         assert found, f"{path.name}: the header must give the exact command"
+        if found.group(1) == "sweep":  # a run config with a sweep section: every run of its grid validates
+            from rlhfkit.sweep import plan_sweep
+
+            assert len(plan_sweep(path, {}, "runs/x").runs) > 1
+            continue
         module, cls_name, _, _ = CONFIG_STAGES[found.group(1)]
         load_config(_load(module, cls_name), path)

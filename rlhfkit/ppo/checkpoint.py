@@ -30,12 +30,22 @@ RESUMABLE_CHANGES = {"output_dir", "report_to", "logging_steps", "sample_every",
                      "save_total_limit", "torch_threads", "rollout_forward_batch_size"}
 
 
-def latest(folder: Path) -> Path | None:
-    """The newest complete checkpoint (temp folders of a killed save are ignored)."""
+def completed(folder: Path) -> list[Path]:
+    """The complete checkpoints, oldest first (temp folders of a killed save are ignored)."""
     if not folder.is_dir():
-        return None
-    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+
+
+def latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint."""
+    done = completed(folder)
     return done[-1] if done else None
+
+
+def update_of(path: Path) -> int:
+    """The update counter of checkpoint folder ``update-000010`` (10)."""
+    return int(path.name[len(PREFIX):])
 
 
 def _resumable_config(config: Any) -> dict[str, Any]:
