@@ -11,3 +11,7 @@ class ConfigError(RlhfkitError):
 
 class DataError(RlhfkitError):
     """Input data is unreadable or malformed; the message names the file, line or field."""
+
+
+class TrainingError(RlhfkitError):
+    """Training went wrong at run time (a NaN/inf loss); the message says where and what to try."""

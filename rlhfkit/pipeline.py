@@ -329,10 +329,10 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)
     summary = build_summary(run, chain.manifest)
     write_json_atomic(run / "summary.json", summary)
-    from rlhfkit.report import write_report
+    from rlhfkit.report import summary_text, write_report
 
     write_report(run, summary)
-    log(f"report: {run / 'report.html'}")
+    log(summary_text(run, summary))
     return RunResult(run, summary, summary, chain.ran, chain.skipped)
 
 
@@ -362,7 +362,9 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     fields = ("reward", "reward_se", "gold", "gold_se", "length", "kl", "kl_se")
     points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:6]}, "kl": 0.0, "kl_se": 0.0}]
     if eval_cfg.checkpoints:
-        for folder in checkpoint.completed(paths["ppo"] / "checkpoints"):
+        from tqdm.auto import tqdm
+
+        for folder in tqdm(checkpoint.completed(paths["ppo"] / "checkpoints"), desc="eval checkpoints"):
             update = checkpoint.update_of(folder)
             if update >= ppo_cfg.num_updates:
                 continue  # the final policy, evaluated above

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,36 @@ def _fmt(value: Any, se: Any = None) -> str:
             text += f" ± {se:.2g}"
         return text
     return str(value)
+
+
+def summary_text(run: Path, summary: dict[str, Any]) -> str:
+    """The one-screen summary printed at the end of a run."""
+    def line(label: str, key: str, se_key: str | None = None) -> str:
+        return f"  {label:<34} {_fmt(summary.get(key), summary.get(se_key) if se_key else None)}"
+
+    walls = summary.get("wall_time_s") or {}
+    lines = [f"run {run}", line("SFT eval loss", "sft.eval_loss"),
+             line("reward model accuracy (held out)", "reward.eval_accuracy"),
+             line("reward model agreement with gold", "reward.gold_agreement"),
+             f"  {'':<34} {'SFT':<18} PPO",
+             f"  {'reward-model score':<34} {_fmt(summary.get('eval.sft.reward')):<18} {_fmt(summary.get('eval.ppo.reward'))}",
+             f"  {'gold score':<34} {_fmt(summary.get('eval.sft.gold'), summary.get('eval.sft.gold_se')):<18} "
+             f"{_fmt(summary.get('eval.ppo.gold'), summary.get('eval.ppo.gold_se'))}",
+             f"  {'response length':<34} {_fmt(summary.get('eval.sft.length')):<18} {_fmt(summary.get('eval.ppo.length'))}",
+             line("KL(PPO || SFT), nats per response", "eval.ppo.kl"),
+             line("gold gain (paired)", "eval.gold_gain", "eval.gold_gain_se"),
+             line("win rate over SFT, gold judge", "eval.win_rate_gold", "eval.win_rate_gold_se"),
+             line("win rate over SFT, reward model", "eval.win_rate_reward", "eval.win_rate_reward_se"),
+             "  wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items() if v is not None)
+             + f" (total {sum(v for v in walls.values() if v):.0f} s)",
+             f"report: {run / 'report.html'}"]
+    return "\n".join(lines)
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """Centred moving mean; the window shrinks at the ends."""
+    half = window // 2
+    return [statistics.fmean(values[max(0, i - half): i + half + 1]) for i in range(len(values))]
 
 
 def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str) -> None:
@@ -144,7 +175,10 @@ def _plots(run: Path, scatter: list[dict]) -> dict[str, str]:
         fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0))
         for ax, (key, label) in zip(list(axes) if len(panels) > 1 else [axes], panels):
             pts = [(r["update"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), color="#3465a4")
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, color="#3465a4", alpha=0.35, lw=1)
+            if len(ys) >= 24:  # per-update figures are noisy: a centred moving mean beside them
+                ax.plot(xs, moving_mean(ys, len(ys) // 12), color="#204a87", lw=1.8)
             ax.set_title(label, fontsize=10)
             ax.set_xlabel("update")
         save(fig, "ppo_curves", "PPO over updates")

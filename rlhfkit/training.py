@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Sequence
 
 from rlhfkit.artifacts import atomic_dir, read_json, resolve_model_path, write_json_atomic
 from rlhfkit.config import Passthrough, field, to_dict
-from rlhfkit.errors import ConfigError, DataError, RlhfkitError
+from rlhfkit.errors import ConfigError, DataError, TrainingError
 
 logger = logging.getLogger("rlhfkit")
 
@@ -52,10 +52,6 @@ WEIGHT_FILES = (
 STAGE_CONFIG_FILE = "stage_config.json"
 METRICS_FILE = "metrics.json"
 LOG_HISTORY_FILE = "log_history.json"
-
-
-class TrainingError(RlhfkitError):
-    """Training went wrong at run time (a NaN/inf loss); the message says where and what to try."""
 
 
 # -- config ---------------------------------------------------------------------------------

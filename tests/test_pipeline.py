@@ -59,6 +59,11 @@ def test_chain_end_to_end(finished_run):
     html = (out / "report.html").read_text()
     assert "<img" in html and "Samples" in html and (out / "report.md").is_file()
     assert (out / "plots" / "ppo_curves.png").is_file() and (out / "plots" / "reward_vs_gold.png").is_file()
+    from rlhfkit.report import summary_text
+
+    text = summary_text(out, summary)  # what the run prints at the end: one screen, the figures and the report
+    assert len(text.splitlines()) <= 20 and text.endswith(f"report: {out / 'report.html'}")
+    assert f"{summary['eval.ppo.gold']:.4g} ± {summary['eval.ppo.gold_se']:.2g}" in text
 
 
 def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(finished_run, tmp_path):

@@ -350,7 +350,7 @@ def test_nan_loss_stops_with_one_line(oasst_data, micro_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.sft import train_sft
-    from rlhfkit.training import TrainingError
+    from rlhfkit.errors import TrainingError
 
     model = AutoModelForCausalLM.from_pretrained(str(micro_model_dir))
     with torch.no_grad():
