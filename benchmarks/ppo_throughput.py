@@ -20,7 +20,15 @@ policy and value, optimizer steps); other = the rest of the loop (GAE, whitening
 Every repetition runs in a fresh subprocess, so ``peak_rss_mb`` (``ru_maxrss`` of the whole
 process) is that run's. With ``--peer PYTHON`` the peer (``shared/bench/trl112_ppo.py``, trl
 1.12's PPOTrainer on the same workload) runs with that interpreter, alternating with rlhfkit,
-and the medians and the ratio are printed.
+and the medians and the ratio are printed. The peer's own ``episodes`` is the workload's
+figure; ``true_episodes`` is the episode count TRL logs after its last update (read from the
+peer's stderr), so a batch-arithmetic mismatch would show. (For trl 1.12 with
+per_device_train_batch_size=16, gradient_accumulation_steps=1, num_mini_batches=4 it is 160:
+local_batch_size = 16 x 1 = 16 per update, 10 updates, minibatches of 4, 40 optimizer steps.)
+
+On a 2-core machine other jobs distort 2-thread timings badly (OpenMP threads wait for a
+preempted sibling): every run records the 1-minute load average before and after, and
+``--max-load`` waits for a quiet machine before each run.
 
     .venv/bin/python benchmarks/ppo_throughput.py --workload ../shared/bench/ppo_workload.json \
         [--peer /tmp/peer112/bin/python] [--repeats 3]
@@ -34,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -199,8 +208,7 @@ def run_rlhfkit(workload_path: Path, threads: int | None = None) -> dict:
     # train_ppo's tqdm bar and batch-arithmetic print go to stderr / stdout of the child; keep stdout clean
     import contextlib
     with contextlib.redirect_stdout(sys.stderr):
-        result = train_ppo(config, policy=policy, tokenizer=tok, reward_model=reward, value_model=value,
-                           prompts=prompts)
+        train_ppo(config, policy=policy, tokenizer=tok, reward_model=reward, value_model=value, prompts=prompts)
     call_s = time.perf_counter() - t0
     call_cpu_s = time.process_time() - c0
     rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -274,7 +282,16 @@ def run_child(cmd: list[str], label: str) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{label} run failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return last_json_line(proc.stdout)
+    out = last_json_line(proc.stdout)
+    if label == "peer":
+        # the episodes the peer really trained on, from TRL's own per-update logs (stderr):
+        # one log row per update, each with the running episode count
+        counts = [int(n) for n in re.findall(r"'episode': (\d+)", proc.stderr)]
+        if counts:
+            out["true_episodes"] = counts[-1]
+            out["logged_updates"] = len(counts)
+            out["true_episodes_per_s"] = round(counts[-1] / out["seconds"], 3)
+    return out
 
 
 def median_of(runs: list[dict], key: str):
@@ -283,7 +300,9 @@ def median_of(runs: list[dict], key: str):
 
 
 def summary(runs: list[dict]) -> dict:
-    out = {k: median_of(runs, k) for k in ("episodes_per_s", "seconds", "peak_rss_mb", "gen_tokens", "generate_s")}
+    out = {k: median_of(runs, k) for k in ("episodes_per_s", "seconds", "peak_rss_mb", "gen_tokens", "generate_s",
+                                           "true_episodes", "true_episodes_per_s")}
+    out = {k: v for k, v in out.items() if v is not None}
     out["episodes"] = runs[0]["episodes"]
     out["system"] = runs[0]["system"]
     out["runs_episodes_per_s"] = [r["episodes_per_s"] for r in runs]
@@ -304,7 +323,7 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, help="before each run, wait until the 1-min load average is at most this "
                         "(other jobs on a small machine distort 2-thread timings badly)")
     parser.add_argument("--max-wait", type=float, default=900, help="longest wait for --max-load, seconds")
-    parser.add_argument("--threads", type=int, help="diagnostics only: override the workload's torch_threads")
+    parser.add_argument("--threads", type=int, help="diagnostics only: override the workload's torch_threads (both systems)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workload = args.workload.resolve()
@@ -325,13 +344,27 @@ def main() -> None:
     print(f"  {U} updates x {B} episodes = {U * B}; response_length {W['response_length']}, T={W['temperature']}; "
           f"{W['ppo_epochs']} epoch x {K} minibatches of {B // K} = {U * W['ppo_epochs'] * K} optimizer steps; "
           f"prompts: last {W['prompts']['max_prompt_tokens']} tokens")
+    print(f"  rlhfkit: train_ppo(PPOStageConfig(num_updates={U}, rollout_batch_size={B}, num_mini_batches={K}, "
+          f"per_device_train_batch_size={B // K} (gradient accumulation 1), num_ppo_epochs={W['ppo_epochs']}, "
+          f"rollout_forward_batch_size={B}, response_length={W['response_length']}, temperature={W['temperature']}, "
+          f"missing_eos_penalty={W['missing_eos_penalty']}, kl_coef={W['kl_coef']}, learning_rate={W['learning_rate']}, "
+          f"max_prompt_length={W['prompts']['max_prompt_tokens']}, seed=0, save_steps=0, sample_every=0, report_to=none), "
+          f"models passed in memory; reference = train_ppo's deepcopy of the policy")
+    print(f"  timing: elapsed_s of train_ppo's metrics.jsonl (its update loop only; models built before)")
     print(f"  repeats {args.repeats}, each in a fresh process" + (f", alternating with the peer ({args.peer})" if args.peer else ""))
 
     me = [sys.executable, str(Path(__file__).resolve()), "--workload", str(workload), "--child"]
     if args.threads:
         me += ["--threads", str(args.threads)]
         info["threads"] = args.threads
-    peer_cmd = [args.peer, str(args.peer_script.resolve()), str(workload)] if args.peer else None
+    peer_workload = workload
+    if args.threads and args.peer:  # the same override for the peer: a copy of the workload file
+        copy = dict(W, torch_threads=args.threads)
+        handle, name = tempfile.mkstemp(prefix="ppo_workload_", suffix=".json")
+        with os.fdopen(handle, "w") as f:
+            json.dump(copy, f)
+        peer_workload = Path(name)
+    peer_cmd = [args.peer, str(args.peer_script.resolve()), str(peer_workload)] if args.peer else None
     ours, theirs = [], []
     for i in range(args.repeats):
         wait_for_quiet(args.max_load, args.max_wait)
@@ -346,6 +379,7 @@ def main() -> None:
             p["loadavg_1min"] = [load, loadavg()]
             theirs.append(p)
             print(f"[{i + 1}/{args.repeats}] peer:    {p['episodes_per_s']:.2f} episodes/s, {p['seconds']:.2f} s, "
+                  f"true episodes {p.get('true_episodes')} in {p.get('logged_updates')} updates, "
                   f"peak RSS {p['peak_rss_mb']:.0f} MB, {p.get('gen_tokens')} tokens, generate {p.get('generate_s')} s, "
                   f"load {p['loadavg_1min']}",
                   flush=True)
@@ -358,6 +392,8 @@ def main() -> None:
         result["peer"] = peer
         result["ratio_episodes_per_s"] = round(result["episodes_per_s"] / peer["episodes_per_s"], 3)
         result["ratio_peak_rss"] = round(result["peak_rss_mb"] / peer["peak_rss_mb"], 3)
+        if peer.get("true_episodes_per_s"):
+            result["ratio_vs_peer_true_episodes_per_s"] = round(result["episodes_per_s"] / peer["true_episodes_per_s"], 3)
         print(f"median rlhfkit {result['episodes_per_s']:.2f} episodes/s ({result['peak_rss_mb']:.0f} MB), "
               f"peer {peer['episodes_per_s']:.2f} episodes/s ({peer['peak_rss_mb']:.0f} MB): "
               f"ratio {result['ratio_episodes_per_s']:.2f}x")
