@@ -43,16 +43,19 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [B, P], mask [B, P]) padded on the left."""
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, P], mask [B, P]) padded on the left, built on the CPU and moved to ``device`` once."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
     for i, seq in enumerate(sequences):
         if seq:
-            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long, device="cpu")
             mask[i, width - len(seq):] = 1
-    return ids, mask
+    if device is None:
+        return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,16 +63,81 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _exponential_noise(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The Exp(1) noise ``torch.empty_like(probs).exponential_(1, generator)`` draws, drawn ~3x faster.
+
+    On CPU ``exponential_`` takes a 53-bit uniform u per element from the generator and
+    returns -log1p(-u) computed in double (one element at a time); drawing the same uniforms
+    with ``uniform_`` on a float64 tensor and applying a vectorised log1p gives the same
+    numbers and leaves the generator in the same state (``_fast_multinomial_ok`` checks it).
+    """
+    uniform = torch.empty(probs.shape, dtype=torch.float64, device=probs.device).uniform_(generator=generator)
+    return torch.log1p(uniform.neg_()).neg_().to(probs.dtype)
+
+
+def _multinomial_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, generator=generator)[:, 0]`` for a [B, V] ``probs``.
+
+    torch draws one sample per row as argmax(p / q) with q ~ Exp(1) (the exponential race);
+    this is that computation without its validity scans of ``probs`` (``sample`` checks the
+    log-probs for NaN/inf instead) and with the faster noise of ``_exponential_noise``.
+    """
+    return torch.argmax(probs / _exponential_noise(probs, generator), dim=-1)
+
+
+_FAST_MULTINOMIAL_OK: bool | None = None
+
+
+def _fast_multinomial_ok() -> bool:
+    """Whether ``_multinomial_one`` reproduces ``torch.multinomial`` on the CPU (tokens and generator state); checked once.
+
+    Only the CPU kernels are checked (and used): other devices' ``multinomial`` draws differently.
+    """
+    global _FAST_MULTINOMIAL_OK
+    if _FAST_MULTINOMIAL_OK is None:
+        ok = True
+        data = torch.Generator("cpu").manual_seed(1234)
+        for seed in range(4):
+            logits = torch.randn((8, 997), generator=data, device="cpu") * 3
+            logits[:, :5] = float("-inf")  # zero probabilities too
+            probs = torch.log_softmax(logits / 0.7, -1).exp()
+            reference, fast = torch.Generator("cpu").manual_seed(seed), torch.Generator("cpu").manual_seed(seed)
+            expected = torch.multinomial(probs, 1, generator=reference)[:, 0]
+            got = _multinomial_one(probs, fast)
+            ok = ok and torch.equal(expected, got) and torch.equal(reference.get_state(), fast.get_state())
+        _FAST_MULTINOMIAL_OK = ok
+    return _FAST_MULTINOMIAL_OK
+
+
+def _split_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight [out, in] as two halves of its transpose, [2, in, out / 2] (one piece if out is odd)."""
+    pieces = 2 if weight.shape[0] % 2 == 0 else 1
+    return torch.stack(weight.t().chunk(pieces, dim=1)).contiguous()
+
+
+def _split_linear(x: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for x [B, in] and ``pieces = _split_weight(weight)``, as one batched matmul.
+
+    For a few rows a matmul is bound by reading the weight, and one ``F.linear`` reads it on
+    one core; ``bmm`` over the two halves reads them on two (1.5-2x faster with 2 threads).
+    """
+    if pieces.shape[0] == 1:
+        return x @ pieces[0]
+    return torch.bmm(x.expand(pieces.shape[0], *x.shape), pieces).transpose(0, 1).reshape(x.shape[0], -1)
+
+
 class _LlamaDecoder:
     """Hand-rolled one-token decode step of a plain ``LlamaForCausalLM`` over preallocated K/V buffers.
 
-    It calls the model's own submodules (embedding, norms, projections, MLP, rotary embedding,
-    the sdpa attention function) in the order of ``LlamaModel.forward``, so the logits are the
-    model's own (bit for bit in our checks); what it skips is the per-step work around them:
-    building the attention mask, growing a ``DynamicCache`` with ``torch.cat`` (a copy of the
-    whole cache per token and layer) and the output/decorator plumbing -- 7-17% of a decode
-    step on CPU for small models. Its prefill skips the prompts' left padding (``row_groups``).
-    Any other model (or attention implementation) takes the generic path of ``sample``.
+    The step follows ``LlamaModel.forward`` with the model's own embedding, norms, rotary
+    embedding, activation and sdpa attention function; what it changes is the plumbing
+    around them: no attention mask is rebuilt and no ``DynamicCache`` grows by ``torch.cat``
+    (a copy of the whole cache per token and layer) at each step, and the projections run
+    as batched matmuls over weights laid out once per ``sample`` call (q/k/v stacked,
+    gate/up stacked, o/down/LM head split in halves: ``_split_linear``), so that the two
+    threads each read part of the weights. The logits are those of the model's forward (bit
+    for bit in our checks). The prefill (HF forward) skips the prompts' left padding
+    (``row_groups``). Any other model or attention implementation takes the generic path.
     """
 
     def __init__(self, model, apply_rotary, attention):
@@ -77,6 +145,20 @@ class _LlamaDecoder:
         self.apply_rotary, self.attention = apply_rotary, attention
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.weights = []
+        for layer in self.inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+            qkv = torch.stack([q.t(), k.t(), v.t()]).contiguous() if q.shape == k.shape == v.shape else None
+            self.weights.append({
+                "qkv": qkv,
+                "q": None if qkv is not None else _split_weight(q),
+                "kv": None if qkv is not None else torch.stack([k.t(), v.t()]).contiguous(),
+                "o": _split_weight(attn.o_proj.weight),
+                "gate_up": torch.stack([mlp.gate_proj.weight.t(), mlp.up_proj.weight.t()]).contiguous(),
+                "down": _split_weight(mlp.down_proj.weight),
+            })
+        self.lm_head = _split_weight(model.lm_head.weight)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> "_LlamaDecoder | None":
@@ -92,15 +174,23 @@ class _LlamaDecoder:
             return None
         if model.training and getattr(config, "attention_dropout", 0.0):
             return None
+        linear = torch.nn.Linear
         for layer in model.model.layers:
-            if type(layer) is not llama.LlamaDecoderLayer or type(layer.self_attn) is not llama.LlamaAttention:
+            if type(layer) is not llama.LlamaDecoderLayer or type(layer.self_attn) is not llama.LlamaAttention \
+                    or type(layer.mlp) is not llama.LlamaMLP:
                 return None
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                if type(proj) is not linear or proj.bias is not None:
+                    return None
+        if type(model.lm_head) is not linear or model.lm_head.bias is not None:
+            return None
         return cls(model, llama.apply_rotary_pos_emb, ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None))
 
     def prefill(self, query_ids, query_mask, capacity: int) -> torch.Tensor:
         """Run the prompts (in padding-trimmed row groups), keep their K/V; return the last logits [B, V]."""
         batch, width = query_ids.shape
-        groups = row_groups(query_mask, 1) or [(torch.arange(batch), 0)]
+        groups = row_groups(query_mask, 1) or [(torch.arange(batch, device=query_ids.device), 0)]
         last_logits = None
         for rows, first in groups:
             mask = query_mask[rows, first:]
@@ -122,25 +212,28 @@ class _LlamaDecoder:
     def step(self, token: torch.Tensor, position: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, V] after feeding ``token`` [B] at ``position`` [B, 1]; the cache holds ``length`` positions."""
         inner = self.inner
-        hidden = inner.embed_tokens(token[:, None])
+        hidden = inner.embed_tokens(token[:, None])  # [B, 1, D]
         cos, sin = inner.rotary_emb(hidden, position)
-        for layer, key_buffer, value_buffer in zip(inner.layers, self.keys, self.values):
+        batch = hidden.shape[0]
+        for layer, weights, key_buffer, value_buffer in zip(inner.layers, self.weights, self.keys, self.values):
             attn = layer.self_attn
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            shape = (hidden.shape[0], 1, -1, attn.head_dim)
-            query = attn.q_proj(hidden).view(shape).transpose(1, 2)
-            key = attn.k_proj(hidden).view(shape).transpose(1, 2)
-            value = attn.v_proj(hidden).view(shape).transpose(1, 2)
-            query, key = self.apply_rotary(query, key, cos, sin)
+            x = layer.input_layernorm(hidden)[:, 0]  # [B, D]
+            if weights["qkv"] is not None:
+                query, key, value = torch.bmm(x.expand(3, *x.shape), weights["qkv"])
+            else:
+                query = _split_linear(x, weights["q"])
+                key, value = torch.bmm(x.expand(2, *x.shape), weights["kv"])
+            shape = (batch, 1, -1, attn.head_dim)
+            query, key = self.apply_rotary(query.view(shape).transpose(1, 2), key.view(shape).transpose(1, 2), cos, sin)
             key_buffer[:, :, length:length + 1] = key
-            value_buffer[:, :, length:length + 1] = value
+            value_buffer[:, :, length:length + 1] = value.view(shape).transpose(1, 2)
             out, _ = self.attention(attn, query, key_buffer[:, :, :length + 1], value_buffer[:, :, :length + 1], mask,
                                     dropout=0.0, scaling=attn.scaling)
-            hidden = residual + attn.o_proj(out.reshape(hidden.shape[0], 1, -1).contiguous())
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(inner.norm(hidden))[:, -1, :]
+            hidden = hidden + _split_linear(out.reshape(batch, -1), weights["o"])[:, None]
+            x = layer.post_attention_layernorm(hidden)[:, 0]
+            gate, up = torch.bmm(x.expand(2, *x.shape), weights["gate_up"])
+            hidden = hidden + _split_linear(layer.mlp.act_fn(gate) * up, weights["down"])[:, None]
+        return _split_linear(inner.norm(hidden)[:, 0], self.lm_head)
 
 
 @torch.no_grad()
@@ -164,12 +257,14 @@ def sample(
     A plain Llama policy runs a prefill that skips the prompts' left padding and a hand-rolled
     decode step over its own submodules and preallocated K/V buffers (``_LlamaDecoder``);
     other models go through their ``forward`` with a ``DynamicCache``. No forward is run
-    after the last token. Sampling itself (``torch.multinomial`` on exp(log-softmax(logits/T)))
-    is unchanged, so the tokens for a given generator state are the same on either path.
+    after the last token. Sampling draws exactly what ``torch.multinomial`` on
+    exp(log-softmax(logits/T)) draws for the same generator state (``_multinomial_one``,
+    self-checked against it once per process, else ``torch.multinomial`` itself).
     """
     batch, width = query_ids.shape
+    device = query_ids.device
     capacity = width + max_new_tokens
-    attention = torch.ones((batch, capacity), dtype=query_mask.dtype)
+    attention = torch.ones((batch, capacity), dtype=query_mask.dtype, device=device)
     attention[:, :width] = query_mask
     positions = position_ids(query_mask)
     decoder = _LlamaDecoder.for_model(model)
@@ -182,9 +277,12 @@ def sample(
         logits = model(input_ids=query_ids, attention_mask=query_mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     next_position = positions[:, -1:] + 1
-    finished = torch.zeros(batch, dtype=torch.bool)
-    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
-    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    fast_multinomial = (not greedy and generator is not None and device.type == "cpu"
+                        and generator.device.type == "cpu" and _fast_multinomial_ok())
+    invalid = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for step in range(max_new_tokens):
         logits = logits.float()
@@ -193,8 +291,12 @@ def sample(
             logp = torch.log_softmax(logits / temperature, -1).gather(-1, token[:, None])[:, 0]
         else:
             log_probs = torch.log_softmax(logits / temperature, -1)
-            token = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]
+            if fast_multinomial:
+                token = _multinomial_one(log_probs.exp(), generator)
+            else:
+                token = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]
             logp = log_probs.gather(-1, token[:, None])[:, 0]
+            invalid |= ~torch.isfinite(logp)  # NaN/inf logits make every log-prob of their row NaN
         token = token.masked_fill_(finished, pad_id)
         tokens[:, step] = token
         logprobs[:, step] = logp.masked_fill_(finished, 0.0)
@@ -210,6 +312,8 @@ def sample(
             logits = model(input_ids=token[:, None], attention_mask=attention[:, :length + 1],
                            position_ids=next_position, past_key_values=cache, use_cache=True).logits[:, -1, :]
         next_position = next_position + 1
+    if bool(invalid.any()):  # what torch.multinomial raises on such probabilities
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 (non-finite policy logits)")
     return tokens[:, :steps], logprobs[:, :steps]
 
 
@@ -235,7 +339,7 @@ def row_groups(attention_mask: torch.Tensor, min_width: int = 1,
     if overhead_tokens is None:
         overhead_tokens = GROUP_OVERHEAD_TOKENS
     real = attention_mask.bool()
-    first = torch.where(real.any(1), real.to(torch.uint8).argmax(1), torch.zeros(batch, dtype=torch.long))
+    first = torch.where(real.any(1), real.to(torch.uint8).argmax(1), 0)
     extent = (width - first).clamp(min=min(min_width, width))
     extents, order = extent.sort(stable=True)
     e = extents.tolist()
@@ -274,8 +378,8 @@ def _grouped(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids
     for index, first in groups:
         outputs.append(fn(input_ids[index, first:], attention_mask[index, first:]))
         rows.append(index)
-    inverse = torch.empty(input_ids.shape[0], dtype=torch.long)
-    inverse[torch.cat(rows)] = torch.arange(input_ids.shape[0])
+    inverse = torch.empty(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    inverse[torch.cat(rows)] = torch.arange(input_ids.shape[0], device=input_ids.device)
     return torch.cat(outputs)[inverse]
 
 
@@ -318,7 +422,7 @@ def sequence_scores(reward_model: torch.nn.Module, input_ids, attention_mask) ->
                           use_cache=False).last_hidden_state
         width = mask.shape[1]
         last = width - 1 - mask.flip(-1).long().argmax(-1)
-        picked = hidden[torch.arange(hidden.shape[0]), last]
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return reward_model.score(picked).squeeze(-1).float()
 
     return _grouped(forward, input_ids, attention_mask, 1)
