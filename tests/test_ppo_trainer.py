@@ -28,7 +28,7 @@ import torch
 from rlhfkit.errors import ConfigError
 from rlhfkit.ppo import PPOStageConfig, train_ppo
 from rlhfkit.ppo import trainer as trainer_mod
-from rlhfkit.ppo.core import logprobs_from_logits, policy_loss
+from rlhfkit.ppo.core import logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.ppo.rollout import Rollout, left_pad, response_logits, sample, sequence_scores, token_values, truncate_at_eos
 from rlhfkit.ppo.trainer import PolicyAndValue, batch_indices, encode_prompts, ppo_update
 from rlhfkit.world.model import build_model, train_tokenizer
@@ -316,6 +316,67 @@ def test_ppo_update_is_invariant_to_gradient_accumulation(world):
         naive = sum(policy_loss(new_logprobs[i:i + 2], rollout.logprobs[i:i + 2], advantages[i:i + 2],
                                 m[i:i + 2], 0.2)[0] for i in range(0, 8, 2)) / 4
     assert abs(naive - token_mean) > 0.25 * abs(token_mean), (naive, token_mean)
+
+
+
+def test_micro_batch_cut_to_its_longest_response_changes_no_output_or_gradient(world):
+    """ppo_update drops the response columns that are padding in all rows of a micro-batch:
+    log-probs, values, losses and gradients must equal those of the full width."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    value = AutoModelForSequenceClassification.from_pretrained(world.policy_dir, num_labels=1)
+    rollout, advantages, returns = _fixed_rollout(world, value)
+    idx = (rollout.response_mask.sum(1) <= 4).nonzero()[:, 0]  # short responses: columns 4..7 are padding
+    full_width = rollout.response_ids.shape[1]
+    module = PolicyAndValue(copy.deepcopy(world.policy), value).train()
+
+    def loss_and_grads(width):
+        batch = trainer_mod.micro_batch(rollout, advantages, returns, idx, width)
+        m = batch["mask"]
+        module.zero_grad()
+        logits, values = module(batch["input_ids"], batch["attention_mask"], width)
+        logprobs = logprobs_from_logits(logits, batch["response_ids"])
+        loss = policy_loss(logprobs, batch["logprobs"], batch["advantages"], m, 0.2)[0] + value_loss(
+            values, batch["values"], batch["returns"], m, 0.2)[0]
+        loss.backward()
+        grads = [p.grad.clone() for p in module.parameters()]
+        return (logprobs * m).detach(), (values * m).detach(), loss.detach(), grads
+
+    lp_cut, v_cut, loss_cut, grads_cut = loss_and_grads(4)
+    lp_full, v_full, loss_full, grads_full = loss_and_grads(full_width)
+    assert full_width > 4
+    torch.testing.assert_close(lp_cut, lp_full[:, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_cut, v_full[:, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_cut, loss_full, atol=1e-6, rtol=1e-5)
+    for g_cut, g_full in zip(grads_cut, grads_full):
+        torch.testing.assert_close(g_cut, g_full, atol=1e-6, rtol=1e-4)
+
+
+def test_rollout_and_update_create_every_tensor_on_the_models_device(world):
+    """With meta as torch's default device, any tensor made without ``device=`` lands on meta and
+    the first op mixing it with the (CPU) models' tensors fails: this catches on the CPU what a
+    GPU run would hit (models moved by accelerate, bookkeeping tensors left on the CPU)."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    config = PPOStageConfig(model="unused", num_updates=1, rollout_batch_size=8, num_mini_batches=2,
+                            per_device_train_batch_size=2, response_length=6, missing_eos_penalty=1.0)
+    module = PolicyAndValue(copy.deepcopy(world.policy), copy.deepcopy(world.rm)).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    scheduler = get_scheduler("constant", optimizer)
+    accelerator = Accelerator()
+    module, optimizer = accelerator.prepare(module, optimizer)
+    scorer = trainer_mod.Scorer(model=world.rm, tokenizer=world.tok)
+    prompts = world.prompts[:8]
+    with torch.device("meta"):
+        rollout, _ = trainer_mod.make_rollout(module, world.policy, scorer, world.tok, prompts,
+                                              encode_prompts(world.tok, prompts, 256), config,
+                                              torch.Generator("cpu").manual_seed(0))
+        stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, rollout.values.clone(),
+                           rollout.values.clone(), config, torch.Generator("cpu").manual_seed(1))
+    assert {t.device.type for t in vars(rollout).values()} == {"cpu"}
+    assert all(math.isfinite(v) for v in stats.values())
 
 
 # ---------------------------------------------------------------------------------------

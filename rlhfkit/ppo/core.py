@@ -446,7 +446,9 @@ def value_loss(
     v = torch.where(m, values, zero)
     v_old = torch.where(m, old_values.to(values.dtype), zero)
     ret = torch.where(m, returns.to(values.dtype), zero)
-    v_clipped = v_old + torch.clamp(v - v_old, -clip_range, clip_range)
+    # = V_old + clip(V - V_old, -ε, ε), but V itself (bit for bit) inside the band, so that
+    # rounding cannot count an unclipped token as clipped (the gradient is the same)
+    v_clipped = torch.clamp(v, v_old - clip_range, v_old + clip_range)
     vf_losses = (v - ret).square()
     vf_losses_clipped = (v_clipped - ret).square()
     loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), m)

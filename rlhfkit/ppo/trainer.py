@@ -82,7 +82,7 @@ class Scorer:
             scores = [float(s) for s in self.fn(prompts, responses)]
             if len(scores) != len(responses):
                 raise RlhfkitError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
-            return torch.tensor(scores, dtype=torch.float32)
+            return torch.tensor(scores, dtype=torch.float32, device=rollout_ids.device)
         if self.same_tokenizer:
             return sequence_scores(self.model, rollout_ids, rollout_mask)
         # Different tokenizer: decode, re-encode with the reward model's own chat template.
@@ -92,8 +92,13 @@ class Scorer:
             )["input_ids"]
             for p, r in zip(prompts, responses)
         ]
-        ids, mask = left_pad(encoded, self.tokenizer.pad_token_id or 0)
-        return sequence_scores(self.model, ids, mask)
+        ids, mask = left_pad(encoded, self.tokenizer.pad_token_id or 0, device=model_device(self.model))
+        return sequence_scores(self.model, ids, mask).to(rollout_ids.device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights live (accelerate moves them): new tensors for its forward go there."""
+    return next(model.parameters()).device
 
 
 def as_messages(prompt: Any) -> list[dict]:
@@ -164,8 +169,9 @@ def make_rollout(
     chunks = []
     texts: list[str] = []
     step = config.rollout_forward_batch_size
+    device = model_device(module.policy)
     for start in range(0, len(prompts), step):
-        query_ids, query_mask = left_pad(prompt_ids[start:start + step], pad)
+        query_ids, query_mask = left_pad(prompt_ids[start:start + step], pad, device=device)
         # (1) sample
         response_ids, logprobs = sample(module.policy, query_ids, query_mask, config.response_length,
                                         config.temperature, eos, pad, generator)
@@ -210,7 +216,7 @@ def concat_rollouts(chunks: list[Rollout], pad_id: int) -> Rollout:
         extra = width - t.shape[1]
         if extra == 0:
             return t
-        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
         return torch.cat([filler, t] if left else [t, filler], 1)
 
     return Rollout(
@@ -242,30 +248,35 @@ def ppo_update(
 
     Each micro-batch's loss is weighted so that the accumulated gradient is the token mean over
     the whole minibatch on all processes, whatever the split into micro-batches (pitfall 8).
+    Each micro-batch drops the response columns that are padding in all its rows
+    (``micro_batch``). The statistics stay on the device until one ``.tolist()`` at the end.
     """
     local = rollout.query_ids.shape[0]
     mini = local // config.num_mini_batches
     micro = config.per_device_train_batch_size
     accumulation = config.gradient_accumulation_steps
-    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
-    width = rollout.response_ids.shape[1]
-    stats: dict[str, list[float]] = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac")}
+    device = rollout.response_mask.device
+    lengths = rollout.response_mask.sum(1).tolist()  # one sync per update: the trimmed widths
+    mb_stats_all: list[torch.Tensor] = []
     stop_early = False
     for _epoch in range(config.num_ppo_epochs):
-        order = torch.randperm(local, generator=generator)
+        order = torch.randperm(local, generator=generator, device=generator.device)
         for mb_start in range(0, local, mini):
             mb = order[mb_start:mb_start + mini]
-            minibatch_tokens = accelerator.reduce(mask[mb].sum().float(), reduction="sum")
-            mb_stats = torch.zeros(5)
+            minibatch_tokens = accelerator.reduce(rollout.response_mask[mb.to(device)].sum().float(), reduction="sum")
+            mb_stats = torch.zeros(5, device=device)
             for mc_start in range(0, mini, micro):
                 idx = mb[mc_start:mc_start + micro]
-                m = mask[idx]
+                batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
+                m = batch["mask"]
                 with accelerator.accumulate(module):
-                    logits, new_values = module(input_ids[idx], attention_mask[idx], width)
-                    new_logprobs = logprobs_from_logits(logits, rollout.response_ids[idx], config.temperature)
+                    logits, new_values = module(batch["input_ids"], batch["attention_mask"], m.shape[1])
+                    new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
                     del logits
-                    pg_loss, pg_clipfrac = policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], m, config.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(new_values, rollout.values[idx], returns[idx], m, config.cliprange_value)
+                    pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
+                                                       config.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
+                                                      config.cliprange_value)
                     # masked means over this micro-batch -> its share of the minibatch token mean;
                     # accelerate divides by the accumulation steps and DDP averages over processes.
                     share = m.sum() / minibatch_tokens * accumulation * accelerator.num_processes
@@ -278,27 +289,45 @@ def ppo_update(
                         for part in (unwrapped.policy, unwrapped.value):
                             norm = accelerator.clip_grad_norm_(
                                 [p for p in part.parameters() if p.requires_grad], config.max_grad_norm)
-                            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                            if norm is not None and not math.isfinite(float(norm)):
                                 raise RlhfkitError("gradient norm is not finite: lower learning_rate or check the reward scale")
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
-                weight = (m.sum() / minibatch_tokens * accelerator.num_processes).item()
                 with torch.no_grad():
-                    kl = approx_kl(new_logprobs, rollout.logprobs[idx], m)
-                mb_stats += weight * torch.stack([kl, pg_clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac])
+                    weight = m.sum() / minibatch_tokens * accelerator.num_processes
+                    kl = approx_kl(new_logprobs, batch["logprobs"], m)
+                    mb_stats += weight * torch.stack([kl, pg_clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac])
             mb_stats = accelerator.reduce(mb_stats, reduction="mean") if accelerator.num_processes > 1 else mb_stats
-            for key, value in zip(stats, mb_stats.tolist()):
-                stats[key].append(value)
+            mb_stats_all.append(mb_stats)
             if config.target_kl is not None and mb_stats[0].item() > config.target_kl:
                 stop_early = True
                 break
         if stop_early:
             break
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    means = torch.stack(mb_stats_all).mean(0).tolist()
+    out = dict(zip(("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac"), means))
     out["early_stopped"] = float(stop_early)
     return out
+
+
+def micro_batch(rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, idx: torch.Tensor,
+                width: int) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the rollout with responses cut to ``width`` columns (the longest response among them).
+
+    The columns cut are padding in every row of the micro-batch: the model is causal, so the
+    outputs at the kept positions are unchanged, and the masked losses see the same tokens.
+    (Left padding is skipped inside the forwards, ``rollout.row_groups``.)
+    """
+    response = {
+        "response_ids": rollout.response_ids, "mask": rollout.response_mask, "logprobs": rollout.logprobs,
+        "values": rollout.values, "advantages": advantages, "returns": returns,
+    }
+    batch = {key: value[idx, :width] for key, value in response.items()}
+    batch["input_ids"] = torch.cat([rollout.query_ids[idx], batch["response_ids"]], 1)
+    batch["attention_mask"] = torch.cat([rollout.query_mask[idx], batch["mask"]], 1)
+    return batch
 
 
 def load_prompts(config: PPOStageConfig, prompts: Any = None) -> list[Any]:
@@ -362,21 +391,25 @@ def _load_model(auto_class, path: str, trust_remote_code: bool, **kwargs):
 
 
 def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PPOStageConfig, eos_id: int) -> dict[str, float]:
-    """TRL's objective/* keys: per-sequence sums, averaged over episodes."""
+    """TRL's objective/* keys: per-sequence sums, averaged over episodes (computed on the device, one ``.tolist()``)."""
     mask = rollout.response_mask.float()
     kl_seq = (kl * mask).sum(1)
     non_score = -beta * kl_seq
-    return {
-        "objective/kl": kl_seq.mean().item(),
-        "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
-        "objective/non_score_reward": non_score.mean().item(),
-        "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
-        "objective/scores": rollout.scores.mean().item(),
-        "objective/raw_scores": rollout.raw_scores.mean().item(),
-        "objective/kl_coef": beta,
-        "val/num_eos_tokens": float((rollout.response_ids == eos_id).sum().item()),
-        "val/response_length": mask.sum(1).mean().item(),
-    }
+    means = torch.stack([
+        kl_seq.mean(),
+        (-rollout.logprobs * mask).sum(1).mean(),
+        non_score.mean(),
+        (rollout.scores + non_score).mean(),
+        rollout.scores.mean(),
+        rollout.raw_scores.mean(),
+        (rollout.response_ids == eos_id).sum().float(),
+        mask.sum(1).mean(),
+    ]).tolist()
+    out = dict(zip(("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                    "objective/scores", "objective/raw_scores"), means))
+    out["objective/kl_coef"] = beta
+    out["val/num_eos_tokens"], out["val/response_length"] = means[-2:]
+    return out
 
 
 def train_ppo(
@@ -494,7 +527,8 @@ def train_ppo(
     module = PolicyAndValue(policy, value_model)
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel over all parameters (on CPU 4-5x faster than the default per-tensor loop)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     total_steps = config.updates * config.optimizer_steps_per_update
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
@@ -505,8 +539,8 @@ def train_ppo(
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
               if config.kl_target is not None else FixedKLController(config.kl_coef))
     rank_seed = config.seed * 1000 + accelerator.process_index
-    sample_gen = torch.Generator().manual_seed(rank_seed)
-    shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)
+    sample_gen = torch.Generator(device=accelerator.device).manual_seed(rank_seed)  # sampling runs there
+    shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)  # CPU: the minibatch order is bookkeeping
 
     # --- resume
     start_update, elapsed_before = 0, 0.0
@@ -561,7 +595,8 @@ def train_ppo(
             episode_stats["objective/gold"] = gold.mean().item()
         if accelerator.num_processes > 1:
             keys = sorted(episode_stats)
-            reduced = accelerator.reduce(torch.tensor([episode_stats[k] for k in keys]), reduction="mean")
+            reduced = accelerator.reduce(torch.tensor([episode_stats[k] for k in keys], device=accelerator.device),
+                                         reduction="mean")
             episode_stats = dict(zip(keys, reduced.tolist()))
         mean_kl = episode_stats["objective/kl"]
         kl_ctl.update(mean_kl, config.rollout_batch_size)
