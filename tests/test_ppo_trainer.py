@@ -353,31 +353,21 @@ def test_micro_batch_cut_to_its_longest_response_changes_no_output_or_gradient(w
         torch.testing.assert_close(g_cut, g_full, atol=1e-6, rtol=1e-4)
 
 
-def test_rollout_and_update_create_every_tensor_on_the_models_device(world):
+def test_training_creates_every_tensor_on_the_models_device(world, tmp_path):
     """With meta as torch's default device, any tensor made without ``device=`` lands on meta and
-    the first op mixing it with the (CPU) models' tensors fails: this catches on the CPU what a
-    GPU run would hit (models moved by accelerate, bookkeeping tensors left on the CPU)."""
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
-    config = PPOStageConfig(model="unused", num_updates=1, rollout_batch_size=8, num_mini_batches=2,
-                            per_device_train_batch_size=2, response_length=6, missing_eos_penalty=1.0)
-    module = PolicyAndValue(copy.deepcopy(world.policy), copy.deepcopy(world.rm)).train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
-    scheduler = get_scheduler("constant", optimizer)
-    accelerator = Accelerator()
-    module, optimizer = accelerator.prepare(module, optimizer)
-    scorer = trainer_mod.Scorer(model=world.rm, tokenizer=world.tok)
-    prompts = world.prompts[:8]
+    the first op mixing it with the (CPU) models' tensors, or reading it, fails: this catches on
+    the CPU what a GPU run would hit (models moved by accelerate, bookkeeping left on the CPU).
+    The run covers sampling, scoring, the update, metrics, samples, adaptive KL and checkpoints."""
+    config = small_config(world, tmp_path / "m", model="", save_steps=1, sample_every=1, kl_target=1.0,
+                          missing_eos_penalty=1.0)
+    models = dict(policy=copy.deepcopy(world.policy), reward_model=copy.deepcopy(world.rm),
+                  value_model=_reward_model(world.tok, seed=3))
     with torch.device("meta"):
-        rollout, _ = trainer_mod.make_rollout(module, world.policy, scorer, world.tok, prompts,
-                                              encode_prompts(world.tok, prompts, 256), config,
-                                              torch.Generator("cpu").manual_seed(0))
-        stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, rollout.values.clone(),
-                           rollout.values.clone(), config, torch.Generator("cpu").manual_seed(1))
-    assert {t.device.type for t in vars(rollout).values()} == {"cpu"}
-    assert all(math.isfinite(v) for v in stats.values())
-
+        result = train_ppo(config, tokenizer=world.tok, prompts=world.prompts, **models,
+                           gold_fn=lambda prompts, responses: [1.0] * len(responses))
+    assert result.metrics["updates"] == 2
+    assert all(math.isfinite(v) for v in result.metrics.values() if isinstance(v, float))
+    assert len(read_rows(tmp_path / "m" / "samples.jsonl")) > 0
 
 # ---------------------------------------------------------------------------------------
 # 4. batch arithmetic: validated before any model loads

@@ -143,7 +143,7 @@ def batch_indices(update: int, batch_size: int, num_prompts: int, seed: int) -> 
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, num_prompts)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(num_prompts, generator=generator)[offset]))
+        out.append(int(torch.randperm(num_prompts, generator=generator, device="cpu")[offset]))
     return out
 
 
@@ -591,7 +591,7 @@ def train_ppo(
         episode_stats = _episode_metrics(rollout, kl, beta, config, tokenizer.eos_token_id)
         gold = None
         if gold_fn is not None:
-            gold = torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)])
+            gold = torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu")  # host data
             episode_stats["objective/gold"] = gold.mean().item()
         if accelerator.num_processes > 1:
             keys = sorted(episode_stats)
