@@ -45,20 +45,31 @@ class Passthrough:
         return None
 
 
-def parse_value(text: str) -> Any:
-    """A KEY=VALUE override's value: YAML (numbers, booleans, null, lists), else the text itself.
+class _Loader(yaml.SafeLoader):
+    """YAML with the YAML 1.2 scalars users expect: only true/false are booleans (``no``,
+    ``off``, ``yes``, ``on`` stay text, e.g. ``eval_strategy: no``) and ``1e-3`` is a number."""
 
-    YAML 1.1 reads ``1e-3`` (no dot) as text; here it is the number a user means.
-    """
-    if _EXPONENT_NUMBER.fullmatch(text.strip()):
-        return float(text)
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_value(text: str) -> Any:
+    """A KEY=VALUE override's value: YAML (numbers, booleans, null, lists), else the text itself."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
-
-
-_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _closest(name: str, options: Sequence[str]) -> str:
@@ -233,7 +244,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

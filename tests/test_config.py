@@ -100,3 +100,16 @@ def test_resolve_model_path(tmp_path):
     (tmp_path / "stage" / "model" / "config.json").write_text("{}")
     assert resolve_model_path(tmp_path / "stage") == str(tmp_path / "stage" / "model")
     assert resolve_model_path("org/name") == "org/name"
+
+
+def test_yaml_scalars_are_what_users_mean(tmp_path):
+    """YAML 1.1 would read `no`/`off` as False (eval_strategy: no) and 1e-3 as text."""
+    from rlhfkit.config import parse_value, read_yaml
+
+    assert parse_value("no") == "no" and parse_value("off") == "off" and parse_value("yes") == "yes"
+    assert parse_value("true") is True and parse_value("False") is False and parse_value("null") is None
+    assert parse_value("1e-3") == 0.001 and parse_value("-2E5") == -200000.0 and parse_value("3") == 3
+    assert parse_value("[en,de]") == ["en", "de"] and parse_value("a: b: c") == "a: b: c"
+    path = tmp_path / "c.yaml"
+    path.write_text("eval_strategy: no\nlearning_rate: 5e-5\nbf16: true\n")
+    assert read_yaml(path) == {"eval_strategy": "no", "learning_rate": 5e-5, "bf16": True}

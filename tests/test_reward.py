@@ -147,6 +147,10 @@ def test_margin_column_only_when_margin_scale_is_positive(rm_model, oasst_data):
     for row in with_margin:
         assert row["margin"] == pytest.approx(0.5 * (row["rejected_rank"] - row["chosen_rank"]))
         assert row["margin"] > 0
+    # group_by_length sampling reads the longer side of each pair
+    grouped = trainer_columns(plain, with_length=True)
+    assert grouped.column_names == ["chosen_ids", "rejected_ids", "length"]
+    assert grouped["length"] == [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in plain]
     # one BOS, eos last, and chosen != rejected after tokenization (pitfalls 2, 5)
     for row in plain:
         for ids in (row["chosen_ids"], row["rejected_ids"]):

@@ -165,8 +165,14 @@ def tokenize_pairs(dataset, tokenizer, *, margin_scale: float, max_length: int |
     return dataset.remove_columns(_DROP), dropped
 
 
-def trainer_columns(dataset):
+def trainer_columns(dataset, with_length: bool = False):
+    """The columns RewardTrainer reads, plus ``length`` (the longer side of each pair) for
+    ``train_sampling_strategy: group_by_length``, which batches pairs of similar length."""
     keep = [c for c in ("chosen_ids", "rejected_ids", "margin") if c in dataset.column_names]
+    if with_length:
+        dataset = dataset.map(lambda chosen, rejected: {"length": [max(len(c), len(r)) for c, r in zip(chosen, rejected)]},
+                              input_columns=["chosen_ids", "rejected_ids"], batched=True)
+        keep.append("length")
     return dataset.select_columns(keep)
 
 
@@ -363,13 +369,16 @@ def train_reward(
     peft_config = lora_config(config, "SEQ_CLS", modules_to_save=["score"]) if config.lora else None
     max_length = args.max_length
     args.max_length = None  # already applied above; spares TRL a second pass over both splits
+    group_by_length = args.train_sampling_strategy == "group_by_length"
+    if group_by_length:
+        args.remove_unused_columns = False  # keep `length` for the sampler (the collator ignores it)
 
     # 4. trainer; TRL's own checks become one-line errors
     try:
         trainer = RewardTrainer(
             model=model,
             args=args,
-            train_dataset=trainer_columns(train_tok),
+            train_dataset=trainer_columns(train_tok, with_length=group_by_length),
             eval_dataset=trainer_columns(eval_tok) if eval_tok is not None else None,
             processing_class=tokenizer,
             peft_config=peft_config,
