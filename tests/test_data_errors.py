@@ -73,6 +73,25 @@ def test_missing_required_field_nested(tmp_path, capsys):
     assert f"{src}:5: missing required field 'text'" in msg
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("role", "moderator", "has unknown role 'moderator'"),
+        ("role", ["assistant"], "has unknown role ['assistant']"),
+        ("text", 42, "field 'text' of message"),
+        ("rank", 1.5, "has a non-integer rank 1.5"),
+        ("rank", True, "has a non-integer rank True"),
+    ],
+)
+def test_bad_field_nested(tmp_path, capsys, field, value, problem):
+    """Values the fast path of the reader does not take go to the checked path, which names them."""
+    trees = sample_trees()
+    trees[2]["prompt"]["replies"][0][field] = value
+    src = write_jsonl(tmp_path / "t.jsonl", trees)
+    msg = _fails(tmp_path, capsys, src)
+    assert f"{src}:3: " in msg and problem in msg
+
+
 def test_missing_required_field_flat(tmp_path, capsys):
     rows = flat_rows(sample_trees())
     del rows[9]["role"]

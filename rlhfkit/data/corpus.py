@@ -134,6 +134,21 @@ class Corpus:
         self.chosen_rank.append(chosen_rank)
         self.rejected_rank.append(rejected_rank)
 
+    def add_ranked_pairs(self, tree: int, prompt: int, pairs: list[tuple[int, int, int, int]]) -> None:
+        """Pairs of one-message answers to one prompt, ``(chosen, rejected, chosen_rank,
+        rejected_rank)`` with pool indices: the Open Assistant case, added in bulk (there are
+        about as many pairs as messages)."""
+        n = len(pairs)
+        chosen, rejected, chosen_rank, rejected_rank = zip(*pairs)
+        self.pair_prompt.extend([prompt] * n)
+        for col, answers in ((self.pair_chosen, chosen), (self.pair_rejected, rejected)):
+            start = len(col.flat)
+            col.flat.extend(answers)
+            col.offsets.extend(range(start + 1, start + n + 1))
+        self.pair_tree.extend([tree] * n)
+        self.chosen_rank.extend(chosen_rank)
+        self.rejected_rank.extend(rejected_rank)
+
     # Arrow tables ---------------------------------------------------------------------
 
     def _pool(self) -> tuple[pa.Array, pa.Array]:

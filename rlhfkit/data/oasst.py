@@ -157,44 +157,53 @@ class TreeReader:
             return "synthetic"
         return None
 
-    def _keep(self, m: dict) -> tuple | None:
-        """(unranked, rank or 0, message_id, rank, role, text, pool index, message) of a kept
-        message (the first three sort siblings); None when dropped, counted with its subtree.
+    def _kept(self, messages: Iterable[dict]) -> list[tuple]:
+        """(unranked, rank or 0, message_id, rank, role, text, pool index, message) of each kept
+        message, sorted (the first three fields order siblings); a dropped message is counted
+        with its subtree.
 
-        The hot path of the build (once per message), hence the inlined fast checks.
+        The hot path of the build, hence one call per group of siblings rather than per
+        message, and the inlined fast checks: the required fields are read by subscript, and
+        anything unusual (a missing field, another type, an unknown role) goes to ``_fields``,
+        which converts or names the problem.
         """
-        if m.get("deleted") or m.get("review_result") is False or self._selective:
-            reason = self._drop_reason(m)
-            if reason:
-                self.corpus.dropped[reason] += _size(m)
-                return None
-        mid, role, text, rank = m.get("message_id"), m.get("role"), m.get("text"), m.get("rank")
-        role = ROLES.get(role) if type(role) is str else None
-        if type(mid) is not str or role is None or type(text) is not str or (rank is not None and type(rank) is not int):
-            mid, role, text, rank = _fields(m)  # the slow path: convert, or raise naming the field
-        ids = self.ids
-        n = len(ids)
-        ids.add(mid)
-        if len(ids) == n:
-            raise _BadMessage(f"duplicate message_id {mid}", m)
-        return (rank is None, rank or 0, mid, rank, role, text, self._add_message(role, text), m)
+        kept, ids, add_message = [], self.ids, self._add_message
+        for m in messages:
+            if m.get("deleted") or m.get("review_result") is False or self._selective:
+                reason = self._drop_reason(m)
+                if reason:
+                    self.corpus.dropped[reason] += _size(m)
+                    continue
+            try:
+                mid, role, text = m["message_id"], ROLES[m["role"]], m["text"]
+            except (KeyError, TypeError):
+                mid = role = text = None
+            rank = m.get("rank")
+            if type(mid) is not str or type(text) is not str or (rank is not None and type(rank) is not int):
+                mid, role, text, rank = _fields(m)
+            if mid in ids:
+                raise _BadMessage(f"duplicate message_id {mid}", m)
+            ids.add(mid)
+            kept.append((rank is None, rank or 0, mid, rank, role, text, add_message(role, text), m))
+        if len(kept) > 1:
+            kept.sort()
+        return kept
 
     def _emit(self, root: dict, tree_id: str | None, where: Callable[[], str]) -> None:
         """Depth-first over kept messages; a dropped message takes its subtree with it.
 
-        ``ok`` turns False below an assistant reply at position >= top_k among its kept
-        ranked siblings (0 = best, ties share a position), so --top-k prunes whole paths;
-        unranked replies pass.
+        A path holds the pool indices from the root: the conversation of an SFT example
+        (when it ends at an assistant reply) or the prompt of pairs (at a user message).
         """
-        corpus, top_k = self.corpus, self.top_k
+        corpus = self.corpus
         try:
-            top = self._keep(root)
-            if top is None:
+            top = self._kept((root,))
+            if not top:
                 return
-            tree_id = tree_id or top[2]
+            tree_id = tree_id or top[0][2]
             tree = corpus.add_tree(tree_id, (0, tree_id, 0))
             kept_count = 1
-            stack = [(top, [top[6]], True)]
+            stack = [(top[0], (top[0][6],), True)]
             while stack:
                 (_, _, mid, _, role, _, _, m), path, ok = stack.pop()
                 if ok and role == "assistant":
@@ -202,31 +211,43 @@ class TreeReader:
                 replies = m.get("replies")
                 if not replies:
                     continue
-                kept = [k for k in map(self._keep, replies) if k is not None]
-                if len(kept) > 1:
-                    kept.sort()
+                kept = self._kept(replies)
                 kept_count += len(kept)
-                if role != "user" and top_k is None:
-                    stack.extend((k, [*path, k[6]], ok) for k in reversed(kept))
-                    continue
-                ranked = [k for k in kept if not k[0] and k[4] == "assistant"]
-                if role == "user" and len(ranked) > 1:
-                    prompt = corpus.prompts.append(path)
-                    for i, (_, _, _, rank, _, text, pool, _) in enumerate(ranked):
-                        for _, _, _, worse_rank, _, worse_text, worse_pool, _ in ranked[i + 1 :]:
-                            if rank != worse_rank and not corpus.drop_degenerate(text, worse_text):
-                                corpus.add_pair(tree, prompt, (pool,), (worse_pool,), rank, worse_rank)
-                late: set[str] = set()
-                if top_k is not None and ranked:
-                    position = 0
-                    for i, k in enumerate(ranked):
-                        if i and ranked[i - 1][3] != k[3]:
-                            position = i
-                        if position >= top_k:
-                            late.add(k[2])
-                for k in reversed(kept):
-                    stack.append((k, [*path, k[6]], ok and k[2] not in late))
+                if role == "user" and len(kept) > 1:
+                    self._pairs(tree, path, kept)
+                if self.top_k is None:
+                    stack.extend([(k, (*path, k[6]), ok) for k in reversed(kept)])
+                else:
+                    late = self._late(kept)
+                    stack.extend([(k, (*path, k[6]), ok and k[2] not in late) for k in reversed(kept)])
             corpus.tree_messages[tree] += kept_count
         except _BadMessage as e:
             raise DataError(f"{e.message.get(_WHERE) or where()}: {e}") from None
 
+    def _pairs(self, tree: int, prompt: tuple[int, ...], kept: list[tuple]) -> None:
+        """Every two differently ranked assistant replies to ``prompt``, the better first
+        (``kept`` is sorted, so by rank); degenerate pairs are counted and skipped."""
+        corpus = self.corpus
+        ranked = [(k[3], k[6], k[5]) for k in kept if not k[0] and k[4] == "assistant"]
+        if len(ranked) < 2:
+            return
+        pairs = []
+        for i, (rank, pool, text) in enumerate(ranked):
+            for worse_rank, worse_pool, worse_text in ranked[i + 1 :]:
+                if rank != worse_rank and not corpus.drop_degenerate(text, worse_text):
+                    pairs.append((pool, worse_pool, rank, worse_rank))
+        if pairs:
+            corpus.add_ranked_pairs(tree, corpus.prompts.append(prompt), pairs)
+
+    def _late(self, kept: list[tuple]) -> set[str]:
+        """--top-k: the ids of the assistant replies in ``kept`` (sorted) at position >= top_k
+        among the ranked ones (0 = best, ties share a position); their paths are not SFT
+        examples, and neither is anything below them. Unranked replies pass."""
+        ranked = [k for k in kept if not k[0] and k[4] == "assistant"]
+        late, position = set(), 0
+        for i, k in enumerate(ranked):
+            if i and ranked[i - 1][3] != k[3]:
+                position = i
+            if position >= self.top_k:
+                late.add(k[2])
+        return late
