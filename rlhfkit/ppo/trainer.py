@@ -318,7 +318,7 @@ def micro_batch(rollout: Rollout, advantages: torch.Tensor, returns: torch.Tenso
 
     The columns cut are padding in every row of the micro-batch: the model is causal, so the
     outputs at the kept positions are unchanged, and the masked losses see the same tokens.
-    (Left padding is skipped inside the forwards, ``rollout.row_groups``.)
+    (Left padding is skipped inside the forwards: ``row_groups`` in rlhfkit.ppo.rollout.)
     """
     response = {
         "response_ids": rollout.response_ids, "mask": rollout.response_mask, "logprobs": rollout.logprobs,
