@@ -28,7 +28,7 @@ TINY = {
     "sft": {"learning_rate": 3e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000,
             "train_sampling_strategy": "group_by_length"},
     "reward": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000,
-               "train_sampling_strategy": "group_by_length"},
+               "train_sampling_strategy": "group_by_length", "eval_strategy": "steps", "eval_steps": 3},
     "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 8,
             "num_ppo_epochs": 1, "response_length": 12, "learning_rate": 1e-4, "save_steps": 2, "sample_every": 2},
     "eval": {"max_prompts": 16, "samples_per_prompt": 2, "num_examples": 3},

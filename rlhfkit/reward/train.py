@@ -370,8 +370,8 @@ def train_reward(
     max_length = args.max_length
     args.max_length = None  # already applied above; spares TRL a second pass over both splits
     group_by_length = args.train_sampling_strategy == "group_by_length"
-    if group_by_length:
-        args.remove_unused_columns = False  # keep `length` for the sampler (the collator ignores it)
+    if group_by_length:  # the train and eval samplers both group; they read `length` (the collator ignores it)
+        args.remove_unused_columns = False
 
     # 4. trainer; TRL's own checks become one-line errors
     try:
@@ -379,7 +379,7 @@ def train_reward(
             model=model,
             args=args,
             train_dataset=trainer_columns(train_tok, with_length=group_by_length),
-            eval_dataset=trainer_columns(eval_tok) if eval_tok is not None else None,
+            eval_dataset=trainer_columns(eval_tok, with_length=group_by_length) if eval_tok is not None else None,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[
