@@ -71,20 +71,22 @@ def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temper
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompt_ids = encode_prompts(tokenizer, prompts, 10_000)
-    generator = torch.Generator().manual_seed(seed)
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     out = Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                   [[] for _ in prompts])
     policy.eval()
     for _ in range(k):
         for start in range(0, len(prompts), batch_size):
-            query_ids, query_mask = left_pad(prompt_ids[start:start + batch_size], pad)
+            query_ids, query_mask = left_pad(prompt_ids[start:start + batch_size], pad, device)
             response_ids, logprobs = sample(policy, query_ids, query_mask, response_length, temperature, eos, pad,
                                             generator, greedy=greedy)
             response_ids, response_mask, _ = truncate_at_eos(response_ids, eos, pad)
             ids = torch.cat([query_ids, response_ids], 1)
             mask = torch.cat([query_mask, response_mask], 1)
-            rewards = sequence_scores(reward_model, ids, mask).tolist() if reward_model is not None else [float("nan")] * len(ids)
-            texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            rewards = _scores(reward_model, ids, mask) if reward_model is not None else [float("nan")] * len(ids)
+            ids, mask, response_mask, logprobs = ids.cpu(), mask.cpu(), response_mask.cpu(), logprobs.cpu()
+            texts = tokenizer.batch_decode(response_ids.cpu(), skip_special_tokens=True)
             for j in range(len(texts)):
                 i = start + j
                 out.texts[i].append(texts[j])
@@ -95,10 +97,16 @@ def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temper
     return out
 
 
+def _scores(reward_model, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """Reward-model scores, on the reward model's device (it may differ from the policy's)."""
+    device = next(reward_model.parameters()).device
+    return sequence_scores(reward_model, ids.to(device), mask.to(device)).tolist()
+
+
 @torch.no_grad()
 def sequence_logprob(model, row: torch.Tensor, prompt_len: int, temperature: float) -> float:
     """Sum of log-probs of row[prompt_len:] under ``model`` at ``temperature``."""
-    ids = row[None]
+    ids = row[None].to(next(model.parameters()).device)
     mask = torch.ones_like(ids)
     width = ids.shape[1] - prompt_len
     logits = response_logits(model, ids, mask, width)

@@ -339,6 +339,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: list,
               gold_fn) -> tuple[dict, list, dict | None]:
     """Held-out evaluation, plus the over-optimisation curve when ``eval.checkpoints`` or ``eval.best_of_n`` is set."""
+    from accelerate import PartialState
     from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -348,11 +349,12 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
 
     if not prompts:
         raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
+    device = PartialState().device  # the GPU when there is one
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(paths["sft"]))
-    sft = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"]))
-    ppo = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["ppo"]))
+    sft = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"])).to(device)
+    ppo = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["ppo"])).to(device)
     reward = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(paths["reward"]), num_labels=1)
-    reward.eval()
+    reward.to(device).eval()
     temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
     length = eval_cfg.response_length or ppo_cfg.response_length
     metrics, examples = evaluate(sft, ppo, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
@@ -370,6 +372,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
                 continue  # the final policy, evaluated above
             policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"]))
             load_model(policy, str(folder / "policy.safetensors"))
+            policy.to(device)
             point = curve_point(policy, sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
             points.append({"update": update, **{k: point[k] for k in fields}})
     points.append({"update": ppo_cfg.num_updates, **{k: metrics["ppo"].get(k) for k in fields}})

@@ -369,6 +369,25 @@ def test_training_creates_every_tensor_on_the_models_device(world, tmp_path):
     assert all(math.isfinite(v) for v in result.metrics.values() if isinstance(v, float))
     assert len(read_rows(tmp_path / "m" / "samples.jsonl")) > 0
 
+def test_evaluation_creates_every_tensor_on_the_models_device(world):
+    """The same meta-device check for the held-out evaluation, the curve point and best-of-n
+    (it catches tensors made without ``device=``; that they follow the models' device on a GPU
+    -- ``left_pad(..., device)``, a generator on that device -- is checked by reading only)."""
+    from rlhfkit.evaluate import EvalConfig, best_of_n_curve, curve_point, evaluate
+
+    config = EvalConfig(max_prompts=6, samples_per_prompt=2, batch_size=4, best_of_n=[1, 2])
+    ppo = copy.deepcopy(world.policy)
+    gold = lambda prompt, response: float(len(response) % 2)  # noqa: E731
+    with torch.device("meta"):
+        metrics, _ = evaluate(world.policy, ppo, world.rm, world.tok, world.prompts, config, 1.0, 8, gold)
+        point = curve_point(ppo, world.policy, world.rm, world.tok, world.prompts, config, 1.0, 8, gold)
+        bon = best_of_n_curve(world.policy, world.rm, world.tok, world.prompts, config, 1.0, 8, gold)
+    assert metrics["prompts"] == 6 and math.isfinite(metrics["ppo"]["kl"]) and math.isfinite(metrics["sft"]["greedy"]["gold"])
+    # same prompts, seed and weights: the curve point is the evaluation's PPO figures
+    assert point["gold"] == metrics["ppo"]["gold"] and point["kl"] == pytest.approx(metrics["ppo"]["kl"])
+    assert [b["n"] for b in bon] == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------
 # 4. batch arithmetic: validated before any model loads
 # ---------------------------------------------------------------------------------------
