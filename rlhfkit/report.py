@@ -85,6 +85,7 @@ def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str
     fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(10.5, 3.9))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seen_bon: list[list[dict]] = []
+    shared_bon = len({json.dumps(c.get("best_of_n")) for _, c in curves if c.get("best_of_n")}) == 1
     for i, (label, curve) in enumerate(curves):
         color = colors[i % len(colors)]
         pts = curve.get("ppo", [])
@@ -97,7 +98,7 @@ def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str
         bon = curve.get("best_of_n")
         if bon and bon not in seen_bon:  # runs that share SFT and reward model share one best-of-n curve
             seen_bon.append(bon)
-            name = "best-of-n" if len(curves) == 1 else f"best-of-n {label}"
+            name = "best-of-n" if shared_bon else f"best-of-n {label}"
             bx = [b["sqrt_kl"] for b in bon]
             if bon[0].get("gold") is not None:
                 gold_ax.plot(bx, [b["gold"] for b in bon], "s--", ms=3, color=color, alpha=0.7, label=name)
@@ -126,6 +127,11 @@ def best_budget_sentence(curve: dict) -> str:
             f"proxy {last['reward']:.3f}.")
     if best["update"] != last["update"] and last["reward"] > best["reward"] and last["gold"] < best["gold"]:
         text += " The proxy kept rising after gold peaked: the reward model was over-optimised."
+    bon = [b for b in curve.get("best_of_n") or [] if b.get("gold") is not None]
+    if bon:
+        top = max(bon, key=lambda b: b["gold"])
+        text += (f" Best-of-n peaked at n={top['n']} (KL {top['kl']:.2f}): gold {top['gold']:.3f} ± {top['gold_se']:.3f}, "
+                 f"proxy {top['reward']:.3f}.")
     return text
 
 
