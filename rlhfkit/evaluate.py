@@ -30,6 +30,8 @@ class EvalConfig:
     samples_per_prompt: int = field(4, help="sampled responses per prompt and policy")
     temperature: float | None = field(None, help="sampling temperature; null = the PPO stage's temperature")
     response_length: int | None = field(None, help="most tokens per response; null = the PPO stage's response_length")
+    max_prompt_length: int | None = field(None, help="prompt tokens kept (the last ones); null = the PPO stage's "
+                                                     "max_prompt_length (called directly: no truncation)")
     greedy: bool = field(True, help="also evaluate one greedy response per prompt")
     batch_size: int = field(64, help="prompts per sampling batch")
     num_examples: int = field(12, help="prompts shown side by side in the report")
@@ -61,20 +63,22 @@ class Samples:
     logprobs: list[list[float]]  # sum over tokens, at the sampling temperature
     rewards: list[list[float]]
     input_ids: list[list[torch.Tensor]]  # [query | response] rows, for re-scoring under other models
+    prompt_lengths: list[int]  # query tokens at the start of each prompt's rows
 
 
 @torch.no_grad()
 def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temperature: float,
-             response_length: int, batch_size: int, seed: int, greedy: bool = False) -> Samples:
+             response_length: int, batch_size: int, seed: int, greedy: bool = False,
+             max_prompt_length: int | None = None) -> Samples:
     from rlhfkit.ppo.rollout import truncate_at_eos
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompt_ids = encode_prompts(tokenizer, prompts, 10_000)
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length or 1_000_000)
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out = Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
-                  [[] for _ in prompts])
+                  [[] for _ in prompts], [len(ids) for ids in prompt_ids])
     policy.eval()
     for _ in range(k):
         for start in range(0, len(prompts), batch_size):
@@ -167,12 +171,11 @@ def _gold(gold_fn: GoldFn | None, prompts: list[Any], samples: Samples) -> list[
     return [[float(gold_fn(as_messages(p), t)) for t in texts] for p, texts in zip(prompts, samples.texts)]
 
 
-def _kl_to_reference(reference, samples: Samples, tokenizer, prompts: list[Any], temperature: float) -> list[list[float]]:
+def _kl_to_reference(reference, samples: Samples, temperature: float) -> list[list[float]]:
     """KL(policy || reference) per sequence on the policy's own samples: sum_t log pi - log pi_ref."""
-    prompt_lens = [len(ids) for ids in encode_prompts(tokenizer, prompts, 10_000)]
     reference.eval()
-    return [[lp - sequence_logprob(reference, row, prompt_lens[i], temperature)
-             for lp, row in zip(samples.logprobs[i], samples.input_ids[i])] for i in range(len(prompts))]
+    return [[lp - sequence_logprob(reference, row, length, temperature) for lp, row in zip(logprobs, rows)]
+            for logprobs, rows, length in zip(samples.logprobs, samples.input_ids, samples.prompt_lengths)]
 
 
 def curve_point(policy, reference, reward_model, tokenizer, prompts: list[Any], config: EvalConfig,
@@ -181,10 +184,9 @@ def curve_point(policy, reference, reward_model, tokenizer, prompts: list[Any], 
     and KL to ``reference`` on the same held-out prompts and seed as ``evaluate``."""
     prompts = prompts[: config.max_prompts]
     samples = generate(policy, reward_model, tokenizer, prompts, config.samples_per_prompt, temperature,
-                       response_length, config.batch_size, config.seed)
+                       response_length, config.batch_size, config.seed, max_prompt_length=config.max_prompt_length)
     point = _summary(samples, _gold(gold_fn, prompts, samples))
-    point["kl"], point["kl_se"] = mean_se(_per_prompt(_kl_to_reference(reference, samples, tokenizer, prompts,
-                                                                       temperature)))
+    point["kl"], point["kl_se"] = mean_se(_per_prompt(_kl_to_reference(reference, samples, temperature)))
     point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))  # a small KL can come out slightly negative
     return point
 
@@ -194,7 +196,7 @@ def best_of_n_curve(sft_policy, reward_model, tokenizer, prompts: list[Any], con
     """The best-of-n baseline for ``config.best_of_n``: max(n) SFT samples per prompt, scored once."""
     prompts = prompts[: config.max_prompts]
     samples = generate(sft_policy, reward_model, tokenizer, prompts, max(config.best_of_n), temperature,
-                       response_length, config.batch_size, config.seed + 1)
+                       response_length, config.batch_size, config.seed + 1, max_prompt_length=config.max_prompt_length)
     return best_of_n(samples.rewards, _gold(gold_fn, prompts, samples), config.best_of_n)
 
 
@@ -212,15 +214,18 @@ def evaluate(
     """Return (metrics, examples). Metrics keys follow ``summary.json``'s ``eval.*``."""
     prompts = prompts[: config.max_prompts]
     k = config.samples_per_prompt
-    args = (tokenizer, prompts)
-    sft = generate(sft_policy, reward_model, *args, k, temperature, response_length, config.batch_size, config.seed)
-    ppo = generate(ppo_policy, reward_model, *args, k, temperature, response_length, config.batch_size, config.seed)
+
+    def draw(policy, samples: int, greedy: bool = False) -> Samples:
+        return generate(policy, reward_model, tokenizer, prompts, samples, temperature, response_length,
+                        config.batch_size, config.seed, greedy=greedy, max_prompt_length=config.max_prompt_length)
+
+    sft, ppo = draw(sft_policy, k), draw(ppo_policy, k)
 
     def gold_of(s: Samples):
         return _gold(gold_fn, prompts, s)
 
     sft_gold, ppo_gold = gold_of(sft), gold_of(ppo)
-    kl = _kl_to_reference(sft_policy, ppo, tokenizer, prompts, temperature)
+    kl = _kl_to_reference(sft_policy, ppo, temperature)
     metrics: dict[str, Any] = {
         "prompts": len(prompts),
         "samples_per_prompt": k,
@@ -241,8 +246,7 @@ def evaluate(
     metrics["reward_gain"], metrics["reward_gain_se"] = mean_se(diff)
     if config.greedy:
         for name, policy in (("sft", sft_policy), ("ppo", ppo_policy)):
-            g = generate(policy, reward_model, *args, 1, temperature, response_length, config.batch_size,
-                         config.seed, greedy=True)
+            g = draw(policy, 1, greedy=True)
             metrics[name]["greedy"] = _summary(g, gold_of(g))
     examples = []
     for i in range(min(config.num_examples, len(prompts))):

@@ -357,6 +357,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     reward.to(device).eval()
     temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
     length = eval_cfg.response_length or ppo_cfg.response_length
+    eval_cfg = dataclasses.replace(eval_cfg, max_prompt_length=eval_cfg.max_prompt_length or ppo_cfg.max_prompt_length)
     metrics, examples = evaluate(sft, ppo, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
     if not eval_cfg.checkpoints and not eval_cfg.best_of_n:
         return metrics, examples, None

@@ -388,6 +388,24 @@ def test_evaluation_creates_every_tensor_on_the_models_device(world):
     assert [b["n"] for b in bon] == [1, 2]
 
 
+def test_evaluation_keeps_the_last_prompt_tokens_like_ppo(world):
+    """Held-out prompts are cut as PPO cuts them (the last max_prompt_length tokens), and the
+    KL to the reference is taken over the response tokens only."""
+    from rlhfkit.evaluate import _kl_to_reference, generate
+
+    full = encode_prompts(world.tok, world.prompts[:4], 1_000_000)
+    cut = 5
+    assert max(len(ids) for ids in full) > cut
+    samples = generate(world.policy, world.rm, world.tok, world.prompts[:4], 2, 1.0, 6, 4, 0, max_prompt_length=cut)
+    assert samples.prompt_lengths == [min(len(ids), cut) for ids in full]
+    for ids, rows, length in zip(full, samples.input_ids, samples.prompt_lengths):
+        for row in rows:
+            assert row[:length].tolist() == ids[-cut:]
+    # the policy against itself: KL 0 per sequence (same log-probs over the same response tokens)
+    kl = _kl_to_reference(world.policy, samples, 1.0)
+    assert all(abs(v) < 1e-4 for per_prompt in kl for v in per_prompt)
+
+
 # ---------------------------------------------------------------------------------------
 # 4. batch arithmetic: validated before any model loads
 # ---------------------------------------------------------------------------------------
