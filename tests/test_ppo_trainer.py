@@ -369,6 +369,27 @@ def test_training_creates_every_tensor_on_the_models_device(world, tmp_path):
     assert all(math.isfinite(v) for v in result.metrics.values() if isinstance(v, float))
     assert len(read_rows(tmp_path / "m" / "samples.jsonl")) > 0
 
+def test_a_finished_run_is_not_redone(world, tmp_path):
+    out = tmp_path / "done"
+
+    def run(**changes):
+        return train_ppo(small_config(world, out, save_steps=1, **{"num_updates": 3, **changes}),
+                         reward_model=world.rm, prompts=world.prompts)
+
+    first = run()
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("metrics.jsonl", "metrics.json")}
+    model = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    again = run(sample_every=1)  # a change a resume accepts
+    assert again.metrics == first.metrics
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == model
+    with pytest.raises(ConfigError, match="differs in learning_rate"):  # another config is refused, as on resume
+        run(learning_rate=1e-4)
+    with pytest.raises(ConfigError, match="differs in num_updates"):
+        run(num_updates=4)
+    assert [r["update"] for r in read_rows(out / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_evaluation_creates_every_tensor_on_the_models_device(world):
     """The same meta-device check for the held-out evaluation, the curve point and best-of-n
     (it catches tensors made without ``device=``; that they follow the models' device on a GPU

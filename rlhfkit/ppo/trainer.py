@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import StageResult, atomic_dir, resolve_model_path, write_json_atomic
+from rlhfkit.artifacts import StageResult, atomic_dir, read_json, resolve_model_path, write_json_atomic
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.ppo import checkpoint as ckpt
 from rlhfkit.ppo.config import PPOStageConfig
@@ -412,6 +412,21 @@ def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PP
     return out
 
 
+def _finished_run(out: Path, config: PPOStageConfig) -> StageResult | None:
+    """A finished run of this config is not redone: ``metrics.json`` (written last) says all
+    updates are done and the checkpoints were made by the same config (else ConfigError,
+    as for a resume). Without checkpoints the config cannot be checked, so the run is redone."""
+    state = ckpt.latest(out / "checkpoints")
+    if state is None or not (out / "metrics.json").is_file() or not (out / "model").is_dir():
+        return None
+    metrics = read_json(out / "metrics.json")
+    if metrics.get("updates") != config.updates:
+        return None
+    ckpt.check_config(state, config)
+    print(f"{out}: finished earlier ({config.updates} updates); nothing to do", flush=True)
+    return StageResult(out, metrics)
+
+
 def train_ppo(
     config: PPOStageConfig,
     *,
@@ -431,7 +446,8 @@ def train_ppo(
     responses) -> scores`` instead of a model, ``prompts`` (a list or a Dataset with a
     'prompt' column). ``gold_fn`` is only measured and logged (``objective/gold``), never
     optimised. Writes ``output_dir/model`` (the final policy), ``metrics.jsonl`` (a row per
-    update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint.
+    update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint,
+    and does nothing once the run has finished.
     """
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
@@ -447,6 +463,9 @@ def train_ppo(
     problems.extend(_scheduler_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
+    finished = _finished_run(Path(config.output_dir), config)
+    if finished is not None:
+        return finished
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     hf_logging.disable_progress_bar()
