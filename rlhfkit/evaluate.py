@@ -121,6 +121,11 @@ def _per_prompt(values: list[list[float]]) -> list[float]:
     return [sum(v) / len(v) for v in values if v]
 
 
+def sqrt_kl(kl: float) -> float:
+    """The x-axis of the over-optimisation plots; a small sampled KL can come out slightly negative."""
+    return math.sqrt(max(kl, 0.0))
+
+
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || base) = log n - (n-1)/n (Stiennon et al. 2020; exact for distinct samples)."""
     return math.log(n) - (n - 1) / n
@@ -139,7 +144,8 @@ def best_of_n(rewards: list[list[float]], gold: list[list[float]] | None, ns: Se
             chosen_reward.append([rs[j] for j in best])
             if gold is not None:
                 chosen_gold.append([gold[i][j] for j in best])
-        point = {"n": n, "kl": best_of_n_kl(n), "sqrt_kl": math.sqrt(best_of_n_kl(n))}
+        kl = best_of_n_kl(n)
+        point = {"n": n, "kl": kl, "sqrt_kl": sqrt_kl(kl)}
         point["reward"], point["reward_se"] = mean_se(_per_prompt(chosen_reward))
         point["gold"], point["gold_se"] = mean_se(_per_prompt(chosen_gold)) if gold is not None else (None, None)
         out.append(point)
@@ -187,7 +193,7 @@ def curve_point(policy, reference, reward_model, tokenizer, prompts: list[Any], 
                        response_length, config.batch_size, config.seed, max_prompt_length=config.max_prompt_length)
     point = _summary(samples, _gold(gold_fn, prompts, samples))
     point["kl"], point["kl_se"] = mean_se(_per_prompt(_kl_to_reference(reference, samples, temperature)))
-    point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))  # a small KL can come out slightly negative
+    point["sqrt_kl"] = sqrt_kl(point["kl"])
     return point
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -344,7 +343,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhfkit.artifacts import resolve_model_path
-    from rlhfkit.evaluate import best_of_n_curve, curve_point
+    from rlhfkit.evaluate import best_of_n_curve, curve_point, sqrt_kl
     from rlhfkit.ppo import checkpoint
 
     if not prompts:
@@ -363,7 +362,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
         return metrics, examples, None
     # The curve: SFT (update 0), every kept checkpoint, the final policy -- same prompts and seed.
     fields = ("reward", "reward_se", "gold", "gold_se", "length", "kl", "kl_se")
-    points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:6]}, "kl": 0.0, "kl_se": 0.0}]
+    points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:5]}, "kl": 0.0, "kl_se": 0.0}]
     if eval_cfg.checkpoints:
         from tqdm.auto import tqdm
 
@@ -378,7 +377,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
             points.append({"update": update, **{k: point[k] for k in fields}})
     points.append({"update": ppo_cfg.num_updates, **{k: metrics["ppo"].get(k) for k in fields}})
     for point in points:
-        point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))
+        point["sqrt_kl"] = sqrt_kl(point["kl"])
     curve: dict[str, Any] = {"ppo": points, "temperature": temperature, "prompts": metrics["prompts"],
                              "samples_per_prompt": metrics["samples_per_prompt"]}
     if eval_cfg.best_of_n:

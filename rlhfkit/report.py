@@ -135,7 +135,15 @@ def best_budget_sentence(curve: dict) -> str:
     return text
 
 
-def _plots(run: Path, scatter: list[dict]) -> dict[str, str]:
+def html_table(head: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table of escaped cells."""
+    e = html.escape
+    return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+            + "</tbody></table>")
+
+
+def _plots(run: Path, scatter: list[dict], curve: dict) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +197,6 @@ def _plots(run: Path, scatter: list[dict]) -> dict[str, str]:
             ax.set_xlabel("update")
         save(fig, "ppo_curves", "PPO over updates")
 
-    curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else None
     if curve:
         title = "Gold and proxy score vs KL to SFT (held-out prompts)"
         plot_overoptimization([("", curve)], out_dir / "overoptimization.png", title)
@@ -218,7 +225,8 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     examples = read_json(run / "eval" / "examples.json") if (run / "eval" / "examples.json").is_file() else []
     scatter = read_json(run / "eval" / "scatter.json") if (run / "eval" / "scatter.json").is_file() else []
     ev = read_json(run / "eval" / "eval.json") if (run / "eval" / "eval.json").is_file() else {}
-    plots = _plots(run, scatter)
+    curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else {}
+    plots = _plots(run, scatter, curve)
 
     headline = [
         ("SFT eval loss", _fmt(summary.get("sft.eval_loss"))),
@@ -242,7 +250,6 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
         metrics = entry.get("metrics", {})
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8] if not isinstance(v, (dict, list)))
         stage_rows.append([name, entry.get("status", ""), _fmt(entry.get("wall_time_s")), shown])
-    curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else {}
     budget = best_budget_sentence(curve)
     eval_note = (f"{ev.get('prompts', '–')} held-out prompts × {ev.get('samples_per_prompt', '–')} samples at "
                  f"T={ev.get('temperature', '–')}; ± is one standard error across prompts.")
@@ -267,11 +274,6 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
     e = html.escape
 
-    def table(head: list[str], rows: list[list[str]]) -> str:
-        return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-                + "</tbody></table>")
-
     sample_rows = "".join(
         f"<tr><td>{e(ex['prompt'])}</td><td>{e(ex['sft'])}<div class=s>reward {_fmt(ex['sft_reward'])} · gold "
         f"{_fmt(ex['sft_gold'])}</div></td><td>{e(ex['ppo'])}<div class=s>reward {_fmt(ex['ppo_reward'])} · gold "
@@ -293,13 +295,13 @@ img{{max-width:100%;border:1px solid #eee;margin:.4em 0}} pre{{background:#f7f7f
 {"".join(f'<div class=card>{e(k)}<b>{e(v)}</b></div>' for k, v in headline + gains)}
 </div>
 <h2>Policies on held-out prompts</h2><p class=muted>{e(eval_note)}</p>
-{table(["policy", "reward", "gold", "gold (greedy)", "length", "KL to SFT"], policy_rows)}
+{html_table(["policy", "reward", "gold", "gold (greedy)", "length", "KL to SFT"], policy_rows)}
 {f"<h2>KL budget</h2><p>{e(budget)}</p>" if budget else ""}
 <h2>Plots</h2>
 {"".join(f'<figure><img src="plots/{n}.png" alt="{e(t)}"><figcaption class=muted>{e(t)}</figcaption></figure>' for n, t in plots.items())}
 <h2>Samples</h2><p class=muted>First sample per prompt, same held-out prompts, same seed.</p>
 <table><thead><tr><th>prompt</th><th>SFT</th><th>PPO</th></tr></thead><tbody>{sample_rows}</tbody></table>
-<h2>Stages</h2>{table(["stage", "status", "wall s", "metrics"], stage_rows)}
+<h2>Stages</h2>{html_table(["stage", "status", "wall s", "metrics"], stage_rows)}
 <h2>Configuration</h2><pre>{e(json.dumps(config, indent=2))}</pre>
 </body></html>"""
     write_text_atomic(run / "report.html", page)

@@ -92,10 +92,16 @@ def run_name(index: int, point: Mapping[str, Any]) -> str:
     return f"{index:03d}-" + re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)[:120]
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of the rows, in first-seen order (runs may differ in their figures)."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
+    return columns
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = _columns(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -218,7 +224,7 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlhfkit.report import best_budget_sentence, plot_overoptimization
+    from rlhfkit.report import best_budget_sentence, html_table, plot_overoptimization
 
     e = html.escape
     plots = out / "plots"
@@ -259,16 +265,12 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
         b = curve["best"]
         best_line = (f"Best KL budget over all runs: {label}, update {b['update']}: KL {b['kl']:.2f} nats "
                      f"(sqrt {b['sqrt_kl']:.2f}), gold {b['gold']:.3f} ± {b['gold_se']:.3f}.")
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
+    columns = _columns(rows)
 
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v))
 
-    table = ("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr></thead><tbody>"
-             + "".join("<tr>" + "".join(f"<td>{e(cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
-             + "</tbody></table>")
+    table = html_table(columns, [[cell(r.get(c)) for c in columns] for r in rows])
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>rlhfkit sweep</title>
 <style>
 body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
