@@ -10,6 +10,7 @@ import gc
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from rlhfkit.config import field
 from rlhfkit.data.corpus import Corpus, int64_view
 from rlhfkit.data.formats import FORMATS, detect_format, read_rows
 from rlhfkit.data.oasst import TreeReader
-from rlhfkit.data.output import SPLITS, save_splits
+from rlhfkit.data.output import SPLITS, quiet_datasets, save_splits
 from rlhfkit.data.split import split_corpus
 from rlhfkit.data.sources import RowStream, dataset_streams, open_source
 from rlhfkit.errors import ConfigError, DataError
@@ -194,9 +195,14 @@ def build_data(config: DataBuildConfig, *, datasets: list | None = None) -> Stag
     manifest = {"fingerprint": fingerprint, "output_version": OUTPUT_VERSION, "rlhfkit": __version__,
                 "config": {**asdict(config), "sources": [os.fspath(s) for s in config.sources]},
                 "inputs": read}  # fmt: skip
-    with atomic_dir(out) as tmp:
-        save_splits({s: corpus.sft_batches(r) for s, r in sft_rows.items()}, "sft", tmp / "sft", fingerprint)
-        save_splits({s: corpus.pair_batches(r) for s, r in pair_rows.items()}, "pairs", tmp / "pairs", fingerprint)
+    with atomic_dir(out) as tmp, quiet_datasets(), ThreadPoolExecutor(max_workers=2) as pool:
+        # Both folders at once: Arrow's gathers and the file writes release the GIL.
+        jobs = [
+            pool.submit(save_splits, {s: corpus.sft_batches(r) for s, r in sft_rows.items()}, "sft", tmp / "sft", fingerprint),
+            pool.submit(save_splits, {s: corpus.pair_batches(r) for s, r in pair_rows.items()}, "pairs", tmp / "pairs", fingerprint),
+        ]  # fmt: skip
+        for job in jobs:
+            job.result()
         write_json_atomic(tmp / "stats.json", stats)
         write_json_atomic(tmp / "manifest.json", manifest)
     return StageResult(output_dir=out, metrics=stats)

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
-from rlhfkit.artifacts import read_json
+from rlhfkit.artifacts import fsync_path, read_json
 from rlhfkit.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -41,8 +41,9 @@ def features(kind: str):
 
 
 @contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """No 'Saving the dataset' bars on the CLI's stderr; restore the user's setting after."""
+def quiet_datasets() -> Iterator[None]:
+    """No 'Saving the dataset' bars on the CLI's stderr; restore the user's setting after.
+    Wrap all concurrent ``save_splits`` calls in one: the setting is global."""
     import datasets
 
     was_enabled = not datasets.are_progress_bars_disabled()
@@ -70,17 +71,18 @@ def save_splits(batches: dict[str, Iterable[pa.Table]], kind: str, out: Path, fi
                        fingerprint=f"{fingerprint}-{kind}-{split}")  # fmt: skip
         for split in batches
     }
-    with _quiet_datasets():
-        DatasetDict(empty).save_to_disk(str(out), num_shards=dict.fromkeys(batches, 1))
+    DatasetDict(empty).save_to_disk(str(out), num_shards=dict.fromkeys(batches, 1))
     for split, parts in batches.items():
         (data_file,) = read_json(out / split / "state.json")["_data_files"]
-        writer = ArrowWriter(features=schema, path=str(out / split / data_file["filename"]))
+        path = out / split / data_file["filename"]
+        writer = ArrowWriter(features=schema, path=str(path))
         try:
             for table in parts:
                 writer.write_table(table)
             writer.finalize()
         finally:
             writer.close()
+        fsync_path(path)  # now, while another folder may still be written, not all at the end
 
 
 def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:
