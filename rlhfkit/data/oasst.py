@@ -10,11 +10,14 @@ shuffled flat table gives exactly the datasets of its nested export.
 
 from __future__ import annotations
 
+import gc
 import math
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from rlhfkit.data.corpus import Corpus
-from rlhfkit.data.sources import RowStream
+from rlhfkit.data.sources import RowStream, jsonl_stream, line_ranges
 from rlhfkit.errors import DataError
 
 ROLES = {"prompter": "user", "user": "user", "assistant": "assistant"}
@@ -62,6 +65,14 @@ def _fields(m: dict) -> tuple[str, str, str, int | None]:
     return mid, mapped, text, rank
 
 
+def _read_part(path: Path, label: str, start: int, end: int, options: dict) -> tuple[Corpus, set[str], int]:
+    """A worker process's share of ``TreeReader._read_parts``: (corpus, kept message ids, rows)."""
+    gc.disable()  # as in load_sources: nothing read holds a cycle
+    reader = TreeReader(Corpus(), **options)
+    rows = reader.read_trees(jsonl_stream(path, label, start, end))
+    return reader.corpus, reader.ids, rows
+
+
 def _walk(top: dict) -> Iterator[dict]:
     stack = [top]
     while stack:
@@ -78,18 +89,25 @@ def _size(m: dict) -> int:
 class TreeReader:
     """Filters Open Assistant trees into a Corpus: SFT paths and ranked sibling pairs."""
 
-    def __init__(self, corpus: Corpus, *, lang: Iterable[str] | None, include_synthetic: bool, top_k: int | None):
+    def __init__(self, corpus: Corpus, *, lang: Iterable[str] | None, include_synthetic: bool, top_k: int | None,
+                 num_proc: int = 1):
         self.corpus = corpus
         self.langs = None if lang is None else {x.lower() for x in lang}
         self.include_synthetic = include_synthetic
         self.top_k = top_k
+        self.num_proc = num_proc
         self.ids: set[str] = set()
         self.flat: dict[str, dict] = {}
         self._add_message = corpus.add_message
         self._selective = self.langs is not None or not include_synthetic
 
     def read_trees(self, stream: RowStream) -> int:
-        """Nested export: one tree per row, emitted at once."""
+        """Nested export: one tree per row, emitted at once; a plain JSONL file is read in
+        ``num_proc`` parts at once (``_read_parts``)."""
+        if self.num_proc > 1 and stream.path is not None:
+            ranges = line_ranges(stream.path, self.num_proc)
+            if len(ranges) > 1:
+                return self._read_parts(stream, ranges)
         n = 0
         for key, row in stream.rows():
             n += 1
@@ -99,6 +117,37 @@ class TreeReader:
             tree_id = row.get("message_tree_id") or root.get("message_id")
             self._emit(root, None if tree_id is None else str(tree_id), lambda: stream.where(key))
         return n
+
+    def _read_parts(self, stream: RowStream, ranges: list[tuple[int, int]]) -> int:
+        """Worker processes read the later parts while this one reads the first; their corpora
+        are appended in file order, which gives exactly the serial result. When a part fails,
+        or a message id recurs across parts, a serial read finds the error it would have
+        stopped at (the same message, the same line)."""
+        options = {"lang": self.langs, "include_synthetic": self.include_synthetic, "top_k": self.top_k}
+        path, label = stream.path, stream.label
+        with ProcessPoolExecutor(len(ranges) - 1) as pool:
+            jobs = [pool.submit(_read_part, path, label, start, end, options) for start, end in ranges[1:]]
+            start, end = ranges[0]
+            rows = self.read_trees(jsonl_stream(path, label, start, end))
+            for job in jobs:
+                try:
+                    corpus, ids, part_rows = job.result()
+                except DataError:
+                    raise self._serial_error(stream, options) from None
+                if not self.ids.isdisjoint(ids):
+                    raise self._serial_error(stream, options)
+                self.ids |= ids
+                self.corpus.extend(corpus)
+                rows += part_rows
+        return rows
+
+    @staticmethod
+    def _serial_error(stream: RowStream, options: dict) -> DataError:
+        try:
+            TreeReader(Corpus(), **options).read_trees(stream)
+        except DataError as e:
+            return e
+        raise AssertionError(f"{stream.label}: a part failed to read, but the whole file reads")
 
     def read_messages(self, stream: RowStream) -> int:
         """Flat table rows, in any order; linked and emitted by ``finish``."""

@@ -18,7 +18,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from rlhfkit.errors import DataError
 
@@ -44,6 +44,7 @@ class RowStream:
     digest: Callable[[], str]
     read: Callable[[Sequence[str] | None], Rows]
     by_line: bool
+    path: Path | None = None  # a plain JSONL file: ``line_ranges`` can cut it for parallel reading
 
     def rows(self, columns: Sequence[str] | None = None) -> Rows:
         return self.read(columns)
@@ -75,12 +76,16 @@ def _file_digest(path: Path) -> Callable[[], str]:
     return future.result
 
 
-def _jsonl_rows(path: Path) -> Rows:
+def _jsonl_rows(path: Path, start: int = 0, end: int | None = None) -> Rows:
+    """Rows of the lines of ``path``, or of its bytes ``start`` to ``end`` (line boundaries
+    of a plain file), numbered from 1 there: a part's errors are found again by reading
+    the whole file (``TreeReader._read_parts``)."""
     opener = gzip.open if path.suffix == ".gz" else open
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
+            lines: Iterable[bytes] = f if start == 0 and end is None else _lines_between(f, start, end)
+            for lineno, line in enumerate(lines, 1):
                 if line.isspace():
                     continue
                 try:
@@ -95,6 +100,42 @@ def _jsonl_rows(path: Path) -> Rows:
     except (OSError, EOFError, zlib.error) as e:
         after = f" after line {lineno}" if lineno else ""
         raise DataError(f"{path}: cannot read{after} ({_one_line(e)})") from None
+
+
+def _lines_between(f: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
+    f.seek(start)
+    position = start
+    for line in f:
+        if end is not None and position >= end:
+            return
+        yield line
+        position += len(line)
+
+
+def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
+    """Byte ranges cutting a plain file into at most ``parts`` runs of whole lines of about
+    equal size, in order (fewer when the file has too few lines)."""
+    size = path.stat().st_size
+    cuts = [0]
+    with open(path, "rb") as f:
+        for i in range(1, parts):
+            f.seek(max(size * i // parts - 1, cuts[-1]))
+            f.readline()  # to the start of the next line (the target itself if a line starts there)
+            if cuts[-1] < f.tell() < size:
+                cuts.append(f.tell())
+    return list(zip(cuts, cuts[1:] + [size]))
+
+
+def jsonl_stream(path: Path, label: str, start: int = 0, end: int | None = None) -> RowStream:
+    """The rows of a JSONL file (or of bytes ``start`` to ``end`` of it), with its digest."""
+    if start == 0 and end is None:
+        cuttable = path if path.suffix != ".gz" else None
+        return RowStream(label, _stem(path), _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True, path=cuttable)
+    return RowStream(label, _stem(path), _no_digest, lambda _c: _jsonl_rows(path, start, end), by_line=True)
+
+
+def _no_digest() -> str:
+    raise AssertionError("a part of a file has no digest of its own; the whole file's stream has it")
 
 
 def _json_array_rows(path: Path) -> Rows:
@@ -152,7 +193,7 @@ def _file_streams(path: Path, label: str) -> list[RowStream]:
         return [_parquet_stream(path, label, stem)]
     if path.suffix == ".json" and _is_json_array(path):
         return [RowStream(label, stem, _file_digest(path), lambda _c: _json_array_rows(path), by_line=False)]
-    return [RowStream(label, stem, _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True)]
+    return [jsonl_stream(path, label)]
 
 
 def dataset_streams(ds: Any, label: str, stem: str) -> list[RowStream]:
