@@ -9,6 +9,7 @@ and ``validation`` in TRL's conversational formats; ``DIR/stats.json`` holds the
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -76,13 +77,19 @@ def save_splits(batches: dict[str, Iterable[pa.Table]], kind: str, out: Path, fi
         (data_file,) = read_json(out / split / "state.json")["_data_files"]
         path = out / split / data_file["filename"]
         writer = ArrowWriter(features=schema, path=str(path))
-        try:
-            for table in parts:
-                writer.write_table(table)
-            writer.finalize()
-        finally:
-            writer.close()
-        fsync_path(path)  # now, while another folder may still be written, not all at the end
+        # The disk catches up while later batches are built: an fsync runs in the background
+        # whenever the last one is done, so the final fsync waits only for the tail.
+        with ThreadPoolExecutor(max_workers=1) as flusher:
+            flushing = None
+            try:
+                for table in parts:
+                    writer.write_table(table)
+                    if flushing is None or flushing.done():
+                        flushing = flusher.submit(fsync_path, path)
+                writer.finalize()
+            finally:
+                writer.close()
+        fsync_path(path)
 
 
 def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:
