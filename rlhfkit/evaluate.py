@@ -19,7 +19,7 @@ import torch
 from rlhfkit.config import field
 from rlhfkit.ppo.rollout import left_pad, response_logits, sample, sequence_scores
 from rlhfkit.ppo.core import logprobs_from_logits
-from rlhfkit.ppo.trainer import as_messages, encode_prompts
+from rlhfkit.ppo.trainer import as_messages, encode_prompts, model_device
 
 GoldFn = Callable[[Any, str], float]
 
@@ -75,7 +75,7 @@ def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temper
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length or 1_000_000)
-    device = next(policy.parameters()).device
+    device = model_device(policy)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                   [[] for _ in prompts], [len(ids) for ids in prompt_ids])
@@ -103,14 +103,14 @@ def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temper
 
 def _scores(reward_model, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
     """Reward-model scores, on the reward model's device (it may differ from the policy's)."""
-    device = next(reward_model.parameters()).device
+    device = model_device(reward_model)
     return sequence_scores(reward_model, ids.to(device), mask.to(device)).tolist()
 
 
 @torch.no_grad()
 def sequence_logprob(model, row: torch.Tensor, prompt_len: int, temperature: float) -> float:
     """Sum of log-probs of row[prompt_len:] under ``model`` at ``temperature``."""
-    ids = row[None].to(next(model.parameters()).device)
+    ids = row[None].to(model_device(model))
     mask = torch.ones_like(ids)
     width = ids.shape[1] - prompt_len
     logits = response_logits(model, ids, mask, width)
