@@ -73,6 +73,11 @@ def _read_part(path: Path, label: str, start: int, end: int, options: dict) -> t
     return reader.corpus, reader.ids, rows
 
 
+def _ranked_replies(kept: list[tuple]) -> list[tuple]:
+    """The ranked assistant replies among ``TreeReader._kept`` tuples, in their (rank) order."""
+    return [k for k in kept if not k[0] and k[4] == "assistant"]
+
+
 def _walk(top: dict) -> Iterator[dict]:
     stack = [top]
     while stack:
@@ -277,12 +282,12 @@ class TreeReader:
         """Every two differently ranked assistant replies to ``prompt``, the better first
         (``kept`` is sorted, so by rank); degenerate pairs are counted and skipped."""
         corpus = self.corpus
-        ranked = [(k[3], k[6], k[5]) for k in kept if not k[0] and k[4] == "assistant"]
+        ranked = _ranked_replies(kept)
         if len(ranked) < 2:
             return
         pairs = []
-        for i, (rank, pool, text) in enumerate(ranked):
-            for worse_rank, worse_pool, worse_text in ranked[i + 1 :]:
+        for i, (_, _, _, rank, _, text, pool, _) in enumerate(ranked):
+            for _, _, _, worse_rank, _, worse_text, worse_pool, _ in ranked[i + 1 :]:
                 if rank != worse_rank and not corpus.drop_degenerate(text, worse_text):
                     pairs.append((pool, worse_pool, rank, worse_rank))
         if pairs:
@@ -292,7 +297,7 @@ class TreeReader:
         """--top-k: the ids of the assistant replies in ``kept`` (sorted) at position >= top_k
         among the ranked ones (0 = best, ties share a position); their paths are not SFT
         examples, and neither is anything below them. Unranked replies pass."""
-        ranked = [k for k in kept if not k[0] and k[4] == "assistant"]
+        ranked = _ranked_replies(kept)
         late, position = set(), 0
         for i, k in enumerate(ranked):
             if i and ranked[i - 1][3] != k[3]:
