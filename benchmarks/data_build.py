@@ -3,7 +3,9 @@
 Builds the export by re-identifying copies of the real 100-tree sample (fresh
 message_tree_id / message_id / parent_id per copy), then measures:
   - the wall time of merely parsing the file with ``json.loads`` line by line (baseline),
-  - the wall time of ``build_data`` (in a fresh subprocess, so its peak RSS is the build's),
+    and, for comparison, with ``loads_json``, the decoder the build reads with,
+  - the wall time of ``build_data`` (in a fresh subprocess, so its peak RSS is the build's)
+    into a new folder (replacing an existing one would add its removal),
   - messages/s, the ratio build / baseline, and the peak RSS.
 Target: ratio <= 3 and peak RSS <= 1.5 GB. Prints one JSON line at the end.
 
@@ -22,11 +24,14 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rlhfkit.data.sources import loads_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared/data/oasst/oasst_en_100_trees.jsonl"
@@ -84,13 +89,13 @@ def _count(message: dict) -> int:
     return 1 + sum(_count(r) for r in message.get("replies") or [])
 
 
-def parse_seconds(path: Path) -> tuple[float, float]:
-    """The floor: read and ``json.loads`` every line, nothing else. (wall, CPU) seconds."""
+def parse_seconds(path: Path, loads=json.loads) -> tuple[float, float]:
+    """The floor: read and ``loads`` every line, nothing else. (wall, CPU) seconds."""
     opener = gzip.open if path.suffix == ".gz" else open
     t0, c0 = time.perf_counter(), time.process_time()
     with opener(path, "rb") as f:
         for line in f:
-            json.loads(line)
+            loads(line)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -128,18 +133,21 @@ def main() -> None:
         export = Path(tmp) / ("oasst2_like.jsonl.gz" if args.gzip else "oasst2_like.jsonl")
         trees, messages = write_export(export, args.messages)
         size_mb = export.stat().st_size / 2**20
-        config = {"sources": [str(export)], "out": str(Path(tmp) / "out"), "val_fraction": 0.05, "seed": 0,
-                  "num_proc": args.num_proc}
+        config = {"sources": [str(export)], "val_fraction": 0.05, "seed": 0, "num_proc": args.num_proc}
         print(f"config: {trees} trees, {messages} messages, {size_mb:.0f} MB {export.name}; "
-              f"DataBuildConfig {json.dumps({k: v for k, v in config.items() if k not in ('sources', 'out')})}; "
+              f"DataBuildConfig {json.dumps({k: v for k, v in config.items() if k != 'sources'})}; "
               f"best of {args.repeat}")  # fmt: skip
 
         # Interleaved, so that a busy neighbour slows both measurements alike.
-        parses, runs = [], []
-        for _ in range(args.repeat):
+        parses, decodes, runs = [], [], []
+        for i in range(args.repeat):
             parses.append(parse_seconds(export))
-            runs.append(build_once(config))
+            decodes.append(parse_seconds(export, loads_json)[0])
+            out = Path(tmp) / f"out{i}"  # a new folder each time: replacing an old one is not the build
+            runs.append(build_once({**config, "out": str(out)}))
+            shutil.rmtree(out)
         parse, parse_cpu = min(p[0] for p in parses), min(p[1] for p in parses)
+        decode = min(decodes)
         build, build_cpu = min(r["seconds"] for r in runs), min(r["cpu"] for r in runs)
         imports = min(r["imports"] for r in runs)
         rss = max(r["rss_mb"] for r in runs)
@@ -153,6 +161,7 @@ def main() -> None:
         "sft_examples": stats["sft_examples"],
         "pairs": stats["pairs"],
         "parse_seconds": round(parse, 3),
+        "decode_seconds": round(decode, 3),
         "build_seconds": round(build, 3),
         "import_seconds": round(imports, 3),
         "messages_per_second": round(messages / build),
@@ -166,6 +175,7 @@ def main() -> None:
         "rss_ok": rss <= TARGET_RSS_MB,
     }
     print(f"json.loads only: {parse:.2f} s wall, {parse_cpu:.2f} s CPU")
+    print(f"loads_json only: {decode:.2f} s wall  (the build's decoder: msgspec, json.loads for what it refuses)")
     print(f"build_data:      {build:.2f} s wall, {build_cpu:.2f} s CPU  ({messages / build:,.0f} messages/s)")
     print(f"imports:         {imports:.2f} s  (once per process, not counted)")
     print(f"ratio:           {ratio:.2f} wall, {cpu_ratio:.2f} CPU  (target <= {TARGET_RATIO})")

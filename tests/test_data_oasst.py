@@ -222,3 +222,61 @@ def test_line_ranges_cut_at_line_starts(tmp_path):
     one_line = tmp_path / "one.jsonl"
     one_line.write_bytes(b'{"a": 1}\n')
     assert line_ranges(one_line, 4) == [(0, 9)]
+
+
+def _decoded(loads, data: bytes) -> str:
+    """What ``loads`` makes of ``data``, or its error, as text (repr: NaN != NaN; ints stay ints)."""
+    try:
+        return repr(loads(data))
+    except ValueError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_loads_json_reads_what_json_loads_reads():
+    """The fast decoder hands what it refuses (a BOM, NaN, lone surrogates, malformed lines)
+    to json.loads: every line gives json.loads's object, or json.loads's own error."""
+    from rlhfkit.data.sources import loads_json
+
+    lines = [
+        b'{"a": 123456789012345678901234567890, "b": -9223372036854775809, "c": 18446744073709551616}',
+        b'{"a": 0.1, "b": 1.5e-320, "c": -0, "d": [1, 2.0, "x"], "a": "last key wins"}',
+        b'{"nan": NaN, "inf": Infinity}',
+        b'\xef\xbb\xbf{"bom": 1}',
+        b'{"lone": "\\ud800", "pair": "\\ud83d\\ude00", "nul": "\\u0000", "raw": "\xc3\xa9"}',
+        b'{"encoded surrogate": "\xed\xa0\x80"}',
+    ]
+    for line in lines:
+        assert _decoded(loads_json, line) == _decoded(json.loads, line)
+    assert loads_json(lines[0])["a"] == 123456789012345678901234567890  # not a float (orjson's reading)
+    for bad in (b'{"a": 1}x', b'{"a": tru}', b"\xff", b'{"prompt": '):
+        error = _decoded(json.loads, bad)
+        assert error.startswith(("JSONDecodeError", "UnicodeDecodeError")) and _decoded(loads_json, bad) == error
+
+
+def test_loads_json_on_the_real_sample():
+    from rlhfkit.data.sources import loads_json
+
+    lines = [json.dumps(tree, ensure_ascii=False).encode() for tree in sample_trees()]
+    assert len(lines) == 100 and all(loads_json(line) == json.loads(line) for line in lines)
+
+
+def test_unusual_json_builds_as_json_loads_reads_it(tmp_path):
+    """End to end: a numeric id over 64 bits keeps its digits, a NaN rank is unranked, a
+    lone surrogate becomes '?', a line opening with a BOM is read."""
+    root = (
+        '{"prompt": {"message_id": 123456789012345678901234567890, "role": "prompter", "text": "Hi", "replies": ['
+        '{"message_id": "a1", "role": "assistant", "text": "Hello \\ud800 there", "rank": 0},'
+        '{"message_id": "a2", "role": "assistant", "text": "Hey", "rank": 1},'
+        '{"message_id": "a3", "role": "assistant", "text": "Yo", "rank": NaN}]}}'
+    )
+    src = tmp_path / "unusual.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + root.encode() + b"\n")
+    stats, sft, pairs = build(tmp_path, [src], val_fraction=0.0)
+    assert _counts(stats) == {"trees": 1, "messages": 4, "sft_examples": 3, "pairs": 1}
+    rows = sft["train"].to_list()
+    assert {r["tree_id"] for r in rows} == {"123456789012345678901234567890"}
+    assert [r["messages"][-1]["content"] for r in rows] == ["Hello ? there", "Hey", "Yo"]
+    (pair,) = pairs["train"].to_list()
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Hello ? there", "Hey")
+    assert (pair["chosen_rank"], pair["rejected_rank"]) == (0, 1)
+

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
+import msgspec
+
 from rlhfkit.errors import DataError
 
 BATCH_ROWS = 4096
@@ -76,6 +78,19 @@ def _file_digest(path: Path) -> Callable[[], str]:
     return future.result
 
 
+_strict_decode = msgspec.json.Decoder().decode
+
+
+def loads_json(data: bytes) -> Any:
+    """``json.loads``, about twice as fast. msgspec decodes strict JSON to the same objects
+    (big integers exactly, unlike orjson); what it refuses (NaN, a BOM, lone surrogates,
+    malformed input) goes to ``json.loads``, which reads it or raises its own error."""
+    try:
+        return _strict_decode(data)
+    except (ValueError, RecursionError):
+        return json.loads(data)
+
+
 def _jsonl_rows(path: Path, start: int = 0, end: int | None = None) -> Rows:
     """Rows of the lines of ``path``, or of its bytes ``start`` to ``end`` (line boundaries
     of a plain file), numbered from 1 there: a part's errors are found again by reading
@@ -89,7 +104,7 @@ def _jsonl_rows(path: Path, start: int = 0, end: int | None = None) -> Rows:
                 if line.isspace():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = loads_json(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.pos + 1})") from None
                 except ValueError as e:  # bytes that are not UTF-8
@@ -140,7 +155,7 @@ def _no_digest() -> str:
 
 def _json_array_rows(path: Path) -> Rows:
     try:
-        items = json.loads(path.read_bytes())
+        items = loads_json(path.read_bytes())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except ValueError as e:
