@@ -92,6 +92,36 @@ def test_bad_field_nested(tmp_path, capsys, field, value, problem):
     assert f"{src}:3: " in msg and problem in msg
 
 
+@pytest.mark.parametrize(
+    ("where", "value", "problem"),
+    [
+        ("replies", "oops", "Expected `array | null`, got `str` - at `$.prompt.replies[0].replies`"),
+        ("replies", ["oops"], "Expected `object`, got `str` - at `$.prompt.replies[0].replies[0]`"),
+        ("replies", {"text": "hi"}, "Expected `array | null`, got `object` - at `$.prompt.replies[0].replies`"),
+        ("prompt", "oops", "Expected `object | null`, got `str` - at `$.prompt`"),
+    ],
+)
+def test_bad_shape_nested(tmp_path, capsys, where, value, problem):
+    """A tree whose replies are not a list of messages is named with its JSON path (the
+    line's other oddities, such as a NaN, must not hide it: they send it to json.loads first)."""
+    trees = sample_trees()
+    if where == "prompt":
+        trees[6]["prompt"] = value
+    else:
+        trees[6]["prompt"]["replies"][0]["replies"] = value
+    trees[6]["detoxify"] = float("nan")
+    src = write_jsonl(tmp_path / "t.jsonl", trees)
+    assert "NaN" in src.read_text(encoding="utf-8").splitlines()[6]
+    msg = _fails(tmp_path, capsys, src)
+    assert f"{src}:7: {problem}" in msg
+
+
+def test_nesting_too_deep(tmp_path, capsys):
+    src = tmp_path / "deep.jsonl"
+    src.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", encoding="utf-8")
+    assert f"{src}:1: not valid JSON (maximum recursion depth exceeded" in _fails(tmp_path, capsys, src)
+
+
 def test_missing_required_field_flat(tmp_path, capsys):
     rows = flat_rows(sample_trees())
     del rows[9]["role"]

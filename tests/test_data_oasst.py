@@ -260,6 +260,32 @@ def test_loads_json_on_the_real_sample():
     assert len(lines) == 100 and all(loads_json(line) == json.loads(line) for line in lines)
 
 
+def test_trees_decode_straight_to_what_json_loads_reads(tmp_path):
+    """Tree lines are decoded straight to structs (other fields skipped); a line msgspec
+    refuses goes through json.loads: either way a row is json.loads's object converted."""
+    import msgspec
+
+    from rlhfkit.data.oasst import TreeRow
+    from rlhfkit.data.sources import jsonl_stream
+
+    reply = b'{"message_id": "r", "role": "assistant", "text": "ok", "rank": %s, "detoxify": {"toxicity": 0.1}}'
+    lines = [
+        b'{"message_tree_id": 7, "prompt": {"message_id": 123456789012345678901234567890, "text": "a", '
+        b'"role": "prompter", "labels": {"name": ["x"]}, "replies": [' + reply % b"0" + b"]}}",
+        b'{"prompt": {"message_id": "p", "text": "b", "text": "last wins", "role": "prompter", "replies": ['
+        + reply % b"NaN" + b"]}}",
+        b'\xef\xbb\xbf{"prompt": {"message_id": "q", "text": "\\ud800", "role": "prompter", "replies": null}}',
+        b'{"prompt": {"message_id": "s", "text": "\xc3\xa9 \\ud83d\\ude00", "role": "prompter", "deleted": 1.0}}',
+    ]
+    trees = [json.dumps(tree, ensure_ascii=False).encode() for tree in sample_trees()]
+    src = tmp_path / "trees.jsonl"
+    src.write_bytes(b"\n".join(lines + trees) + b"\n")
+    rows = [row for _, row in jsonl_stream(src, str(src)).rows(as_type=TreeRow)]
+    expected = [msgspec.convert(json.loads(line), TreeRow) for line in lines + trees]
+    assert repr(rows) == repr(expected) and len(rows) == 104  # repr: NaN != NaN
+    assert rows[0].prompt.message_id == 123456789012345678901234567890 and rows[1].prompt.text == "last wins"
+
+
 def test_unusual_json_builds_as_json_loads_reads_it(tmp_path):
     """End to end: a numeric id over 64 bits keeps its digits, a NaN rank is unranked, a
     lone surrogate becomes '?', a line opening with a BOM is read."""

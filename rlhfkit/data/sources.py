@@ -8,6 +8,7 @@ Files are streamed: only one line or one record batch is held at a time.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -29,16 +30,18 @@ BATCH_ROWS = 4096
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_SUFFIXES = {".jsonl", ".json", ".gz", ".parquet", ".csv", ".txt"}
 
-Rows = Iterator[tuple[int, dict]]
+Rows = Iterator[tuple[int, Any]]
 
 
 @dataclass
 class RowStream:
     """One table of rows: a file, or one split of a dataset.
 
-    ``rows(columns)`` yields ``(key, row)``, reading only ``columns`` when the source is
-    a table; ``where(key)`` turns the key into ``file:line`` (JSON files) or
-    ``label row N`` (tables) for error messages. ``digest()`` identifies the content.
+    ``rows(columns, as_type)`` yields ``(key, row)``: ``row`` a dict (only ``columns``
+    when the source is a table), or with ``as_type`` (a msgspec Struct) the row as that
+    type, the fields it does not name skipped (JSONL is decoded to it directly, without the
+    dicts). ``where(key)`` turns the key into ``file:line`` (JSON files) or ``label row N``
+    (tables) for error messages. ``digest()`` identifies the content.
     """
 
     label: str
@@ -47,12 +50,29 @@ class RowStream:
     read: Callable[[Sequence[str] | None], Rows]
     by_line: bool
     path: Path | None = None  # a plain JSONL file: ``line_ranges`` can cut it for parallel reading
+    read_as: Callable[[type], Rows] | None = None  # decodes straight to a type (JSONL)
 
-    def rows(self, columns: Sequence[str] | None = None) -> Rows:
-        return self.read(columns)
+    def rows(self, columns: Sequence[str] | None = None, as_type: type | None = None) -> Rows:
+        if as_type is None:
+            return self.read(columns)
+        if self.read_as is not None:
+            return self.read_as(as_type)
+        return ((key, typed_row(row, self.where(key), as_type)) for key, row in self.read(columns))
 
     def where(self, key: int) -> str:
         return f"{self.label}:{key}" if self.by_line else f"{self.label} row {key}"
+
+
+def typed_row(row: Any, where: str, as_type: type | None = None) -> Any:
+    """A decoded row checked to be an object, and converted to ``as_type`` if given."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if as_type is None:
+        return row
+    try:
+        return msgspec.convert(row, as_type)
+    except msgspec.ValidationError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -91,11 +111,19 @@ def loads_json(data: bytes) -> Any:
         return json.loads(data)
 
 
-def _jsonl_rows(path: Path, start: int = 0, end: int | None = None) -> Rows:
+@functools.cache
+def _decoder(as_type: type | None) -> Callable[[bytes], Any]:
+    """msgspec's decoder to ``as_type``, or to a dict (a line that is not an object fails)."""
+    return msgspec.json.Decoder(dict if as_type is None else as_type).decode
+
+
+def _jsonl_rows(path: Path, start: int = 0, end: int | None = None, as_type: type | None = None) -> Rows:
     """Rows of the lines of ``path``, or of its bytes ``start`` to ``end`` (line boundaries
     of a plain file), numbered from 1 there: a part's errors are found again by reading
-    the whole file (``TreeReader._read_parts``)."""
+    the whole file (``TreeReader._read_parts``). A line msgspec refuses is read as
+    ``loads_json`` reads it, and then converted, or the error is named."""
     opener = gzip.open if path.suffix == ".gz" else open
+    decode = _decoder(as_type)
     lineno = 0
     try:
         with opener(path, "rb") as f:
@@ -104,17 +132,22 @@ def _jsonl_rows(path: Path, start: int = 0, end: int | None = None) -> Rows:
                 if line.isspace():
                     continue
                 try:
-                    row = loads_json(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.pos + 1})") from None
-                except ValueError as e:  # bytes that are not UTF-8
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({_one_line(e)})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                    row = decode(line)
+                except (ValueError, RecursionError):
+                    row = typed_row(_json_loads_line(line, path, lineno), f"{path}:{lineno}", as_type)
                 yield lineno, row
     except (OSError, EOFError, zlib.error) as e:
         after = f" after line {lineno}" if lineno else ""
         raise DataError(f"{path}: cannot read{after} ({_one_line(e)})") from None
+
+
+def _json_loads_line(line: bytes, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.pos + 1})") from None
+    except (ValueError, RecursionError) as e:  # bytes that are not UTF-8; absurd nesting
+        raise DataError(f"{path}:{lineno}: not valid JSON ({_one_line(e)})") from None
 
 
 def _lines_between(f: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
@@ -145,8 +178,10 @@ def jsonl_stream(path: Path, label: str, start: int = 0, end: int | None = None)
     """The rows of a JSONL file (or of bytes ``start`` to ``end`` of it), with its digest."""
     if start == 0 and end is None:
         cuttable = path if path.suffix != ".gz" else None
-        return RowStream(label, _stem(path), _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True, path=cuttable)
-    return RowStream(label, _stem(path), _no_digest, lambda _c: _jsonl_rows(path, start, end), by_line=True)
+        return RowStream(label, _stem(path), _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True,
+                         path=cuttable, read_as=lambda as_type: _jsonl_rows(path, as_type=as_type))  # fmt: skip
+    return RowStream(label, _stem(path), _no_digest, lambda _c: _jsonl_rows(path, start, end), by_line=True,
+                     read_as=lambda as_type: _jsonl_rows(path, start, end, as_type))  # fmt: skip
 
 
 def _no_digest() -> str:
@@ -161,9 +196,7 @@ def _json_array_rows(path: Path) -> Rows:
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
     for i, row in enumerate(items):
-        if not isinstance(row, dict):
-            raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
-        yield i, row
+        yield i, typed_row(row, f"{path} row {i}")
 
 
 def _is_json_array(path: Path) -> bool:
