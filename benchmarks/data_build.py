@@ -10,12 +10,7 @@ message_tree_id / message_id / parent_id per copy), then measures:
   - messages/s, the ratio build / baseline, and the peak RSS.
 Target: ratio <= 3 and peak RSS <= 1.5 GB. Prints one JSON line at the end.
 
-The build reads the export with ``num_proc`` processes (``--num-proc``, default 2: the
-parser of the baseline is one process, the build may use the machine's two cores as a
-user would). Peak RSS is the build process's plus its largest worker's (an upper bound
-of the two together).
-
-    .venv/bin/python benchmarks/data_build.py [--messages 135000] [--repeat 3] [--gzip] [--num-proc 2]
+    .venv/bin/python benchmarks/data_build.py [--messages 135000] [--repeat 3] [--gzip]
 """
 
 from __future__ import annotations
@@ -50,13 +45,10 @@ import datasets, pyarrow
 from rlhfkit.data import DataBuildConfig, build_data
 imports = time.perf_counter() - t0
 config = DataBuildConfig(**json.loads(sys.argv[1]))
-def children_cpu():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
+t0, c0 = time.perf_counter(), time.process_time()
 stats = build_data(config).metrics
-seconds, cpu = time.perf_counter() - t0, time.process_time() - c0 + children_cpu() - k0
-rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": seconds, "cpu": cpu, "imports": imports, "rss_mb": rss_kb / 1024, "stats": stats}))
 """
 
@@ -125,8 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=135_000, help="approximate size of the export")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts")
-    parser.add_argument("--gzip", action="store_true", help="benchmark a .jsonl.gz export (always read by one process)")
-    parser.add_argument("--num-proc", type=int, default=2, help="DataBuildConfig.num_proc of the build (default 2)")
+    parser.add_argument("--gzip", action="store_true", help="benchmark a .jsonl.gz export")
     args = parser.parse_args()
     if not SAMPLE.is_file():
         sys.exit(f"the real sample is needed and absent: {SAMPLE}")
@@ -136,7 +127,7 @@ def main() -> None:
         export = Path(tmp) / ("oasst2_like.jsonl.gz" if args.gzip else "oasst2_like.jsonl")
         trees, messages = write_export(export, args.messages)
         size_mb = export.stat().st_size / 2**20
-        config = {"sources": [str(export)], "val_fraction": 0.05, "seed": 0, "num_proc": args.num_proc}
+        config = {"sources": [str(export)], "val_fraction": 0.05, "seed": 0}
         print(f"config: {trees} trees, {messages} messages, {size_mb:.0f} MB {export.name}; "
               f"DataBuildConfig {json.dumps({k: v for k, v in config.items() if k != 'sources'})}; "
               f"best of {args.repeat}")  # fmt: skip

@@ -44,7 +44,6 @@ def _data_build(args: argparse.Namespace) -> None:
         include_synthetic=not args.no_synthetic,
         drop_orphans=args.drop_orphans,
         format=args.format,
-        num_proc=args.num_proc,
     )
     result = build_data(config)
     s = result.metrics
@@ -139,7 +138,6 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-synthetic", action="store_true", help="drop synthetic messages (and their subtrees)")
     build.add_argument("--drop-orphans", action="store_true", help="drop subtrees whose parent_id is unknown instead of failing")
     build.add_argument("--format", help="force the input format instead of detecting it")
-    build.add_argument("--num-proc", type=int, default=1, help="processes reading a large JSONL export of trees (default 1)")
     build.set_defaults(func=_data_build)
 
     synth = data_sub.add_parser("synth", help="write the embedded world's synthetic conversation trees")

@@ -174,7 +174,6 @@ def test_duplicate_message_id_flat(tmp_path, capsys):
         (["--val-fraction", "1.5"], "val_fraction"),
         (["--top-k", "0"], "top_k"),
         (["--format", "csv"], "format"),
-        (["--num-proc", "0"], "num_proc"),
     ],
 )
 def test_bad_options(tmp_path, capsys, args, words):
@@ -201,22 +200,3 @@ def test_real_process_prints_one_line(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"rlhfkit: error: {src}:2: not valid JSON (Expecting value, column ")
     assert not out.exists()
-
-
-@pytest.mark.parametrize("line", [3, 90])
-def test_num_proc_reports_the_serial_error(tmp_path, capsys, line):
-    """An error in a worker's part (line 90 of 100) is reported as one process reports it."""
-    lines = _sample_lines()
-    src = tmp_path / "bad.jsonl"
-    src.write_text("\n".join(lines[: line - 1] + ["this is not json"] + lines[line - 1:]) + "\n", encoding="utf-8")
-    assert f"{src}:{line}: not valid JSON" in _fails(tmp_path, capsys, src, "--num-proc", "2")
-
-
-@pytest.mark.parametrize(("num_proc", "copied"), [(2, 1), (3, 50)])
-def test_num_proc_duplicate_across_parts(tmp_path, capsys, num_proc, copied):
-    """Line ``copied`` again as line 101: in another part (with 3 parts, two workers' parts)."""
-    lines = _sample_lines()
-    src = tmp_path / "dup.jsonl"
-    src.write_text("\n".join(lines + lines[copied - 1:copied]) + "\n", encoding="utf-8")
-    root_id = json.loads(lines[copied - 1])["prompt"]["message_id"]
-    assert f"{src}:101: duplicate message_id {root_id}" in _fails(tmp_path, capsys, src, "--num-proc", str(num_proc))

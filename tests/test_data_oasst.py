@@ -188,42 +188,6 @@ def test_stats_json_is_plain_integers(tmp_path):
     assert set(stats["dropped"]) >= {"deleted", "review_failed", "lang", "synthetic", "orphan", "degenerate_pairs"}
 
 
-@pytest.mark.parametrize("num_proc", [2, 3])
-def test_num_proc_gives_the_serial_result(tmp_path, num_proc):
-    """Parts of the file read by worker processes and appended in order: the same datasets,
-    stats and fingerprint as one process, with filters on (they run in the workers too)."""
-    trees = sample_trees()
-    for tree in trees[60:]:  # a moderated, mixed-language second half
-        tree["prompt"]["replies"][0]["deleted"] = True
-        tree["prompt"]["lang"] = "de"
-    trees.append(dict(trees[10]))  # a tree id on lines 11 and 101 (two parts)...
-    trees[-1]["prompt"] = {**trees[-1]["prompt"], "message_id": "other-root", "replies": []}  # ...new messages
-    src = write_jsonl(tmp_path / "trees.jsonl", trees)
-    options = {"lang": ["en", "de"], "top_k": 2}
-    serial = build(tmp_path, [src], "serial", **options)
-    parallel = build(tmp_path, [src], f"parallel{num_proc}", num_proc=num_proc, **options)
-    assert serial[0] == parallel[0] and serial[0]["dropped"]["deleted"] > 0 and serial[0]["trees"] == 100
-    assert rows_of(serial[1]) == rows_of(parallel[1]) and rows_of(serial[2]) == rows_of(parallel[2])
-    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("serial", f"parallel{num_proc}")]
-    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
-
-
-def test_line_ranges_cut_at_line_starts(tmp_path):
-    from rlhfkit.data.sources import line_ranges
-
-    src = tmp_path / "lines.jsonl"
-    src.write_bytes(b"".join(b"%d%s\n" % (i, b"x" * (i * 7 % 23)) for i in range(50)))
-    data = src.read_bytes()
-    for parts in (1, 2, 3, 7):
-        ranges = line_ranges(src, parts)
-        assert len(ranges) == parts and ranges[0][0] == 0 and ranges[-1][1] == len(data)
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-        assert all(data[start - 1:start] == b"\n" for start, _ in ranges[1:])
-    one_line = tmp_path / "one.jsonl"
-    one_line.write_bytes(b'{"a": 1}\n')
-    assert line_ranges(one_line, 4) == [(0, 9)]
-
-
 def _decoded(loads, data: bytes) -> str:
     """What ``loads`` makes of ``data``, or its error, as text (repr: NaN != NaN; ints stay ints)."""
     try:

@@ -53,10 +53,6 @@ class DataBuildConfig:
     )
     drop_orphans: bool = field(False, help="drop subtrees whose parent_id is unknown instead of failing")
     format: str | None = field(None, help=f"force the input format instead of detecting it: {', '.join(FORMATS)}")
-    num_proc: int = field(
-        1, help="processes that read a plain JSONL export of nested trees, each a part of the file "
-        "(the result is the same; about 1.2x faster with 2 on a large export)",
-    )  # fmt: skip
 
     def validate(self) -> list[str]:
         problems = []
@@ -72,8 +68,6 @@ class DataBuildConfig:
             problems.append(f"seed: expected an integer, got {self.seed!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             problems.append(f"top_k: must be an integer >= 1, got {self.top_k!r}")
-        if isinstance(self.num_proc, bool) or not isinstance(self.num_proc, int) or self.num_proc < 1:
-            problems.append(f"num_proc: must be an integer >= 1, got {self.num_proc!r}")
         if self.format is not None and self.format not in FORMATS:
             problems.append(f"format: must be one of {', '.join(FORMATS)}, got {self.format!r}")
         return problems
@@ -124,7 +118,6 @@ def load_sources(
     drop_orphans: bool = False,
     top_k: int | None = None,
     format: str | None = None,
-    num_proc: int = 1,
 ) -> tuple[Corpus, list[dict]]:
     """Read, check and filter every source into one Corpus; also return what was read.
 
@@ -139,7 +132,7 @@ def load_sources(
     if not streams_by_source:
         raise DataError("no input: give at least one SOURCE (or datasets=)")
     corpus, used, read = Corpus(), set(), []
-    trees = TreeReader(corpus, lang=lang, include_synthetic=include_synthetic, top_k=top_k, num_proc=num_proc)
+    trees = TreeReader(corpus, lang=lang, include_synthetic=include_synthetic, top_k=top_k)
     with _gc_paused():
         for group, (label, streams) in enumerate(streams_by_source, 1):
             rows = 0
@@ -175,7 +168,7 @@ def _stats(corpus: Corpus, in_val: np.ndarray, sft_rows: dict, pair_rows: dict) 
 
 
 def _fingerprint(config: DataBuildConfig, read: list[dict]) -> str:
-    options = {k: v for k, v in asdict(config).items() if k not in ("sources", "out", "num_proc")}  # num_proc: same output
+    options = {k: v for k, v in asdict(config).items() if k not in ("sources", "out")}
     key = {"output_version": OUTPUT_VERSION, "rlhfkit": __version__, "options": options,
            "inputs": [(r["format"], r["digest"]) for r in read]}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -191,7 +184,7 @@ def build_data(config: DataBuildConfig, *, datasets: list | None = None) -> Stag
         raise ConfigError(f"out: {out} exists and is not a folder")
     corpus, read = load_sources(
         config.sources, datasets=datasets, lang=config.lang, include_synthetic=config.include_synthetic,
-        drop_orphans=config.drop_orphans, top_k=config.top_k, format=config.format, num_proc=config.num_proc,
+        drop_orphans=config.drop_orphans, top_k=config.top_k, format=config.format,
     )  # fmt: skip
     if not corpus.sft_tree and not corpus.pair_tree:
         dropped = ", ".join(f"{k} {v}" for k, v in corpus.dropped.items() if v) or "none"

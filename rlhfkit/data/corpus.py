@@ -49,15 +49,6 @@ class MessageLists:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def extend(self, other: "MessageLists", index_shift: int) -> None:
-        """Append ``other``'s cells, their pool indices shifted by ``index_shift``."""
-        _extend_shifted(self.offsets, other.offsets[1:], len(self.flat))
-        _extend_shifted(self.flat, other.flat, index_shift)
-
-
-def _extend_shifted(values: array, more: array, shift: int) -> None:
-    values.frombytes((int64_view(more) + shift).tobytes())
-
 
 class Corpus:
     """Kept messages, SFT examples and preference pairs, plus the counts for stats.json.
@@ -157,28 +148,6 @@ class Corpus:
         self.pair_tree.extend([tree] * n)
         self.chosen_rank.extend(chosen_rank)
         self.rejected_rank.extend(rejected_rank)
-
-    def extend(self, other: "Corpus") -> None:
-        """Append a corpus read from a later part of the input: the result is what reading
-        both parts into this one would give (a tree id seen in both is one tree)."""
-        messages = len(self._roles)
-        _extend_shifted(self._ends, other._ends[1:], len(self._text))
-        self._text += other._text
-        self._roles.extend(other._roles)
-        trees = np.array([self.add_tree(t, order) for t, order in zip(other.tree_ids, other.tree_order)], dtype=np.int64)
-        for tree, count in zip(trees.tolist(), other.tree_messages):
-            self.tree_messages[tree] += count
-        self.dropped.update(other.dropped)
-        self.sft_messages.extend(other.sft_messages, messages)
-        self.sft_tree.frombytes(trees[int64_view(other.sft_tree)].tobytes())
-        self.sft_message_id.extend(other.sft_message_id)
-        _extend_shifted(self.pair_prompt, other.pair_prompt, len(self.prompts))
-        self.prompts.extend(other.prompts, messages)
-        self.pair_chosen.extend(other.pair_chosen, messages)
-        self.pair_rejected.extend(other.pair_rejected, messages)
-        self.pair_tree.frombytes(trees[int64_view(other.pair_tree)].tobytes())
-        self.chosen_rank.extend(other.chosen_rank)
-        self.rejected_rank.extend(other.rejected_rank)
 
     # Arrow tables ---------------------------------------------------------------------
 

@@ -11,16 +11,13 @@ shuffled flat table gives exactly the datasets of its nested export.
 
 from __future__ import annotations
 
-import gc
 import math
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import msgspec
 
 from rlhfkit.data.corpus import Corpus
-from rlhfkit.data.sources import RowStream, jsonl_stream, line_ranges
+from rlhfkit.data.sources import RowStream
 from rlhfkit.errors import DataError
 
 ROLES = {"prompter": "user", "user": "user", "assistant": "assistant"}
@@ -92,14 +89,6 @@ def _fields(m: Message) -> tuple[str, str, str, int | None]:
     return mid, mapped, text, rank
 
 
-def _read_part(path: Path, label: str, start: int, end: int, options: dict) -> tuple[Corpus, set[str], int]:
-    """A worker process's share of ``TreeReader._read_parts``: (corpus, kept message ids, rows)."""
-    gc.disable()  # as in load_sources: nothing read holds a cycle
-    reader = TreeReader(Corpus(), **options)
-    rows = reader.read_trees(jsonl_stream(path, label, start, end))
-    return reader.corpus, reader.ids, rows
-
-
 def _ranked_replies(kept: list[tuple]) -> list[tuple]:
     """The ranked assistant replies among ``TreeReader._kept`` tuples, in their (rank) order."""
     return [k for k in kept if not k[0] and k[4] == "assistant"]
@@ -121,13 +110,11 @@ def _size(m: Message) -> int:
 class TreeReader:
     """Filters Open Assistant trees into a Corpus: SFT paths and ranked sibling pairs."""
 
-    def __init__(self, corpus: Corpus, *, lang: Iterable[str] | None, include_synthetic: bool, top_k: int | None,
-                 num_proc: int = 1):
+    def __init__(self, corpus: Corpus, *, lang: Iterable[str] | None, include_synthetic: bool, top_k: int | None):
         self.corpus = corpus
         self.langs = None if lang is None else {x.lower() for x in lang}
         self.include_synthetic = include_synthetic
         self.top_k = top_k
-        self.num_proc = num_proc
         self.ids: set[str] = set()
         self.flat: dict[str, Message] = {}
         self.flat_where: dict[int, str] = {}  # id() of a flat-table message -> its file:line
@@ -135,12 +122,7 @@ class TreeReader:
         self._selective = self.langs is not None or not include_synthetic
 
     def read_trees(self, stream: RowStream) -> int:
-        """Nested export: one tree per row, emitted at once; a plain JSONL file is read in
-        ``num_proc`` parts at once (``_read_parts``)."""
-        if self.num_proc > 1 and stream.path is not None:
-            ranges = line_ranges(stream.path, self.num_proc)
-            if len(ranges) > 1:
-                return self._read_parts(stream, ranges)
+        """Nested export: one tree per row, emitted at once."""
         n = 0
         for key, row in stream.rows(as_type=TreeRow):
             n += 1
@@ -150,37 +132,6 @@ class TreeReader:
             tree_id = row.message_tree_id or root.message_id
             self._emit(root, None if tree_id is None else str(tree_id), lambda: stream.where(key))
         return n
-
-    def _read_parts(self, stream: RowStream, ranges: list[tuple[int, int]]) -> int:
-        """Worker processes read the later parts while this one reads the first; their corpora
-        are appended in file order, which gives exactly the serial result. When a part fails,
-        or a message id recurs across parts, a serial read finds the error it would have
-        stopped at (the same message, the same line)."""
-        options = {"lang": self.langs, "include_synthetic": self.include_synthetic, "top_k": self.top_k}
-        path, label = stream.path, stream.label
-        with ProcessPoolExecutor(len(ranges) - 1) as pool:
-            jobs = [pool.submit(_read_part, path, label, start, end, options) for start, end in ranges[1:]]
-            start, end = ranges[0]
-            rows = self.read_trees(jsonl_stream(path, label, start, end))
-            for job in jobs:
-                try:
-                    corpus, ids, part_rows = job.result()
-                except DataError:
-                    raise self._serial_error(stream, options) from None
-                if not self.ids.isdisjoint(ids):
-                    raise self._serial_error(stream, options)
-                self.ids |= ids
-                self.corpus.extend(corpus)
-                rows += part_rows
-        return rows
-
-    @staticmethod
-    def _serial_error(stream: RowStream, options: dict) -> DataError:
-        try:
-            TreeReader(Corpus(), **options).read_trees(stream)
-        except DataError as e:
-            return e
-        raise AssertionError(f"{stream.label}: a part failed to read, but the whole file reads")
 
     def read_messages(self, stream: RowStream) -> int:
         """Flat table rows, in any order; linked and emitted by ``finish``."""

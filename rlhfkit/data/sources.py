@@ -19,7 +19,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import msgspec
 
@@ -49,7 +49,6 @@ class RowStream:
     digest: Callable[[], str]
     read: Callable[[Sequence[str] | None], Rows]
     by_line: bool
-    path: Path | None = None  # a plain JSONL file: ``line_ranges`` can cut it for parallel reading
     read_as: Callable[[type], Rows] | None = None  # decodes straight to a type (JSONL)
 
     def rows(self, columns: Sequence[str] | None = None, as_type: type | None = None) -> Rows:
@@ -117,18 +116,15 @@ def _decoder(as_type: type | None) -> Callable[[bytes], Any]:
     return msgspec.json.Decoder(dict if as_type is None else as_type).decode
 
 
-def _jsonl_rows(path: Path, start: int = 0, end: int | None = None, as_type: type | None = None) -> Rows:
-    """Rows of the lines of ``path``, or of its bytes ``start`` to ``end`` (line boundaries
-    of a plain file), numbered from 1 there: a part's errors are found again by reading
-    the whole file (``TreeReader._read_parts``). A line msgspec refuses is read as
-    ``loads_json`` reads it, and then converted, or the error is named."""
+def _jsonl_rows(path: Path, as_type: type | None = None) -> Rows:
+    """Rows of the lines of ``path``, as dicts or as ``as_type``. A line msgspec refuses is
+    read by ``json.loads`` (as ``loads_json`` would) and then converted, or its error named."""
     opener = gzip.open if path.suffix == ".gz" else open
     decode = _decoder(as_type)
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            lines: Iterable[bytes] = f if start == 0 and end is None else _lines_between(f, start, end)
-            for lineno, line in enumerate(lines, 1):
+            for lineno, line in enumerate(f, 1):
                 if line.isspace():
                     continue
                 try:
@@ -150,42 +146,10 @@ def _json_loads_line(line: bytes, path: Path, lineno: int) -> Any:
         raise DataError(f"{path}:{lineno}: not valid JSON ({_one_line(e)})") from None
 
 
-def _lines_between(f: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
-    f.seek(start)
-    position = start
-    for line in f:
-        if end is not None and position >= end:
-            return
-        yield line
-        position += len(line)
-
-
-def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
-    """Byte ranges cutting a plain file into at most ``parts`` runs of whole lines of about
-    equal size, in order (fewer when the file has too few lines)."""
-    size = path.stat().st_size
-    cuts = [0]
-    with open(path, "rb") as f:
-        for i in range(1, parts):
-            f.seek(max(size * i // parts - 1, cuts[-1]))
-            f.readline()  # to the start of the next line (the target itself if a line starts there)
-            if cuts[-1] < f.tell() < size:
-                cuts.append(f.tell())
-    return list(zip(cuts, cuts[1:] + [size]))
-
-
-def jsonl_stream(path: Path, label: str, start: int = 0, end: int | None = None) -> RowStream:
-    """The rows of a JSONL file (or of bytes ``start`` to ``end`` of it), with its digest."""
-    if start == 0 and end is None:
-        cuttable = path if path.suffix != ".gz" else None
-        return RowStream(label, _stem(path), _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True,
-                         path=cuttable, read_as=lambda as_type: _jsonl_rows(path, as_type=as_type))  # fmt: skip
-    return RowStream(label, _stem(path), _no_digest, lambda _c: _jsonl_rows(path, start, end), by_line=True,
-                     read_as=lambda as_type: _jsonl_rows(path, start, end, as_type))  # fmt: skip
-
-
-def _no_digest() -> str:
-    raise AssertionError("a part of a file has no digest of its own; the whole file's stream has it")
+def jsonl_stream(path: Path, label: str) -> RowStream:
+    """The rows of a JSONL file, with its digest."""
+    return RowStream(label, _stem(path), _file_digest(path), lambda _c: _jsonl_rows(path), by_line=True,
+                     read_as=lambda as_type: _jsonl_rows(path, as_type))  # fmt: skip
 
 
 def _json_array_rows(path: Path) -> Rows:
