@@ -117,9 +117,13 @@ def test_bad_shape_nested(tmp_path, capsys, where, value, problem):
 
 
 def test_nesting_too_deep(tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000
     src = tmp_path / "deep.jsonl"
-    src.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", encoding="utf-8")
+    src.write_text('{"prompt": ' + deep + "}\n", encoding="utf-8")
     assert f"{src}:1: not valid JSON (maximum recursion depth exceeded" in _fails(tmp_path, capsys, src)
+    array = tmp_path / "deep.json"
+    array.write_text("[" + deep + "]", encoding="utf-8")
+    assert f"{array}: not valid JSON (maximum recursion depth exceeded" in _fails(tmp_path, capsys, array)
 
 
 def test_missing_required_field_flat(tmp_path, capsys):

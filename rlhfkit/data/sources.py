@@ -157,7 +157,7 @@ def _json_array_rows(path: Path) -> Rows:
         items = loads_json(path.read_bytes())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
     for i, row in enumerate(items):
         yield i, typed_row(row, f"{path} row {i}")
