@@ -251,9 +251,15 @@ def evaluate(
     diff = [a - b for a, b in zip(_per_prompt(ppo.rewards), _per_prompt(sft.rewards))]
     metrics["reward_gain"], metrics["reward_gain_se"] = mean_se(diff)
     if config.greedy:
+        greedy_gold = {}
         for name, policy in (("sft", sft_policy), ("ppo", ppo_policy)):
             g = draw(policy, 1, greedy=True)
-            metrics[name]["greedy"] = _summary(g, gold_of(g))
+            greedy_gold[name] = gold_of(g)
+            metrics[name]["greedy"] = _summary(g, greedy_gold[name])
+        if sft_gold is not None:  # paired over prompts, as the sampled gain
+            diff = [a - b for a, b in zip(_per_prompt(greedy_gold["ppo"]), _per_prompt(greedy_gold["sft"]))]
+            metrics["greedy_gold_gain"], metrics["greedy_gold_gain_se"] = mean_se(diff)
+    metrics["verdict"] = verdict(metrics)
     examples = []
     for i in range(min(config.num_examples, len(prompts))):
         examples.append({
@@ -270,3 +276,49 @@ def evaluate(
     ]
     metrics["scatter"] = scatter
     return metrics, examples
+
+
+def verdict(metrics: dict[str, Any], z: float = 2.0) -> str:
+    """One plain-words line on whether PPO made the policy better, computed from ``evaluate``'s figures.
+
+    A gain counts when it is more than ``z`` paired standard errors from zero. With a gold
+    judge the line is about the true score, sampled and greedy; a reward-model score that
+    rose while gold did not is called out as over-optimisation. Without one, only the
+    proxy is known, and the line says so.
+    """
+    def sig(gain, se) -> int:  # +1 significantly up, -1 significantly down, 0 neither
+        if gain is None or se is None or not math.isfinite(se):
+            return 0
+        return 1 if gain > z * se else -1 if gain < -z * se else 0
+
+    def fig(gain, se) -> str:
+        return f"{gain:+.3f} ± {se:.3f}"
+
+    reward = sig(metrics.get("reward_gain"), metrics.get("reward_gain_se"))
+    gold_gain, gold_se = metrics.get("gold_gain"), metrics.get("gold_gain_se")
+    if gold_gain is None:
+        text = (f"No gold judge: the reward-model score changed by {fig(metrics['reward_gain'], metrics['reward_gain_se'])}"
+                f" at KL {metrics['ppo']['kl']:.2f} nats; a learned reward can be over-optimised, so read the samples.")
+        return text
+    sampled = sig(gold_gain, gold_se)
+    greedy_gain, greedy_se = metrics.get("greedy_gold_gain"), metrics.get("greedy_gold_gain_se")
+    greedy = sig(greedy_gain, greedy_se)
+    parts = [f"sampled {fig(gold_gain, gold_se)}"]
+    if greedy_gain is not None:
+        parts.append(f"greedy {fig(greedy_gain, greedy_se)}")
+    figures = f" (gold gain {', '.join(parts)}; KL {metrics['ppo']['kl']:.2f} nats)"
+    if sampled > 0 and greedy > 0:
+        return "PPO improved the true score, sampled and greedy" + figures + "."
+    if sampled > 0 and greedy == 0:
+        return ("PPO improved the true score of sampled answers; greedy answers did not change significantly"
+                + figures + ".")
+    if greedy < 0 or sampled < 0:
+        worse = " and ".join(name for name, s in (("sampled", sampled), ("greedy", greedy)) if s < 0)
+        lead = "Past the peak: the reward-model score rose while " if reward > 0 else "Worse than SFT: "
+        text = lead + f"{worse} answers got truly worse"
+        if sampled > 0:
+            text += ", though sampled answers improved"
+        return text + figures + "."
+    if reward > 0:
+        return "Past the peak: the reward-model score rose while the true score did not" + figures + "."
+    return "No significant change in the true score" + figures + "."

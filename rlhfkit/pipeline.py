@@ -63,6 +63,9 @@ class RunConfig:
     sft: dict = field(default_factory=dict, help="SFT stage keys (see rlhfkit sft --help) without model/data/output_dir")
     reward: dict = field(default_factory=dict, help="reward stage keys (see rlhfkit reward --help)")
     ppo: dict = field(default_factory=dict, help="PPO stage keys (see rlhfkit ppo --help)")
+    reward_ensemble: int = field(1, help="reward models to train (seeds seed, seed+1, ...; member 0 in reward/, the others "
+                                         "in reward/members/N); with more than one, PPO optimises their combination "
+                                         "(ppo.ensemble_reduction) and logs their disagreement (objective/ensemble_std)")
     eval: EvalConfig = field(default_factory=EvalConfig, help="held-out evaluation")
 
     def validate(self) -> list[str]:
@@ -74,6 +77,8 @@ class RunConfig:
                 if key in section:
                     problems.append(f"{name}.{key} is set by the chain; remove it")
             problems.extend(collect_errors(cls, {**section, **_placeholders(cls)}, name))
+        if self.reward_ensemble < 1:
+            problems.append(f"reward_ensemble must be at least 1, got {self.reward_ensemble}")
         problems.extend(self._curve_problems(problems))
         if self.model.name is None and self.data.source is not None:
             local = [s for s in self.data.source if Path(s).is_file()]
@@ -250,6 +255,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.reward import RewardStageConfig, train_reward
+    from rlhfkit.reward.ensemble import ensemble_metrics
     from rlhfkit.sft import SFTStageConfig, train_sft
     from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
 
@@ -301,12 +307,29 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 
     chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
         SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))))
-    chain.stage("reward", ["sft", "data"], c.reward, lambda out: _metrics_only(train_reward(stage_config(
-        RewardStageConfig, c.reward, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))))
+    def reward_members(out: Path) -> list[Path]:
+        return [out] + [out / "members" / str(i) for i in range(1, c.reward_ensemble)]
+
+    def train_rewards(out: Path) -> dict[str, Any]:
+        """Member 0 is the reward stage's folder itself; member i trains with seed + i."""
+        members = reward_members(out)
+        metrics = {}
+        for i, member in enumerate(members):
+            result = train_reward(stage_config(RewardStageConfig, {**c.reward, "seed": c.seed + i},
+                                               model=str(chain.path("sft")), data=data_path, output_dir=str(member)))
+            metrics = metrics or _metrics_only(result)
+        if len(members) > 1:
+            ppo_section = stage_config(PPOStageConfig, c.ppo, **_placeholders(PPOStageConfig))
+            metrics.update(ensemble_metrics(members, ppo_section.ensemble_reduction, ppo_section.ensemble_std_coef))
+        return metrics
+
+    reward_spec = c.reward if c.reward_ensemble == 1 else {**c.reward, "ensemble": c.reward_ensemble}
+    chain.stage("reward", ["sft", "data"], reward_spec, train_rewards)
 
     def ppo_config(out: Path):
-        return stage_config(PPOStageConfig, c.ppo, model=str(chain.path("sft")), reward_model=str(chain.path("reward")),
-                            data=data_path, output_dir=str(out))
+        members = [str(m) for m in reward_members(chain.path("reward"))]
+        return stage_config(PPOStageConfig, c.ppo, model=str(chain.path("sft")),
+                            reward_model=members[0] if len(members) == 1 else members, data=data_path, output_dir=str(out))
 
     gold_fn = (lambda prompts, responses: [gold_score(p, r) for p, r in zip(prompts, responses)]) if synthetic else None
     chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
@@ -397,6 +420,8 @@ def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:
         "sft.eval_loss": m["sft"].get("eval_loss"),
         "reward.eval_accuracy": m["reward"].get("eval_accuracy"),
         "reward.gold_agreement": m["reward"].get("gold_agreement"),
+        "reward.ensemble_size": m["reward"].get("ensemble_size", 1),
+        "reward.ensemble_gold_agreement": m["reward"].get("ensemble_gold_agreement"),
         "eval.sft.reward": sft_e.get("reward"),
         "eval.sft.gold": sft_e.get("gold"),
         "eval.sft.length": sft_e.get("length"),
@@ -416,6 +441,9 @@ def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:
         "eval.win_rate_reward_se": ev.get("win_rate_reward_se"),
         "eval.sft.greedy_gold": sft_e.get("greedy", {}).get("gold"),
         "eval.ppo.greedy_gold": ppo_e.get("greedy", {}).get("gold"),
+        "eval.greedy_gold_gain": ev.get("greedy_gold_gain"),
+        "eval.greedy_gold_gain_se": ev.get("greedy_gold_gain_se"),
+        "eval.verdict": ev.get("verdict"),
         "eval.prompts": ev.get("prompts"),
         "eval.samples_per_prompt": ev.get("samples_per_prompt"),
         "wall_time_s": {name: stages[name].get("wall_time_s") for name in STAGES if name in stages},

@@ -53,17 +53,23 @@ def summary_text(run: Path, summary: dict[str, Any]) -> str:
     lines = [f"run {run}", line("SFT eval loss", "sft.eval_loss"),
              line("reward model accuracy (held out)", "reward.eval_accuracy"),
              line("reward model agreement with gold", "reward.gold_agreement"),
+             *([line(f"ensemble of {summary['reward.ensemble_size']}, agreement with gold",
+                     "reward.ensemble_gold_agreement")] if summary.get("reward.ensemble_size", 1) > 1 else []),
              f"  {'':<34} {'SFT':<18} PPO",
              f"  {'reward-model score':<34} {_fmt(summary.get('eval.sft.reward')):<18} {_fmt(summary.get('eval.ppo.reward'))}",
              f"  {'gold score':<34} {_fmt(summary.get('eval.sft.gold'), summary.get('eval.sft.gold_se')):<18} "
              f"{_fmt(summary.get('eval.ppo.gold'), summary.get('eval.ppo.gold_se'))}",
              f"  {'response length':<34} {_fmt(summary.get('eval.sft.length')):<18} {_fmt(summary.get('eval.ppo.length'))}",
+             f"  {'gold score, greedy':<34} {_fmt(summary.get('eval.sft.greedy_gold')):<18} "
+             f"{_fmt(summary.get('eval.ppo.greedy_gold'))}",
              line("KL(PPO || SFT), nats per response", "eval.ppo.kl"),
              line("gold gain (paired)", "eval.gold_gain", "eval.gold_gain_se"),
+             line("gold gain, greedy (paired)", "eval.greedy_gold_gain", "eval.greedy_gold_gain_se"),
              line("win rate over SFT, gold judge", "eval.win_rate_gold", "eval.win_rate_gold_se"),
              line("win rate over SFT, reward model", "eval.win_rate_reward", "eval.win_rate_reward_se"),
              "  wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items() if v is not None)
              + f" (total {sum(v for v in walls.values() if v):.0f} s)",
+             *([f"verdict: {summary['eval.verdict']}"] if summary.get("eval.verdict") else []),
              f"report: {run / 'report.html'}"]
     return "\n".join(lines)
 
@@ -184,7 +190,8 @@ def _plots(run: Path, scatter: list[dict], curve: dict) -> dict[str, str]:
     rows = _load_jsonl(run / "ppo" / "metrics.jsonl")
     if rows:
         panels = [("objective/scores", "reward-model score"), ("objective/kl", "KL to reference (nats/seq)"),
-                  ("objective/gold", "gold score"), ("val/response_length", "response length (tokens)")]
+                  ("objective/gold", "gold score"), ("objective/ensemble_std", "reward ensemble disagreement"),
+                  ("val/response_length", "response length (tokens)")]
         panels = [p for p in panels if any(p[0] in r for r in rows)]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0))
         for ax, (key, label) in zip(list(axes) if len(panels) > 1 else [axes], panels):
@@ -233,6 +240,9 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
         ("Reward model accuracy (held-out pairs)", _fmt(summary.get("reward.eval_accuracy"))),
         ("Reward model agreement with gold", _fmt(summary.get("reward.gold_agreement"))),
     ]
+    if summary.get("reward.ensemble_size", 1) > 1:
+        headline.append((f"Reward ensemble of {summary['reward.ensemble_size']}: agreement with gold",
+                         _fmt(summary.get("reward.ensemble_gold_agreement"))))
     policy_rows = []
     for name in ("sft", "ppo"):
         e = ev.get(name, {})
@@ -240,7 +250,8 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
                             _fmt(e.get("greedy", {}).get("gold")), _fmt(e.get("length"), e.get("length_se")),
                             _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
     gains = [
-        ("gold gain (PPO − SFT, paired)", _fmt(ev.get("gold_gain"), ev.get("gold_gain_se"))),
+        ("gold gain, sampled (PPO − SFT, paired)", _fmt(ev.get("gold_gain"), ev.get("gold_gain_se"))),
+        ("gold gain, greedy (PPO − SFT, paired)", _fmt(ev.get("greedy_gold_gain"), ev.get("greedy_gold_gain_se"))),
         ("reward gain (PPO − SFT, paired)", _fmt(ev.get("reward_gain"), ev.get("reward_gain_se"))),
         ("win rate of PPO over SFT, gold judge", _fmt(ev.get("win_rate_gold"), ev.get("win_rate_gold_se"))),
         ("win rate of PPO over SFT, reward model", _fmt(ev.get("win_rate_reward"), ev.get("win_rate_reward_se"))),
@@ -254,7 +265,9 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     eval_note = (f"{ev.get('prompts', '–')} held-out prompts × {ev.get('samples_per_prompt', '–')} samples at "
                  f"T={ev.get('temperature', '–')}; ± is one standard error across prompts.")
 
+    verdict_text = ev.get("verdict") or ""
     md = ["# rlhfkit run report", "", f"Run folder: `{run}`", "", "## Headline", ""]
+    md += [f"**{verdict_text}**", ""] if verdict_text else []
     md += [f"- {k}: **{v}**" for k, v in headline + gains]
     md += ["", "## Policies on held-out prompts", "", eval_note, "",
            "| policy | reward | gold | gold (greedy) | length | KL to SFT |", "|---|---|---|---|---|---|"]
@@ -288,10 +301,10 @@ th{{background:#f4f4f4}} .cards{{display:flex;flex-wrap:wrap;gap:.8em}}
 .card{{border:1px solid #ddd;border-radius:6px;padding:.6em .9em;min-width:200px;flex:1}}
 .card b{{display:block;font-size:1.35em}} .s{{color:#777;font-size:.85em;margin-top:.2em}}
 img{{max-width:100%;border:1px solid #eee;margin:.4em 0}} pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}}
-.muted{{color:#666}}
+.muted{{color:#666}} .verdict{{font-size:1.15em;font-weight:600;border-left:4px solid #3465a4;padding:.3em .7em;background:#f4f7fb}}
 </style></head><body>
 <h1>rlhfkit run report</h1><p class=muted>{e(str(run))}</p>
-<h2>Headline</h2><div class=cards>
+<h2>Headline</h2>{f'<p class=verdict>{e(verdict_text)}</p>' if verdict_text else ""}<div class=cards>
 {"".join(f'<div class=card>{e(k)}<b>{e(v)}</b></div>' for k, v in headline + gains)}
 </div>
 <h2>Policies on held-out prompts</h2><p class=muted>{e(eval_note)}</p>

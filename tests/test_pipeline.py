@@ -112,6 +112,29 @@ def test_kill_during_ppo_then_resume(tmp_path):
     assert [r["update"] for r in rows] == list(range(1, 41))
 
 
+def test_reward_ensemble_trains_seeded_members_and_ppo_optimises_their_combination(finished_run, tmp_path):
+    out = tmp_path / "run"
+    result = run_chain(tiny_config(out, reward_ensemble=3, **{"ppo.ensemble_reduction": "mean_minus_std"}),
+                       log=lambda _: None)
+    members = [out / "reward", out / "reward" / "members" / "1", out / "reward" / "members" / "2"]
+    seeds = [json.loads((m / "stage_config.json").read_text())["seed"] for m in members]
+    assert seeds == [0, 1, 2]
+    # member 0 is exactly the single reward model of the same config (same seed, same data)
+    single, _ = finished_run
+    assert (members[0] / "model" / "model.safetensors").read_bytes() == \
+        (single / "reward" / "model" / "model.safetensors").read_bytes()
+    from rlhfkit.reward.ensemble import ensemble_metrics
+
+    summary = result.summary
+    assert summary["reward.ensemble_size"] == 3
+    assert summary["reward.ensemble_gold_agreement"] == \
+        ensemble_metrics(members, "mean_minus_std")["ensemble_gold_agreement"]
+    assert summary["reward.gold_agreement"] == json.loads((members[0] / "metrics.json").read_text())["gold_agreement"]
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["objective/ensemble_std"] > 0 for r in rows)  # three different models disagree somewhere
+    assert "Reward ensemble of 3: agreement with gold" in (out / "report.html").read_text()
+
+
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coeff=0.1", "unknown key 'ppo.kl_coeff' (did you mean 'kl_coef'?)"),
     ("sft.num_train_epochs=many", "sft.num_train_epochs: expected a number, got 'many'"),

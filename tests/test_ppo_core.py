@@ -17,6 +17,7 @@ from rlhfkit.ppo.core import (
     FixedKLController,
     approx_kl,
     compute_gae,
+    ensemble_reward,
     entropy_from_logits,
     first_true_indices,
     kl_per_token,
@@ -533,3 +534,55 @@ def test_mask_after_eos_first_middle_absent_repeated():
     ]
     # prefix masks: ones never follow a zero
     assert (m[:, 1:] <= m[:, :-1]).all()
+
+
+# --------------------------------------------------------------------------- reward ensembles
+def test_ensemble_reward_by_hand():
+    # three members, two sequences:  seq 0 scores 1, 2, 3;  seq 1 scores -1, -1, 2
+    scores = torch.tensor([[1.0, -1.0], [2.0, -1.0], [3.0, 2.0]])
+    # seq 0: mean 2, population var ((1)^2 + 0 + 1^2) / 3 = 2/3, std 0.816497
+    # seq 1: mean 0, var (1 + 1 + 4) / 3 = 2, std 1.414214
+    mean, std = ensemble_reward(scores, "mean")
+    close(mean, [2.0, 0.0], atol=1e-6)
+    close(std, [math.sqrt(2 / 3), math.sqrt(2)], atol=1e-6)
+    low, _ = ensemble_reward(scores, "min")
+    close(low, [1.0, -1.0], atol=0)
+    # mean - 0.5 std: 2 - 0.408248 = 1.591752; 0 - 0.707107 = -0.707107
+    cons, _ = ensemble_reward(scores, "mean_minus_std", std_coef=0.5)
+    close(cons, [2 - 0.5 * math.sqrt(2 / 3), -0.5 * math.sqrt(2)], atol=1e-6)
+    # the conservative reward ranks the disputed sequence lower than the plain mean does:
+    # two sequences with equal mean, one agreed on, one disputed
+    agreed_vs_disputed = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+    r, d = ensemble_reward(agreed_vs_disputed, "mean_minus_std", std_coef=1.0)
+    close(d, [0.0, 1.0], atol=1e-6)
+    assert r[0] > r[1]
+    # one member: every reduction is that member's score, disagreement 0
+    one = torch.tensor([[0.3, -0.2]])
+    for how in ("mean", "min", "mean_minus_std"):
+        r, d = ensemble_reward(one, how)
+        close(r, [0.3, -0.2], atol=1e-7)
+        close(d, [0.0, 0.0], atol=0)
+    with pytest.raises(ValueError):
+        ensemble_reward(scores, "median")
+    with pytest.raises(ValueError):
+        ensemble_reward(torch.zeros(3), "mean")
+
+
+def test_adaptive_kl_controller_reaches_and_holds_its_target_on_a_toy():
+    # Toy policy: the KL it drifts to is inversely proportional to the penalty, KL(beta) = c / beta
+    # (the optimum of  score - beta * KL  for a score that grows like 2c * log KL ... any decreasing
+    # response does). With c = 0.05 and target 1.0 the fixed point is beta* = 0.05. Starting at
+    # beta = 0.01 (KL 5, far above target) the controller must raise beta to beta* and stay there.
+    c_toy, target = 0.05, 1.0
+    ctl = AdaptiveKLController(0.01, target=target, horizon=640)
+    kls = []
+    for _ in range(300):
+        kl = c_toy / ctl.value
+        kls.append(kl)
+        ctl.update(kl, 64)  # 64 episodes per update: at most x(1 +- 0.02) per update
+    assert kls[0] == pytest.approx(5.0)
+    # the error is clipped at +-0.2, so the climb from 0.01 to 0.05 takes log(5)/log(1.02) ~ 81 updates
+    assert all(k > 1.0 for k in kls[:80])
+    # ... then it holds: the last 100 updates all lie within 2 % of the target
+    assert all(abs(k - target) < 0.02 for k in kls[-100:])
+    assert ctl.value == pytest.approx(c_toy / target, rel=0.02)

@@ -261,7 +261,8 @@ def _fixed_rollout(world, value_model):
         values = token_values(value_model, ids, am, width)
     noise = lambda: torch.randn(n, width, generator=g)  # noqa: E731
     rollout = Rollout(q, qm, response, mask, (logprobs + 0.1 * noise()) * mask, logprobs * mask,
-                      (values + 0.1 * noise()) * mask, torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+                      (values + 0.1 * noise()) * mask, torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool),
+                      torch.zeros(n))
     advantages = (noise() + (lengths <= 4).float()[:, None]) * mask  # short responses fare better
     returns = noise() * mask
     return rollout, advantages, returns
@@ -843,7 +844,7 @@ def _spy_rollouts(monkeypatch):
     def spy(module, ref_policy, scorer, tokenizer, prompts, *args, **kwargs):
         rollout, texts = original(module, ref_policy, scorer, tokenizer, prompts, *args, **kwargs)
         records.rollouts.append((prompts, rollout, texts))
-        records.scorers.append(scorer)
+        records.scorers.extend(scorer.members)
         return rollout, texts
 
     monkeypatch.setattr(trainer_mod, "make_rollout", spy)
@@ -982,3 +983,73 @@ def test_dataset_without_prompt_column_is_a_config_error(world, tmp_path):
         train_ppo(config, reward_fn=has_digit)
     with pytest.raises(ConfigError, match="'prompt' column"):
         train_ppo(small_config(world, tmp_path / "o"), prompts=data, reward_fn=has_digit)
+
+
+# ---------------------------------------------------------------------------------------
+# 11. reward-model ensembles and critic warm-up
+# ---------------------------------------------------------------------------------------
+def _member(world, folder: Path, source: Path, mean: float, std: float) -> Path:
+    """A reward-stage-like folder: the model plus the held-out score scale in metrics.json."""
+    import shutil
+
+    shutil.copytree(source, folder / "model")
+    (folder / "metrics.json").write_text(json.dumps({"eval_reward_mean": mean, "eval_reward_std": std}))
+    return folder
+
+
+def test_ensemble_scores_are_standardised_members_combined(world, tmp_path, monkeypatch):
+    from rlhfkit.ppo import trainer as trainer_mod
+
+    a = _member(world, tmp_path / "a", world.rm_dir, mean=0.5, std=2.0)
+    b = _member(world, tmp_path / "b", world.rm_dir, mean=-1.0, std=0.5)  # same weights, another scale
+    records = []
+    original = trainer_mod.make_rollout
+
+    def spy(module, ref_policy, scorer, tokenizer, prompts, *args, **kwargs):
+        rollout, texts = original(module, ref_policy, scorer, tokenizer, prompts, *args, **kwargs)
+        records.append((scorer, rollout))
+        return rollout, texts
+
+    monkeypatch.setattr(trainer_mod, "make_rollout", spy)
+    config = small_config(world, tmp_path / "out", num_updates=1, reward_model=[str(a), str(b)],
+                          ensemble_reduction="min")
+    train_ppo(config, prompts=world.prompts)
+    scorer, rollout = records[0]
+    assert [n for n in scorer.norms] == [(0.5, 2.0), (-1.0, 0.5)]
+    # by hand: both members give the same raw score s; standardised (s - 0.5) / 2 and (s + 1) / 0.5
+    raw = sequence_scores(world.rm, rollout.input_ids, rollout.attention_mask)
+    z = torch.stack([(raw - 0.5) / 2.0, (raw + 1.0) / 0.5])
+    torch.testing.assert_close(rollout.raw_scores, z.min(0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.score_std, (z[0] - z[1]).abs() / 2, atol=1e-5, rtol=0)
+    row = read_rows(tmp_path / "out" / "metrics.jsonl")[0]
+    assert row["objective/ensemble_std"] == pytest.approx(rollout.score_std.mean().item(), abs=1e-6)
+    # a member without its held-out scale is refused before training, naming the folder
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    import shutil
+
+    shutil.copytree(world.rm_dir, bare / "model")
+    with pytest.raises(ConfigError, match="bare has no metrics.json"):
+        train_ppo(small_config(world, tmp_path / "out2", reward_model=[str(a), str(bare)]), prompts=world.prompts)
+
+
+def test_value_warmup_trains_only_the_critic(world, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "warm"
+    config = small_config(world, out, num_updates=3, value_warmup_updates=2, save_steps=1, save_total_limit=5,
+                          learning_rate=1e-2)
+    train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    start = {k: v for k, v in world.policy.state_dict().items()}
+    after_warmup = load_file(out / "checkpoints" / "update-000002" / "policy.safetensors")
+    assert all(torch.equal(after_warmup[k], start[k]) for k in after_warmup if k in start)
+    value_1 = load_file(out / "checkpoints" / "update-000001" / "value.safetensors")
+    value_2 = load_file(out / "checkpoints" / "update-000002" / "value.safetensors")
+    assert any(not torch.equal(value_1[k], value_2[k]) for k in value_1)  # the critic did train
+    rows = read_rows(out / "metrics.jsonl")
+    assert rows[1]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # update 2 still samples the start policy
+    final = load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(final[k], start[k]) for k in final if k in start)  # update 3 moved the policy
+    with pytest.raises(ConfigError, match="value_warmup_updates=3 leaves no policy update"):
+        train_ppo(small_config(world, tmp_path / "x", num_updates=3, value_warmup_updates=3), prompts=world.prompts,
+                  reward_fn=has_digit)

@@ -14,6 +14,7 @@ A combination that does not divide evenly is rejected before any model loads.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -30,7 +31,8 @@ def world_size() -> int:
 class PPOStageConfig:
     # --- inputs and outputs
     model: str = field(help="policy to align: the SFT stage's folder, a Hugging Face folder or a hub id")
-    reward_model: str | None = field(None, help="reward model folder (the reward stage's output); or pass reward_fn in Python")
+    reward_model: str | list[str] | None = field(None, help="reward model folder (the reward stage's output), or a list of "
+                                                         "them: an ensemble (see ensemble_reduction); or pass reward_fn in Python")
     data: str | None = field(None, help="prompts: a data-build folder (its user turns) or a dataset folder with a 'prompt' column")
     output_dir: str = field("runs/ppo", help="artifact folder: model/, checkpoints/, metrics.jsonl, samples.jsonl, metrics.json")
     value_model: str = field("reward", help="value model init: 'reward' (from the reward model), 'policy' (from the policy), or a folder")
@@ -51,6 +53,10 @@ class PPOStageConfig:
     max_prompt_length: int = field(256, help="prompt tokens kept (the last ones: the instruction is at the end)")
     missing_eos_penalty: float | None = field(1.0, help="subtracted from the score of a response that never emits EOS; null = off")
     # --- objective
+    ensemble_reduction: Literal["mean", "min", "mean_minus_std"] = field(
+        "mean", help="reward-model ensemble: members' standardised scores combined by their mean, their minimum, or "
+                     "mean - ensemble_std_coef * std (Coste et al. 2023); their std is logged as objective/ensemble_std")
+    ensemble_std_coef: float = field(1.0, help="lambda of ensemble_reduction=mean_minus_std")
     kl_coef: float = field(0.05, help="KL penalty coefficient beta (initial value when kl_target is set)")
     kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator: k1 = logp - ref, k3 = exp(ref-logp)-1-(ref-logp)")
     kl_target: float | None = field(None, help="adaptive KL (Ziegler et al.): target KL per sequence; null = fixed kl_coef")
@@ -62,6 +68,8 @@ class PPOStageConfig:
     cliprange: float = field(0.2, help="policy ratio clip epsilon")
     cliprange_value: float = field(0.2, help="value clip epsilon")
     vf_coef: float = field(0.1, help="weight of the value loss")
+    value_warmup_updates: int = field(0, help="critic warm-up: the first N updates train only the value model "
+                                              "(the policy is not changed), so the first policy steps use fitted values")
     target_kl: float | None = field(None, help="stop this update's PPO epochs early when approx-KL passes it; null = off")
     # --- optimisation
     learning_rate: float = field(3e-6, help="AdamW learning rate of policy and value model")
@@ -128,13 +136,20 @@ class PPOStageConfig:
             problems.append(f"logging_steps must be at least 1, got {self.logging_steps}")
         if self.save_total_limit < 1:
             problems.append(f"save_total_limit must be at least 1, got {self.save_total_limit}")
-        for name in ("save_steps", "sample_every", "num_samples", "warmup_steps"):
+        if not (math.isfinite(self.ensemble_std_coef) and self.ensemble_std_coef >= 0):
+            problems.append(f"ensemble_std_coef must be a finite number >= 0, got {self.ensemble_std_coef}")
+        if isinstance(self.reward_model, list) and not self.reward_model:
+            problems.append("reward_model: an empty list; give one folder or several (an ensemble)")
+        for name in ("save_steps", "sample_every", "num_samples", "warmup_steps", "value_warmup_updates"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kl_horizon", "max_grad_norm", "learning_rate", "target_kl", "score_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be > 0, got {value}")
+        if not problems and self.value_warmup_updates >= self.updates:
+            problems.append(f"value_warmup_updates={self.value_warmup_updates} leaves no policy update of "
+                            f"{self.updates}; set it below the number of updates")
         if self.lora_dropout != 0:
             problems.append(f"lora_dropout must be 0: PPO turns dropout off everywhere, got {self.lora_dropout}")
         if self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy"):

@@ -30,6 +30,7 @@ __all__ = [
     "KL_KINDS",
     "approx_kl",
     "compute_gae",
+    "ensemble_reward",
     "entropy_from_logits",
     "first_true_indices",
     "kl_per_token",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 KL_KINDS = ("k1", "k2", "k3")
+ENSEMBLE_REDUCTIONS = ("mean", "min", "mean_minus_std")
+"""How :func:`ensemble_reward` combines the members' scores into one reward."""
 """The per-token KL estimators accepted by :func:`kl_per_token` (Schulman 2020)."""
 
 _WHITEN_EPS = 1e-8
@@ -272,6 +275,35 @@ def rewards_with_kl(
     at_last = torch.nn.functional.one_hot(last, T).to(torch.bool) & (lengths > 0).unsqueeze(1)
     rewards = rewards + torch.where(at_last, scores.to(rewards.dtype).unsqueeze(1), zero)
     return rewards, kl
+
+
+def ensemble_reward(scores: torch.Tensor, reduction: str = "mean", std_coef: float = 1.0,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One conservative reward from K reward models (Coste et al. 2023), and their disagreement.
+
+    ``scores`` is ``[K, B]``: member k's score of sequence b, each member already on a
+    common scale (standardised by its own held-out mean and std, see the trainer). With
+    mean_b = (1/K) sum_k s_kb and std_b = sqrt((1/K) sum_k (s_kb - mean_b)^2):
+
+        "mean"            r_b = mean_b
+        "min"             r_b = min_k s_kb                 (worst-case optimisation)
+        "mean_minus_std"  r_b = mean_b - std_coef * std_b  (uncertainty-weighted)
+
+    Returns ``(r, std)``, both ``[B]``; ``std`` (population std, 0 for one member) is the
+    disagreement, an over-optimisation signal that needs no gold: it grows where the
+    policy's samples leave the region the reward models agree on.
+    """
+    if scores.dim() != 2 or scores.shape[0] < 1:
+        raise ValueError(f"scores must be [K, B] with K >= 1, got shape {tuple(scores.shape)}")
+    mean = scores.mean(0)
+    std = scores.std(0, unbiased=False)
+    if reduction == "mean":
+        return mean, std
+    if reduction == "min":
+        return scores.min(0).values, std
+    if reduction == "mean_minus_std":
+        return mean - std_coef * std, std
+    raise ValueError(f"unknown ensemble reduction {reduction!r}; expected one of {ENSEMBLE_REDUCTIONS}")
 
 
 class FixedKLController:

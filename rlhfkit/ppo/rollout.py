@@ -33,6 +33,7 @@ class Rollout:
     scores: torch.Tensor  # [B] reward for the whole response (EOS penalty and clipping applied)
     raw_scores: torch.Tensor  # [B] reward before penalty and clipping
     has_eos: torch.Tensor  # [B] bool: the response ended with EOS within R tokens
+    score_std: torch.Tensor  # [B] disagreement of a reward-model ensemble (std of standardised scores; 0 for one)
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -26,12 +26,14 @@ import torch
 from rlhfkit.artifacts import StageResult, atomic_dir, read_json, resolve_model_path, write_json_atomic
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.ppo import checkpoint as ckpt
+from rlhfkit.reward.ensemble import held_out_norm
 from rlhfkit.ppo.config import PPOStageConfig
 from rlhfkit.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     approx_kl,
     compute_gae,
+    ensemble_reward,
     kl_per_token,
     logprobs_from_logits,
     policy_loss,
@@ -96,6 +98,32 @@ class Scorer:
         return sequence_scores(self.model, ids, mask).to(rollout_ids.device)
 
 
+@dataclass
+class EnsembleScorer:
+    """K scorers (reward models) combined into one conservative reward (``core.ensemble_reward``).
+
+    Each member's score is first standardised by its own held-out mean and std (``norms``):
+    Bradley-Terry rewards have an arbitrary offset and scale per model, so raw scores of two
+    models are not comparable. One member with norm (0, 1) is the plain reward model.
+    """
+
+    members: list[Scorer]
+    norms: list[tuple[float, float]]
+    reduction: str = "mean"
+    std_coef: float = 1.0
+
+    @torch.no_grad()
+    def __call__(self, rollout_ids, rollout_mask, prompts: list[Any], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reward [B], disagreement [B])`` (disagreement 0 for one member)."""
+        scores = torch.stack([(member(rollout_ids, rollout_mask, prompts, responses) - mean) / std
+                              for member, (mean, std) in zip(self.members, self.norms)])
+        return ensemble_reward(scores, self.reduction, self.std_coef)
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [m.model for m in self.members if m.model is not None]
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's weights live (accelerate moves them): new tensors for its forward go there."""
     return next(model.parameters()).device
@@ -151,7 +179,7 @@ def batch_indices(update: int, batch_size: int, num_prompts: int, seed: int) -> 
 def make_rollout(
     module: PolicyAndValue,
     ref_policy: torch.nn.Module | None,
-    scorer: Scorer,
+    scorer: EnsembleScorer,
     tokenizer,
     prompts: list[Any],
     prompt_ids: list[list[int]],
@@ -193,7 +221,7 @@ def make_rollout(
         values = token_values(module.value, input_ids, attention_mask, width) * response_mask
         # (5) scores
         responses = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, pad), skip_special_tokens=True)
-        raw = scorer(input_ids, attention_mask, prompts[start:start + step], responses)
+        raw, score_std = scorer(input_ids, attention_mask, prompts[start:start + step], responses)
         scores = raw.clone()
         if config.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
@@ -201,7 +229,7 @@ def make_rollout(
             scores = scores.clamp(-config.score_clip, config.score_clip)
         texts.extend(responses)
         chunks.append(Rollout(query_ids, query_mask, response_ids, response_mask, logprobs, ref_logprobs,
-                              values, scores, raw, has_eos))
+                              values, scores, raw, has_eos, score_std))
     return concat_rollouts(chunks, pad), texts
 
 
@@ -230,6 +258,7 @@ def concat_rollouts(chunks: list[Rollout], pad_id: int) -> Rollout:
         scores=torch.cat([c.scores for c in chunks]),
         raw_scores=torch.cat([c.raw_scores for c in chunks]),
         has_eos=torch.cat([c.has_eos for c in chunks]),
+        score_std=torch.cat([c.score_std for c in chunks]),
     )
 
 
@@ -243,8 +272,12 @@ def ppo_update(
     returns: torch.Tensor,
     config: PPOStageConfig,
     generator: torch.Generator,
+    train_policy: bool = True,
 ) -> dict[str, float]:
     """``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps over this process's episodes.
+
+    ``train_policy=False`` (critic warm-up) drops the policy loss: the policy gets zero
+    gradients, so AdamW (whose moments are still zero) leaves it unchanged.
 
     Each micro-batch's loss is weighted so that the accumulated gradient is the token mean over
     the whole minibatch on all processes, whatever the split into micro-batches (pitfall 8).
@@ -280,7 +313,7 @@ def ppo_update(
                     # masked means over this micro-batch -> its share of the minibatch token mean;
                     # accelerate divides by the accumulation steps and DDP averages over processes.
                     share = m.sum() / minibatch_tokens * accumulation * accelerator.num_processes
-                    loss = (pg_loss + config.vf_coef * vf_loss) * share
+                    loss = ((pg_loss if train_policy else 0.0 * pg_loss) + config.vf_coef * vf_loss) * share
                     if not torch.isfinite(loss):
                         raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
                     accelerator.backward(loss)
@@ -408,6 +441,8 @@ def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PP
     out = dict(zip(("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                     "objective/scores", "objective/raw_scores"), means))
     out["objective/kl_coef"] = beta
+    if isinstance(config.reward_model, list) and len(config.reward_model) > 1:
+        out["objective/ensemble_std"] = rollout.score_std.mean().item()
     out["val/num_eos_tokens"], out["val/response_length"] = means[-2:]
     return out
 
@@ -503,21 +538,30 @@ def train_ppo(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; only EOS stops
     prompt_ids = encode_prompts(tokenizer, prompt_list, config.max_prompt_length)
-    scorer = Scorer(fn=reward_fn)
-    reward_path = resolve_model_path(config.reward_model) if config.reward_model else None
+    scorer = EnsembleScorer([Scorer(fn=reward_fn)], [(0.0, 1.0)])
+    folders = [config.reward_model] if isinstance(config.reward_model, str) else list(config.reward_model or [])
+    reward_path = resolve_model_path(folders[0]) if folders else None  # member 0: the value model's start
     if reward_fn is None:
-        if reward_model is None:
-            reward_model = _load_model(AutoModelForSequenceClassification, reward_path, config.trust_remote_code, num_labels=1)
-            if reward_tokenizer is None:
-                reward_tokenizer = _load_tokenizer(reward_path, config.trust_remote_code)
-        reward_tokenizer = reward_tokenizer or tokenizer
-        same = reward_tokenizer.get_vocab() == tokenizer.get_vocab() and reward_tokenizer.chat_template == tokenizer.chat_template
-        if not same and value_model is None and config.value_model == "reward":
-            # the value model reads the policy's token ids: initialised from a reward model with
-            # another vocabulary it would embed the wrong tokens (or index past its table)
-            raise ConfigError("value_model: 'reward' needs a reward model with the policy's tokenizer; this one has "
-                              "another, so set value_model=policy (or a folder that shares the policy's tokenizer)")
-        scorer = Scorer(model=reward_model.eval().requires_grad_(False), tokenizer=reward_tokenizer, same_tokenizer=same)
+        members = []
+        norms = [held_out_norm(f) for f in folders] if len(folders) > 1 and reward_model is None else [(0.0, 1.0)]
+        for i, folder in enumerate(folders if reward_model is None else [None]):
+            model, member_tokenizer = reward_model, reward_tokenizer
+            if model is None:
+                path = resolve_model_path(folder)
+                model = _load_model(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1)
+                if member_tokenizer is None or i > 0:
+                    member_tokenizer = _load_tokenizer(path, config.trust_remote_code)
+            member_tokenizer = member_tokenizer or tokenizer
+            same = (member_tokenizer.get_vocab() == tokenizer.get_vocab()
+                    and member_tokenizer.chat_template == tokenizer.chat_template)
+            if i == 0 and not same and value_model is None and config.value_model == "reward":
+                # the value model reads the policy's token ids: initialised from a reward model with
+                # another vocabulary it would embed the wrong tokens (or index past its table)
+                raise ConfigError("value_model: 'reward' needs a reward model with the policy's tokenizer; this one has "
+                                  "another, so set value_model=policy (or a folder that shares the policy's tokenizer)")
+            members.append(Scorer(model=model.eval().requires_grad_(False), tokenizer=member_tokenizer,
+                                  same_tokenizer=same))
+        scorer = EnsembleScorer(members, norms, config.ensemble_reduction, config.ensemble_std_coef)
     if value_model is None and config.value_model == "policy" and policy_path is None:
         # an in-memory policy: a value model of the same architecture, its backbone copied, a fresh head
         value_config = copy.deepcopy(policy.config)
@@ -540,7 +584,7 @@ def train_ppo(
                                                    target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
     else:
         ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
-    for model in (policy, value_model, ref_policy, scorer.model):
+    for model in (policy, value_model, ref_policy, *scorer.models):
         if model is not None:
             disable_dropout(model)
     module = PolicyAndValue(policy, value_model)
@@ -552,7 +596,7 @@ def train_ppo(
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
     module, optimizer = accelerator.prepare(module, optimizer)
-    for model in (ref_policy, scorer.model):
+    for model in (ref_policy, *scorer.models):
         if model is not None:
             model.to(accelerator.device)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -605,7 +649,7 @@ def train_ppo(
         advantages = whiten(advantages, rollout.response_mask)
         # 4. optimise
         train_stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns,
-                                 config, shuffle_gen)
+                                 config, shuffle_gen, train_policy=update >= config.value_warmup_updates)
         # 5. bookkeeping
         episode_stats = _episode_metrics(rollout, kl, beta, config, tokenizer.eos_token_id)
         gold = None

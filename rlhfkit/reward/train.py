@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from rlhfkit.artifacts import StageResult, write_text_atomic
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.reward.ensemble import SCORES_FILE
 from rlhfkit.training import (
     StageConfig,
     build_trl_args,
@@ -62,7 +63,6 @@ REWARD_TRL_DEFAULTS: dict[str, Any] = {
 }
 DEFAULT_MAX_LENGTH = 1024  # TRL's default, capped at the model's max_position_embeddings
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-SCORES_FILE = "eval_scores.jsonl"
 _DROP = "_rlhfkit_drop"
 
 

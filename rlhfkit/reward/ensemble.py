@@ -1,0 +1,68 @@
+"""Reward-model ensembles: members' score scales and the ensemble's held-out figures.
+
+An ensemble is K reward-stage folders trained from the same SFT model with different seeds
+(different head initialisation and data order). Bradley-Terry rewards have an arbitrary
+offset and scale per model, so every member's score is standardised by its own held-out
+mean and std (``metrics.json``) before the members are combined by
+``rlhfkit.ppo.core.ensemble_reward`` -- in PPO and in the figures below alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhfkit.artifacts import read_json
+from rlhfkit.errors import ConfigError
+
+SCORES_FILE = "eval_scores.jsonl"  # the reward stage's per-pair held-out scores
+
+
+def held_out_norm(folder: str | Path) -> tuple[float, float]:
+    """``(mean, std)`` of a reward stage's held-out scores, the scale its member is standardised by."""
+    path = Path(folder) / "metrics.json"
+    metrics = read_json(path) if path.is_file() else {}
+    mean, std = metrics.get("eval_reward_mean"), metrics.get("eval_reward_std")
+    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or not std > 0:
+        raise ConfigError(f"reward_model: ensemble member {folder} has no metrics.json with eval_reward_mean and a "
+                          "positive eval_reward_std (the reward stage writes them); an ensemble needs each member's "
+                          "held-out score scale")
+    return float(mean), float(std)
+
+
+def ensemble_metrics(folders: Sequence[str | Path], reduction: str = "mean", std_coef: float = 1.0) -> dict[str, Any]:
+    """The combined reward's accuracy and gold agreement on the held-out pairs every member scored.
+
+    Reads each member's ``eval_scores.jsonl``; a pair counts for gold agreement when the gold
+    judge scored its replies differently (as ``gold_agreement`` of one model).
+    """
+    from rlhfkit.ppo.core import ensemble_reward
+
+    rows = []
+    for folder in folders:
+        lines = (Path(folder) / SCORES_FILE).read_text(encoding="utf-8").splitlines()
+        rows.append([json.loads(line) for line in lines if line.strip()])
+    if len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise ConfigError(f"reward ensemble: members scored different held-out pairs ({[len(r) for r in rows]})")
+    norms = [held_out_norm(f) for f in folders]
+
+    def combined(key: str) -> torch.Tensor:
+        scores = torch.tensor([[row[key] for row in member] for member in rows], dtype=torch.float64)
+        mean = torch.tensor([m for m, _ in norms], dtype=torch.float64)[:, None]
+        std = torch.tensor([s for _, s in norms], dtype=torch.float64)[:, None]
+        return ensemble_reward((scores - mean) / std, reduction, std_coef)[0]
+
+    chosen, rejected = combined("chosen_reward"), combined("rejected_reward")
+    accuracy = float((chosen > rejected).double().mean())
+    agree = counted = 0
+    for row, c, r in zip(rows[0], chosen.tolist(), rejected.tolist()):
+        gc, gr = row.get("gold_chosen"), row.get("gold_rejected")
+        if gc is None or gr is None or gc == gr:
+            continue
+        counted += 1
+        agree += int((c - r) * (gc - gr) > 0)
+    return {"ensemble_size": len(folders), "ensemble_eval_accuracy": accuracy,
+            "ensemble_gold_agreement": agree / counted if counted else None, "ensemble_gold_pairs": counted}
