@@ -398,7 +398,8 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
             policy.to(device)
             point = curve_point(policy, sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
             points.append({"update": update, **{k: point[k] for k in fields}})
-    points.append({"update": ppo_cfg.num_updates, **{k: metrics["ppo"].get(k) for k in fields}})
+    done = read_json(paths["ppo"] / "metrics.json").get("updates_done", ppo_cfg.num_updates)  # < num_updates: KL budget
+    points.append({"update": done, **{k: metrics["ppo"].get(k) for k in fields}})
     for point in points:
         point["sqrt_kl"] = sqrt_kl(point["kl"])
     curve: dict[str, Any] = {"ppo": points, "temperature": temperature, "prompts": metrics["prompts"],

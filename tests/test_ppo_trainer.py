@@ -1053,3 +1053,24 @@ def test_value_warmup_trains_only_the_critic(world, tmp_path):
     with pytest.raises(ConfigError, match="value_warmup_updates=3 leaves no policy update"):
         train_ppo(small_config(world, tmp_path / "x", num_updates=3, value_warmup_updates=3), prompts=world.prompts,
                   reward_fn=has_digit)
+
+
+def test_kl_budget_stops_at_the_first_window_over_budget(world, tmp_path):
+    out = tmp_path / "budget"
+    config = small_config(world, out, num_updates=12, rollout_batch_size=16, per_device_train_batch_size=8,
+                          num_ppo_epochs=4, learning_rate=1e-2, kl_coef=0.0, kl_budget=0.5, kl_budget_window=2)
+    result = train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    rows = read_rows(out / "metrics.jsonl")
+    done = result.metrics["updates_done"]
+    assert result.metrics["stopped_at_kl_budget"] and 2 <= done < 12 and len(rows) == done
+    kls = [r["objective/kl"] for r in rows]
+    windows = [(a + b) / 2 for a, b in zip(kls, kls[1:])]  # mean of updates (u, u+1)
+    assert windows[-1] >= 0.5 and all(w < 0.5 for w in windows[:-1]), kls
+    assert result.metrics["updates"] == 12  # the planned run: a re-run finds it finished, does nothing
+    again = train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    assert again.metrics == json.loads((out / "metrics.json").read_text()) and len(read_rows(out / "metrics.jsonl")) == done
+    with pytest.raises(ConfigError, match="kl_budget must be > 0"):
+        train_ppo(small_config(world, tmp_path / "x", kl_budget=0.0), prompts=world.prompts, reward_fn=has_digit)
+    with pytest.raises(ConfigError, match="learning_rate must be a finite number, got nan"):
+        train_ppo(small_config(world, tmp_path / "x", learning_rate=float("nan")), prompts=world.prompts,
+                  reward_fn=has_digit)

@@ -110,6 +110,13 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a log written by ``append_jsonl`` (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def truncate_log(path: Path, update: int) -> None:
     """Drop rows past ``update`` (and a torn last line) so a resumed log has no duplicates."""
     if not path.is_file():

@@ -14,6 +14,7 @@ A combination that does not divide evenly is rejected before any model loads.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class PPOStageConfig:
     kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator: k1 = logp - ref, k3 = exp(ref-logp)-1-(ref-logp)")
     kl_target: float | None = field(None, help="adaptive KL (Ziegler et al.): target KL per sequence; null = fixed kl_coef")
     kl_horizon: int = field(10000, help="adaptive KL horizon in episodes")
+    kl_budget: float | None = field(None, help="stop once the KL to the reference (mean objective/kl of the last "
+                                               "kl_budget_window updates, nats per response) reaches this budget; the "
+                                               "policy of that update is the final one; null = run every update")
+    kl_budget_window: int = field(5, help="updates averaged for kl_budget (one update's KL is a noisy estimate)")
     gamma: float = field(1.0, help="discount")
     lam: float = field(0.95, help="GAE lambda")
     whiten_rewards: bool = field(False, help="whiten per-token rewards before GAE (mean kept)")
@@ -93,7 +98,8 @@ class PPOStageConfig:
     torch_threads: int | None = field(None, help="torch intra-op threads; null = torch's default")
 
     def validate(self) -> list[str]:
-        problems = []
+        problems = [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                    if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
         for name in ("rollout_batch_size", "num_mini_batches", "per_device_train_batch_size",
                      "rollout_forward_batch_size", "num_ppo_epochs", "response_length", "max_prompt_length"):
             if getattr(self, name) < 1:
@@ -143,7 +149,9 @@ class PPOStageConfig:
         for name in ("save_steps", "sample_every", "num_samples", "warmup_steps", "value_warmup_updates"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("kl_horizon", "max_grad_norm", "learning_rate", "target_kl", "score_clip"):
+        if self.kl_budget_window < 1:
+            problems.append(f"kl_budget_window must be at least 1, got {self.kl_budget_window}")
+        for name in ("kl_horizon", "max_grad_norm", "learning_rate", "target_kl", "score_clip", "kl_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be > 0, got {value}")

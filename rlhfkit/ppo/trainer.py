@@ -628,6 +628,9 @@ def train_ppo(
     started = time.perf_counter()
     bar = tqdm(total=config.updates, initial=start_update, desc="ppo", unit="update", disable=not main, dynamic_ncols=True)
     last_row: dict[str, float] = {}
+    # the KL of the last kl_budget_window updates (after a resume, from the log the run kept)
+    recent_kl = [r["objective/kl"] for r in ckpt.read_jsonl(out / "metrics.jsonl")][-config.kl_budget_window:]
+    stopped_at = None
     for update in range(start_update, config.updates):
         # 1. prompts of this update, this process's slice
         indices = batch_indices(update, config.rollout_batch_size, len(prompt_list), config.seed)
@@ -696,6 +699,15 @@ def train_ppo(
                 })
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
         bar.update(1)
+        recent_kl = (recent_kl + [mean_kl])[-config.kl_budget_window:]
+        if (config.kl_budget is not None and len(recent_kl) == config.kl_budget_window
+                and sum(recent_kl) / len(recent_kl) >= config.kl_budget):
+            stopped_at = update + 1
+            if main:
+                print(f"\nKL budget reached at update {stopped_at}: mean KL of the last {len(recent_kl)} updates "
+                      f"{sum(recent_kl) / len(recent_kl):.2f} >= kl_budget {config.kl_budget}; this policy is final",
+                      flush=True)
+            break
         if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
             ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, unwrapped, optimizer, scheduler, kl_ctl,
                       (sample_gen, shuffle_gen), config)
@@ -705,7 +717,9 @@ def train_ppo(
         accelerator.end_training()
 
     # --- final artefacts: the policy (adapter merged) and the summary, written last
-    metrics = {**last_row, "updates": config.updates, "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
+    metrics = {**last_row, "updates": config.updates, "updates_done": stopped_at or config.updates,
+               "stopped_at_kl_budget": stopped_at is not None,
+               "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
     if main:
         final = unwrapped.policy
         if config.lora:
