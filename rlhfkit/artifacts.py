@@ -112,3 +112,35 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     if (candidate / "config.json").is_file():
         return str(candidate)
     return os.fspath(path)
+
+
+# Files that mark a folder as a stage's output: the SFT and reward stages write stage_config.json
+# first and metrics.json (with its "stage") last; PPO writes metrics.jsonl from its first update.
+STAGE_MARKERS = {"sft": "stage_config.json", "reward": "stage_config.json", "ppo": "metrics.jsonl"}
+
+
+def other_stage(folder: str | os.PathLike, stage: str) -> str | None:
+    """The stage whose output ``folder`` holds when that is not ``stage`` (it would be overwritten), else None."""
+    folder = Path(folder)
+    metrics = folder / "metrics.json"
+    if metrics.is_file():
+        try:
+            owner = json.loads(metrics.read_text(encoding="utf-8")).get("stage")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if isinstance(owner, str) and owner != stage:
+            return owner
+    for owner, marker in STAGE_MARKERS.items():
+        if marker != STAGE_MARKERS[stage] and (folder / marker).is_file():
+            return owner if owner != "sft" else "sft or reward"
+    return None
+
+
+def refuse_other_stage(folder: str | os.PathLike, stage: str) -> None:
+    """One line instead of overwriting another stage's model and metrics with this stage's."""
+    from rlhfkit.errors import ConfigError
+
+    owner = other_stage(folder, stage)
+    if owner is not None:
+        raise ConfigError(f"output_dir {folder}: holds the output of the {owner} stage, which the {stage} stage would "
+                          "overwrite; choose another output folder")

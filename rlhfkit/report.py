@@ -247,13 +247,15 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     for name in ("sft", "ppo"):
         e = ev.get(name, {})
         policy_rows.append([name.upper(), _fmt(e.get("reward"), e.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
-                            _fmt(e.get("greedy", {}).get("gold")), _fmt(e.get("length"), e.get("length_se")),
+                            _fmt(e.get("greedy", {}).get("gold"), e.get("greedy", {}).get("gold_se")),
+                            _fmt(e.get("length"), e.get("length_se")),
                             _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
     gains = [
         ("gold gain, sampled (PPO − SFT, paired)", _fmt(ev.get("gold_gain"), ev.get("gold_gain_se"))),
         ("gold gain, greedy (PPO − SFT, paired)", _fmt(ev.get("greedy_gold_gain"), ev.get("greedy_gold_gain_se"))),
-        ("reward gain (PPO − SFT, paired)", _fmt(ev.get("reward_gain"), ev.get("reward_gain_se"))),
+        ("KL(PPO ‖ SFT), nats per response", _fmt(ev.get("ppo", {}).get("kl"), ev.get("ppo", {}).get("kl_se"))),
         ("win rate of PPO over SFT, gold judge", _fmt(ev.get("win_rate_gold"), ev.get("win_rate_gold_se"))),
+        ("reward gain (PPO − SFT, paired)", _fmt(ev.get("reward_gain"), ev.get("reward_gain_se"))),
         ("win rate of PPO over SFT, reward model", _fmt(ev.get("win_rate_reward"), ev.get("win_rate_reward_se"))),
     ]
     stage_rows = []
@@ -268,7 +270,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     verdict_text = ev.get("verdict") or ""
     md = ["# rlhfkit run report", "", f"Run folder: `{run}`", "", "## Headline", ""]
     md += [f"**{verdict_text}**", ""] if verdict_text else []
-    md += [f"- {k}: **{v}**" for k, v in headline + gains]
+    md += [f"- {k}: **{v}**" for k, v in gains + headline]
     md += ["", "## Policies on held-out prompts", "", eval_note, "",
            "| policy | reward | gold | gold (greedy) | length | KL to SFT |", "|---|---|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in policy_rows]
@@ -305,7 +307,7 @@ img{{max-width:100%;border:1px solid #eee;margin:.4em 0}} pre{{background:#f7f7f
 </style></head><body>
 <h1>rlhfkit run report</h1><p class=muted>{e(str(run))}</p>
 <h2>Headline</h2>{f'<p class=verdict>{e(verdict_text)}</p>' if verdict_text else ""}<div class=cards>
-{"".join(f'<div class=card>{e(k)}<b>{e(v)}</b></div>' for k, v in headline + gains)}
+{"".join(f'<div class=card>{e(k)}<b>{e(v)}</b></div>' for k, v in gains + headline)}
 </div>
 <h2>Policies on held-out prompts</h2><p class=muted>{e(eval_note)}</p>
 {html_table(["policy", "reward", "gold", "gold (greedy)", "length", "KL to SFT"], policy_rows)}

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from rlhfkit.artifacts import atomic_dir, read_json, resolve_model_path, write_json_atomic
+from rlhfkit.artifacts import atomic_dir, read_json, refuse_other_stage, resolve_model_path, write_json_atomic
 from rlhfkit.config import Passthrough, field, to_dict
 from rlhfkit.errors import ConfigError, DataError, TrainingError
 
@@ -467,6 +467,7 @@ class TrainSession:
 def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
     """Check resume policy, record the config; returns the checkpoint to resume from."""
     out = Path(config.output_dir)
+    refuse_other_stage(out, config.stage_name)
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, remove_incomplete=is_main)
     if resume_from is not None and not config.resume:

@@ -1074,3 +1074,26 @@ def test_kl_budget_stops_at_the_first_window_over_budget(world, tmp_path):
     with pytest.raises(ConfigError, match="learning_rate must be a finite number, got nan"):
         train_ppo(small_config(world, tmp_path / "x", learning_rate=float("nan")), prompts=world.prompts,
                   reward_fn=has_digit)
+
+
+def test_ppo_refuses_to_overwrite_another_stages_folder(world, tmp_path):
+    """A PPO run pointed at a reward stage's folder once replaced its model/ and metrics.json."""
+    import shutil
+
+    reward = tmp_path / "reward"
+    shutil.copytree(world.rm_dir, reward / "model")
+    (reward / "stage_config.json").write_text("{}")
+    (reward / "metrics.json").write_text(json.dumps({"stage": "reward", "eval_accuracy": 0.7}))
+    before = {p: p.read_bytes() for p in reward.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=f"output_dir {reward}: holds the output of the reward stage"):
+        train_ppo(small_config(world, reward), prompts=world.prompts, reward_fn=has_digit)
+    assert {p: p.read_bytes() for p in reward.rglob("*") if p.is_file()} == before
+    # and the SFT / reward stages refuse a PPO folder
+    from rlhfkit.artifacts import other_stage
+
+    out = tmp_path / "ppo"
+    result = train_ppo(small_config(world, out, num_updates=1), prompts=world.prompts, reward_fn=has_digit)
+    assert result.metrics["stage"] == "ppo" and other_stage(out, "ppo") is None
+    assert other_stage(out, "sft") == "ppo" and other_stage(out, "reward") == "ppo"
+    (out / "metrics.json").unlink()  # a PPO run still in progress: its log marks the folder
+    assert other_stage(out, "reward") == "ppo"

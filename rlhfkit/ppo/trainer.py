@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import StageResult, atomic_dir, read_json, resolve_model_path, write_json_atomic
+from rlhfkit.artifacts import (StageResult, atomic_dir, read_json, refuse_other_stage, resolve_model_path,
+                               write_json_atomic)
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.ppo import checkpoint as ckpt
 from rlhfkit.reward.ensemble import held_out_norm
@@ -498,6 +499,7 @@ def train_ppo(
     problems.extend(_scheduler_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
+    refuse_other_stage(config.output_dir, "ppo")
     finished = _finished_run(Path(config.output_dir), config)
     if finished is not None:
         return finished
@@ -717,7 +719,7 @@ def train_ppo(
         accelerator.end_training()
 
     # --- final artefacts: the policy (adapter merged) and the summary, written last
-    metrics = {**last_row, "updates": config.updates, "updates_done": stopped_at or config.updates,
+    metrics = {"stage": "ppo", **last_row, "updates": config.updates, "updates_done": stopped_at or config.updates,
                "stopped_at_kl_budget": stopped_at is not None,
                "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
     if main:
