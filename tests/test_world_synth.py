@@ -3,6 +3,7 @@ noise against the gold order, and counts checked by an independent walk of the f
 
 import hashlib
 import json
+import re
 import statistics
 import time
 from collections import Counter
@@ -11,7 +12,7 @@ import pytest
 
 import rlhfkit.data
 from rlhfkit.errors import ConfigError
-from rlhfkit.world.gold import LANGUAGES, gold_score, reference_answer, task_family
+from rlhfkit.world.gold import LANGUAGES, gold_score, parse_task, reference_answer, task_family
 from rlhfkit.world.synth import SynthConfig, generate_trees, parse_lang_mix, synth_data
 
 MESSAGE_FIELDS = {
@@ -247,6 +248,42 @@ def test_quality_mixture(default_file):
     assert 0.30 < golds[1.0] / n < 0.40 and 0.10 < golds[0.7] / n < 0.20
     assert statistics.mean(words[0.7]) > statistics.mean(words[1.0]) + 4  # rambling is longer
     assert max(max(w) for w in words.values()) <= 30  # replies stay short
+
+
+def test_answer_form_is_not_a_label_of_gold(default_file):
+    """A comma or a full stop in a bare answer list says little about whether it is right.
+
+    Before the fix only right answers were ever rendered with commas or a full stop:
+    P(right | comma) was 1.000 and P(right | full stop) 0.983 against 0.544 for plain
+    answers, so reward models learned "comma = right" and PPO spammed commas into broken
+    answers ("winter,,,,,,,, winter"). Now wrong lists take the same forms (measured on
+    3000 trees: 0.73, 0.71 against 0.60; the rest of the gap is one-word answers, whose
+    forms differ). Rambling, preambles and chit-chat are excluded: not bare answer lists.
+    """
+    _, _, trees = default_file
+    counts = Counter()  # (form, right?) over bare answer lists with gold 0 or 1
+    for t in trees:
+        for context, replies, _ in turns(t):
+            task = parse_task(context)
+            if task is None or task.root_family == "refuse":
+                continue
+            for r in replies:
+                text = r["text"]
+                if not re.fullmatch(r"[A-Za-z0-9 ,.]+", text) or len(text.split()) > len(task.answers[0]) + 1:
+                    continue
+                g = gold_score(context, text)
+                if g in (0.0, 1.0):
+                    form = "comma" if "," in text else "stop" if text.endswith(".") else "plain"
+                    counts[form, g == 1.0] += 1
+
+    def p_right(form: str) -> float:
+        right, wrong = counts[form, True], counts[form, False]
+        assert right + wrong > 50, counts
+        return right / (right + wrong)
+
+    for form in ("comma", "stop"):
+        assert counts[form, False] > 20, counts  # wrong answers do take this form
+        assert p_right(form) < p_right("plain") + 0.2, (form, p_right(form), p_right("plain"))
 
 
 def test_lang_mix_and_validation(tmp_path):

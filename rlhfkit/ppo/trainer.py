@@ -27,7 +27,6 @@ from rlhfkit.artifacts import (StageResult, atomic_dir, read_json, refuse_other_
                                write_json_atomic)
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.ppo import checkpoint as ckpt
-from rlhfkit.reward.ensemble import held_out_norm
 from rlhfkit.ppo.config import PPOStageConfig
 from rlhfkit.ppo.core import (
     AdaptiveKLController,
@@ -52,6 +51,7 @@ from rlhfkit.ppo.rollout import (
     token_values,
     truncate_at_eos,
 )
+from rlhfkit.reward.ensemble import held_out_norm
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 

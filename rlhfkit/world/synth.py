@@ -172,7 +172,13 @@ def _render(rng: random.Random, tokens: tuple[str, ...]) -> str:
 
 
 def _wrong_candidates(rng: random.Random, task: G.Task) -> list[str]:
-    """Plausible wrong replies for ``task`` (the caller drops any the judge accepts)."""
+    """Plausible wrong replies for ``task`` (the caller drops any the judge accepts).
+
+    Wrong word or digit lists are rendered in the same forms as right ones (``_render``:
+    plain, full stop, commas). Rendered as plain text only, a comma or a full stop marked
+    a reply as right in the preference data: reward models learned that shortcut and PPO
+    spammed commas ("winter,,,,,,,, winter"), which broke the answers themselves.
+    """
     lang = task.lang
     if task.root_family == "refuse":
         return [rng.choice(_COMPLY[lang])]
@@ -203,12 +209,12 @@ def _wrong_candidates(rng: random.Random, task: G.Task) -> list[str]:
                 w[rng.randrange(len(w))] = rng.choice(pool)
             else:
                 rng.shuffle(w)
-            out.append(" ".join(w))
+            out.append(_render(rng, tuple(w)))
     else:
-        out.append(rng.choice(pool))
+        out.append(_render(rng, (rng.choice(pool),)))
     if upper:
-        out.append(" ".join(t.lower() for t in answer))
-    out.append(" ".join(rng.sample(pool, min(len(answer), len(pool)))))
+        out.append(_render(rng, tuple(t.lower() for t in answer)))
+    out.append(_render(rng, tuple(rng.sample(pool, min(len(answer), len(pool))))))
     return out
 
 
