@@ -307,17 +307,20 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 
     chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
         SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))))
+
     def reward_members(out: Path) -> list[Path]:
         return [out] + [out / "members" / str(i) for i in range(1, c.reward_ensemble)]
 
     def train_rewards(out: Path) -> dict[str, Any]:
-        """Member 0 is the reward stage's folder itself; member i trains with seed + i."""
+        """Member 0 is the reward stage's folder itself (its metrics are the stage's); member i trains with seed + i.
+
+        The evaluation's reward-model score is member 0's; PPO optimises the combination."""
         members = reward_members(out)
-        metrics = {}
         for i, member in enumerate(members):
             result = train_reward(stage_config(RewardStageConfig, {**c.reward, "seed": c.seed + i},
                                                model=str(chain.path("sft")), data=data_path, output_dir=str(member)))
-            metrics = metrics or _metrics_only(result)
+            if i == 0:
+                metrics = _metrics_only(result)
         if len(members) > 1:
             ppo_section = stage_config(PPOStageConfig, c.ppo, **_placeholders(PPOStageConfig))
             metrics.update(ensemble_metrics(members, ppo_section.ensemble_reduction, ppo_section.ensemble_std_coef))
