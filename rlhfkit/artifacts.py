@@ -114,9 +114,10 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
-# Files that mark a folder as a stage's output: the SFT and reward stages write stage_config.json
-# first and metrics.json (with its "stage") last; PPO writes metrics.jsonl from its first update.
-STAGE_MARKERS = {"sft": "stage_config.json", "reward": "stage_config.json", "ppo": "metrics.jsonl"}
+# Files that mark a folder as a stage's output, and the stages that write them: the SFT and
+# reward stages write stage_config.json first (and metrics.json with its "stage" last); PPO
+# writes metrics.jsonl from its first update.
+STAGE_MARKERS = {"stage_config.json": ("sft", "reward"), "metrics.jsonl": ("ppo",)}
 
 
 def other_stage(folder: str | os.PathLike, stage: str) -> str | None:
@@ -130,9 +131,9 @@ def other_stage(folder: str | os.PathLike, stage: str) -> str | None:
             owner = None
         if isinstance(owner, str) and owner != stage:
             return owner
-    for owner, marker in STAGE_MARKERS.items():
-        if marker != STAGE_MARKERS[stage] and (folder / marker).is_file():
-            return owner if owner != "sft" else "sft or reward"
+    for marker, owners in STAGE_MARKERS.items():
+        if stage not in owners and (folder / marker).is_file():
+            return " or ".join(owners)
     return None
 
 

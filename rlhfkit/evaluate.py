@@ -163,6 +163,11 @@ def _summary(samples: Samples, gold: list[list[float]] | None) -> dict[str, Any]
     return out
 
 
+def _paired_gain(ppo: list[list[float]], sft: list[list[float]]) -> tuple[float, float]:
+    """Mean and standard error of the per-prompt difference PPO - SFT (paired over prompts)."""
+    return mean_se([a - b for a, b in zip(_per_prompt(ppo), _per_prompt(sft))])
+
+
 def _win_rate(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
     per_prompt = []
     for xs, ys in zip(a, b):
@@ -243,22 +248,19 @@ def evaluate(
     metrics["win_rate_reward"], metrics["win_rate_reward_se"] = _win_rate(ppo.rewards, sft.rewards)
     if sft_gold is not None:
         metrics["win_rate_gold"], metrics["win_rate_gold_se"] = _win_rate(ppo_gold, sft_gold)
-        diff = [a - b for a, b in zip(_per_prompt(ppo_gold), _per_prompt(sft_gold))]
-        metrics["gold_gain"], metrics["gold_gain_se"] = mean_se(diff)
+        metrics["gold_gain"], metrics["gold_gain_se"] = _paired_gain(ppo_gold, sft_gold)
     else:
         metrics["win_rate_gold"] = metrics["win_rate_gold_se"] = None
         metrics["gold_gain"] = metrics["gold_gain_se"] = None
-    diff = [a - b for a, b in zip(_per_prompt(ppo.rewards), _per_prompt(sft.rewards))]
-    metrics["reward_gain"], metrics["reward_gain_se"] = mean_se(diff)
+    metrics["reward_gain"], metrics["reward_gain_se"] = _paired_gain(ppo.rewards, sft.rewards)
     if config.greedy:
         greedy_gold = {}
         for name, policy in (("sft", sft_policy), ("ppo", ppo_policy)):
             g = draw(policy, 1, greedy=True)
             greedy_gold[name] = gold_of(g)
             metrics[name]["greedy"] = _summary(g, greedy_gold[name])
-        if sft_gold is not None:  # paired over prompts, as the sampled gain
-            diff = [a - b for a, b in zip(_per_prompt(greedy_gold["ppo"]), _per_prompt(greedy_gold["sft"]))]
-            metrics["greedy_gold_gain"], metrics["greedy_gold_gain_se"] = mean_se(diff)
+        if sft_gold is not None:
+            metrics["greedy_gold_gain"], metrics["greedy_gold_gain_se"] = _paired_gain(greedy_gold["ppo"], greedy_gold["sft"])
     metrics["verdict"] = verdict(metrics)
     examples = []
     for i in range(min(config.num_examples, len(prompts))):

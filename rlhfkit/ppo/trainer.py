@@ -544,15 +544,16 @@ def train_ppo(
     folders = [config.reward_model] if isinstance(config.reward_model, str) else list(config.reward_model or [])
     reward_path = resolve_model_path(folders[0]) if folders else None  # member 0: the value model's start
     if reward_fn is None:
+        if reward_model is not None:  # in memory: one model, its tokenizer the given one (or the policy's)
+            loaded, norms = [(reward_model, reward_tokenizer)], [(0.0, 1.0)]
+        else:  # folders: each with its own tokenizer (member 0 may take the given one)
+            paths = [resolve_model_path(f) for f in folders]
+            loaded = [(_load_model(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1),
+                       reward_tokenizer if i == 0 and reward_tokenizer is not None
+                       else _load_tokenizer(path, config.trust_remote_code)) for i, path in enumerate(paths)]
+            norms = [held_out_norm(f) for f in folders] if len(folders) > 1 else [(0.0, 1.0)]
         members = []
-        norms = [held_out_norm(f) for f in folders] if len(folders) > 1 and reward_model is None else [(0.0, 1.0)]
-        for i, folder in enumerate(folders if reward_model is None else [None]):
-            model, member_tokenizer = reward_model, reward_tokenizer
-            if model is None:
-                path = resolve_model_path(folder)
-                model = _load_model(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1)
-                if member_tokenizer is None or i > 0:
-                    member_tokenizer = _load_tokenizer(path, config.trust_remote_code)
+        for i, (model, member_tokenizer) in enumerate(loaded):
             member_tokenizer = member_tokenizer or tokenizer
             same = (member_tokenizer.get_vocab() == tokenizer.get_vocab()
                     and member_tokenizer.chat_template == tokenizer.chat_template)
@@ -702,13 +703,13 @@ def train_ppo(
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
         bar.update(1)
         recent_kl = (recent_kl + [mean_kl])[-config.kl_budget_window:]
+        window_kl = sum(recent_kl) / len(recent_kl)
         if (config.kl_budget is not None and len(recent_kl) == config.kl_budget_window
-                and sum(recent_kl) / len(recent_kl) >= config.kl_budget):
+                and window_kl >= config.kl_budget):
             stopped_at = update + 1
             if main:
                 print(f"\nKL budget reached at update {stopped_at}: mean KL of the last {len(recent_kl)} updates "
-                      f"{sum(recent_kl) / len(recent_kl):.2f} >= kl_budget {config.kl_budget}; this policy is final",
-                      flush=True)
+                      f"{window_kl:.2f} >= kl_budget {config.kl_budget}; this policy is final", flush=True)
             break
         if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
             ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, unwrapped, optimizer, scheduler, kl_ctl,

@@ -33,6 +33,19 @@ def held_out_norm(folder: str | Path) -> tuple[float, float]:
     return float(mean), float(std)
 
 
+def agreement_with_gold(r_chosen: Sequence[float], r_rejected: Sequence[float],
+                        golds: Sequence[tuple[float, float] | None]) -> tuple[float | None, int]:
+    """``(agreement, pairs counted)``: of the pairs whose gold scores differ, the fraction whose
+    reward order is the gold order (a reward tie disagrees); ``None`` golds are not counted."""
+    agree = counted = 0
+    for rc, rr, gold in zip(r_chosen, r_rejected, golds):
+        if gold is None or gold[0] == gold[1]:
+            continue
+        counted += 1
+        agree += int((rc - rr) * (gold[0] - gold[1]) > 0)
+    return (agree / counted if counted else None), counted
+
+
 def ensemble_metrics(folders: Sequence[str | Path], reduction: str = "mean", std_coef: float = 1.0) -> dict[str, Any]:
     """The combined reward's accuracy and gold agreement on the held-out pairs every member scored.
 
@@ -57,12 +70,7 @@ def ensemble_metrics(folders: Sequence[str | Path], reduction: str = "mean", std
 
     chosen, rejected = combined("chosen_reward"), combined("rejected_reward")
     accuracy = float((chosen > rejected).double().mean())
-    agree = counted = 0
-    for row, c, r in zip(rows[0], chosen.tolist(), rejected.tolist()):
-        gc, gr = row.get("gold_chosen"), row.get("gold_rejected")
-        if gc is None or gr is None or gc == gr:
-            continue
-        counted += 1
-        agree += int((c - r) * (gc - gr) > 0)
+    golds = [(row["gold_chosen"], row["gold_rejected"]) if "gold_chosen" in row else None for row in rows[0]]
+    agreement, counted = agreement_with_gold(chosen.tolist(), rejected.tolist(), golds)
     return {"ensemble_size": len(folders), "ensemble_eval_accuracy": accuracy,
-            "ensemble_gold_agreement": agree / counted if counted else None, "ensemble_gold_pairs": counted}
+            "ensemble_gold_agreement": agreement, "ensemble_gold_pairs": counted}

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from rlhfkit.artifacts import StageResult, write_text_atomic
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError, DataError
-from rlhfkit.reward.ensemble import SCORES_FILE
+from rlhfkit.reward.ensemble import SCORES_FILE, agreement_with_gold
 from rlhfkit.training import (
     StageConfig,
     build_trl_args,
@@ -254,19 +254,10 @@ def gold_agreement(mode: str, prompts, chosen_texts, rejected_texts, r_chosen, r
         if mode == "on":
             logger.warning("gold_agreement: the gold judge recognises none of the validation prompts")
         return None, 0, None
-    golds: list[tuple[float, float] | None] = []
-    agree = counted = 0
-    for ok, p, c, r, rc, rr in zip(known, prompts, chosen_texts, rejected_texts, r_chosen, r_rejected):
-        if not ok:
-            golds.append(None)
-            continue
-        gc, gr = float(gold.gold_score(p, c)), float(gold.gold_score(p, r))
-        golds.append((gc, gr))
-        if gc == gr:
-            continue
-        counted += 1
-        agree += int((rc - rr) * (gc - gr) > 0)
-    return (agree / counted if counted else None), counted, golds
+    golds = [(float(gold.gold_score(p, c)), float(gold.gold_score(p, r))) if ok else None
+             for ok, p, c, r in zip(known, prompts, chosen_texts, rejected_texts)]
+    agreement, counted = agreement_with_gold(r_chosen, r_rejected, golds)
+    return agreement, counted, golds
 
 
 # -- the stage --------------------------------------------------------------------------------
