@@ -266,10 +266,9 @@ def test_reward_config_and_model_errors(oasst_data, micro_model_dir, tmp_path, r
 def test_reward_model_learns_the_embedded_world(tmp_path):
     """On the synthetic world, held-out pairs are ordered as the annotators ordered them
     clearly above chance, and the reward order agrees with the gold judge."""
-    synth = pytest.importorskip("rlhfkit.world.synth", reason="rlhfkit.world.synth is not available")
-    data_mod = pytest.importorskip("rlhfkit.data", reason="rlhfkit.data is not available")
-    if not hasattr(data_mod, "build_data"):
-        pytest.skip("rlhfkit.data.build_data is not available")
+    import rlhfkit.data as data_mod  # our own modules: a broken import must fail, not skip
+    import rlhfkit.world.synth as synth
+
     from rlhfkit.reward import train_reward
     from rlhfkit.world.model import ModelInitConfig, init_model
 
