@@ -10,10 +10,10 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test,tensorboard]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,tensorboard]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,21 +1,145 @@
-"""Atomic artifacts: a folder or file appears complete or not at all.
+"""Atomic artifacts: a folder or file appears complete or not at all; and nothing lost.
 
 Pattern (pitfall 9): write into a hidden sibling temp path, fsync, one ``os.replace``;
 a completion marker is the last thing written; stale temp folders are ignored and swept.
+
+Nothing a user owns is deleted or overwritten: every output folder rlhfkit creates holds an
+owner file (``.rlhfkit``), and a folder is replaced, emptied or written into only when it is
+rlhfkit's (the owner file, or a stage file of a run written before owner files existed) or
+empty (``claim_dir``, ``atomic_dir``). One run at a time per output folder: ``output_lock``
+holds an OS file lock that dies with its process (a SIGKILLed run leaves no stale lock).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 TEMP_PREFIX = ".tmp-"
+OWNER_FILE = ".rlhfkit"  # in every output folder rlhfkit creates: the folder is rlhfkit's to replace
+# files by which a folder written before owner files existed is recognisably a stage's output
+LEGACY_OWNER_FILES = ("stage_config.json", "metrics.jsonl", "metrics.json", "manifest.json")
+
+
+def is_ours(folder: str | os.PathLike) -> bool:
+    """Whether rlhfkit wrote ``folder`` (its owner file, or a stage file of an older rlhfkit)."""
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in (OWNER_FILE, *LEGACY_OWNER_FILES))
+
+
+def _not_ours(folder: Path) -> "OutputError":
+    from rlhfkit.errors import OutputError
+
+    names = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return OutputError(f"{folder}: exists and holds files rlhfkit did not write ({shown}); nothing was changed. "
+                       "Choose a new output folder, or empty this one yourself")
+
+
+def check_output_dir(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` exists and may be written (empty, or rlhfkit's own); absent: False; else OutputError."""
+    from rlhfkit.errors import OutputError
+
+    folder = Path(folder)
+    if not folder.exists():
+        return False
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is a file, not a folder; nothing was changed. Choose another output path")
+    if is_ours(folder) or not any(folder.iterdir()):
+        return True
+    raise _not_ours(folder)
+
+
+def claim_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (with its owner file), or accept it when empty or already rlhfkit's; else OutputError."""
+    folder = Path(folder)
+    if not check_output_dir(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / OWNER_FILE).is_file():
+        (folder / OWNER_FILE).write_text("written by rlhfkit: this folder may be replaced by rlhfkit runs\n",
+                                         encoding="utf-8")
+    return folder
+
+
+def remove_ours(folder: str | os.PathLike) -> None:
+    """Delete ``folder`` only when it is rlhfkit's (else OutputError); a symlink is unlinked, never followed."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.exists():
+        check_output_dir(folder)
+        shutil.rmtree(folder)
+
+
+def _lock_path(folder: Path) -> Path:
+    """The lock file of ``folder``: in the user's cache (no file beside their folders), else beside it."""
+    import hashlib
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhfkit" / "locks"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:32]}.lock"
+    except OSError:
+        pass
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder.parent / f".{folder.name}.rlhfkit-lock"
+
+
+_held_locks: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): re-entrant within one process
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold the one-writer lock of ``folder`` (a file in ~/.cache/rlhfkit/locks) or fail at once.
+
+    ``flock`` is released by the OS when the process ends however it ends, so a killed run
+    never leaves a stale lock; the lock file itself stays (deleting it would race a new holder).
+    Re-entrant within a process (a chain holds its run folder while its stages hold theirs).
+    """
+    from rlhfkit.errors import OutputError
+
+    if int(os.environ.get("RANK", "0")) > 0:  # other processes of one launch: rank 0 holds it for all
+        yield
+        return
+    folder = Path(folder).resolve()  # one lock per real folder, whatever the path that names it
+    path = str(_lock_path(folder))
+    if path in _held_locks:
+        fd, depth = _held_locks[path]
+        _held_locks[path] = (fd, depth + 1)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(f"{folder}: another rlhfkit run is writing it ({holder}); wait for it to finish "
+                              "or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}".encode(), 0)
+        _held_locks[path] = (fd, 1)
+    try:
+        yield
+    finally:
+        fd, depth = _held_locks[path]
+        if depth > 1:
+            _held_locks[path] = (fd, depth - 1)
+        else:
+            del _held_locks[path]
+            os.close(fd)  # releases the flock
 
 
 def _fsync_tree(path: Path) -> None:
@@ -46,22 +170,46 @@ def sweep_stale_temps(parent: Path, name: str) -> None:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def locks_output(attribute: str) -> Callable[[F], F]:
+    """Decorate a stage function ``fn(config, ...)``: it holds ``output_lock(config.<attribute>)`` while it runs."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def locked(config, *args, **kwargs):
+            with output_lock(getattr(config, attribute)):
+                return fn(config, *args, **kwargs)
+        return locked  # type: ignore[return-value]
+    return wrap
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder; on clean exit it replaces ``final`` in one rename.
+    """Yield a temp folder (holding only the owner file); on clean exit it replaces ``final`` in one rename.
 
     On an exception the temp folder is removed and ``final`` is left as it was
-    (absent if it was absent), so readers never see a half-written folder.
+    (absent if it was absent), so readers never see a half-written folder. An existing
+    ``final`` is replaced only when it is rlhfkit's or empty (else OutputError, before any
+    work); a symlink there is replaced as a link, its target left alone. The new folder
+    gets the owner file.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.is_symlink():
+        check_output_dir(final)
     sweep_stale_temps(final.parent, final.name)
     tmp = temp_sibling(final)
     tmp.mkdir()
     try:
+        claim_dir(tmp)  # the owner file first: the new folder is rlhfkit's
         yield tmp
         _fsync_tree(tmp)
-        if final.exists():
+        if final.is_symlink():
+            final.unlink()
+            os.replace(tmp, final)
+        elif final.exists():
+            check_output_dir(final)  # still ours: nothing else wrote there meanwhile
             old = temp_sibling(final)
             os.replace(final, old)
             os.replace(tmp, final)
@@ -72,6 +220,30 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (relative path -> digest), except under sub-folders named in ``skip``."""
+    return {str(f.relative_to(folder)): sha256_file(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and not set(f.relative_to(folder).parts) & set(skip)}
+
+
+def damage(folder: Path, recorded: dict[str, str] | None) -> str | None:
+    """Which recorded file of ``folder`` is missing or no longer matches its digest (truncated, changed), or None."""
+    for name, digest in (recorded or {}).items():  # written by older versions: nothing recorded
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(folder / name) != digest:
+            return f"{name} does not match its recorded SHA-256 (truncated or changed)"
+    return None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -101,6 +273,51 @@ class StageResult:
 
     output_dir: Path
     metrics: dict[str, Any]
+
+
+# -- model folders: safetensors only ---------------------------------------------------------
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_only(path: str | os.PathLike) -> None:
+    """One line, before anything is unpickled, for a local model folder with pickle weights and no safetensors."""
+    from rlhfkit.errors import ConfigError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise ConfigError(
+            f"{folder}: holds only pickle weights ({', '.join(pickles[:2])}); rlhfkit loads safetensors only, because "
+            "loading a pickle can run any code. If you trust the file, convert it once: python -c \"from transformers "
+            f"import AutoModel; AutoModel.from_pretrained('{folder}', use_safetensors=False)"
+            f".save_pretrained('{folder}-safetensors')\" (with the model's own Auto class) and use that folder")
+
+
+def load_pretrained(auto_cls, path: str | os.PathLike, trust_remote_code: bool = False, **kwargs):
+    """``auto_cls.from_pretrained`` with safetensors only and one-line errors (missing, pickle, unknown architecture)."""
+    from rlhfkit.errors import ConfigError, first_line
+
+    refuse_pickle_only(path)
+    try:
+        return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: cannot load the model ({first_line(e)})") from None
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained`` with one-line errors."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.errors import ConfigError, first_line
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: cannot load a tokenizer ({first_line(e)})") from None
 
 
 def resolve_model_path(path: str | os.PathLike) -> str:

@@ -1,15 +1,19 @@
 """The ``rlhfkit`` command: a thin layer over the stage functions.
 
 Each subcommand builds the stage's typed config and calls the same function a Python
-script would call. A user mistake (RlhfkitError) becomes one line on stderr and exit 2.
+script would call. A user mistake (RlhfkitError) or a fault of the machine (a full disk, a
+missing permission) becomes one line on stderr and exit 2; anything else is a bug of ours
+and says so, with its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 from rlhfkit.errors import RlhfkitError
@@ -197,7 +201,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlhfkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last resort: a fault of the machine, else a bug of ours
+        line = machine_fault(e)
+        if line is None:
+            traceback.print_exc()
+            print("rlhfkit: internal error: this is a bug in rlhfkit; please report it with the traceback above",
+                  file=sys.stderr)
+            return 1
+        print(f"rlhfkit: error: {line}", file=sys.stderr)
+        return 2
     return 0
+
+
+# A full disk, a missing permission, a read-only file system: the machine's faults, not bugs.
+# Every write is atomic and every stage resumes, so the same command continues once fixed.
+_FAULTS = {errno.ENOSPC: "the disk is full: free some space", errno.EDQUOT: "the disk quota is exhausted: free some space",
+           errno.EACCES: "permission denied: choose a folder you can write", errno.EPERM: "operation not permitted: "
+           "choose a folder you can write", errno.EROFS: "the file system is read-only: choose another output folder"}
+
+
+def machine_fault(e: BaseException) -> str | None:
+    """One line for an OS fault anywhere in the chain of causes (libraries re-raise them), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FAULTS:
+            where = f"{e.filename}: " if e.filename else ""
+            return f"{where}{_FAULTS[e.errno]}, then run the same command again (it resumes; nothing written is lost)"
+        if "No space left on device" in str(e) or "StorageFull" in str(e):  # safetensors' Rust errors
+            return f"the disk is full ({str(e).splitlines()[0][:200]}): free some space, then run the same command again"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -147,12 +148,14 @@ def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 errors.append(f"{where}: expected a number, got {value!r}")
                 return value
         if not isinstance(value, float):
             errors.append(f"{where}: expected a number, got {value!r}")
+        elif not math.isfinite(value):  # nan/inf would train silently into garbage
+            errors.append(f"{where}: must be a finite number, got {value}")
         return value
     if tp is str:
         if isinstance(value, (os.PathLike,)):
@@ -175,6 +178,7 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str, errors: list[str])
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     passthrough = _passthrough_fields(cls)
+    known = len(errors)  # problems found before this object (e.g. in an earlier section)
     kwargs: dict[str, Any] = {}
     trl_args: dict[str, Any] = dict(data.get("trl_args") or {}) if "trl_args" in fields else {}
     prefix = f"{where}." if where else ""
@@ -196,7 +200,7 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str, errors: list[str])
     ]
     for n in missing:
         errors.append(f"missing required key '{prefix}{n}'")
-    if missing or errors:
+    if missing or len(errors) > known:
         try:
             return cls(**{**{n: None for n in missing}, **kwargs})
         except Exception:  # noqa: BLE001 - errors already recorded
@@ -245,6 +249,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -253,7 +261,17 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    _check_keys(path, data)
     return data
+
+
+def _check_keys(path: Path, data: dict, prefix: str = "") -> None:
+    """Every key of the config and of its sections must be text (YAML also allows numbers, lists, null)."""
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {prefix}{key!r} is not a name; config keys are text (quote it if you must)")
+        if isinstance(value, dict):
+            _check_keys(path, value, f"{prefix}{key}.")
 
 
 def load_config(

@@ -1,6 +1,12 @@
 """The package's exceptions: user mistakes are RlhfkitError, one line, never a traceback at the CLI."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error as one line)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
 class RlhfkitError(Exception):
     """Bad input or configuration. The message is one line that says what and where."""
 
@@ -15,3 +21,7 @@ class DataError(RlhfkitError):
 
 class TrainingError(RlhfkitError):
     """Training went wrong at run time (a NaN/inf loss); the message says where and what to try."""
+
+
+class OutputError(RlhfkitError):
+    """An output folder is not rlhfkit's to write: it holds files rlhfkit did not write, or another run holds it."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlhfkit.config import field
+from rlhfkit.errors import ConfigError
 from rlhfkit.ppo.rollout import left_pad, response_logits, sample, sequence_scores
 from rlhfkit.ppo.core import logprobs_from_logits
 from rlhfkit.ppo.trainer import as_messages, encode_prompts, model_device
@@ -40,6 +41,16 @@ class EvalConfig:
                                           "update: the over-optimisation curve; keep them with ppo.save_total_limit)")
     best_of_n: list[int] | None = field(None, help="best-of-n baseline: for each n, the SFT sample the reward model "
                                                    "scores highest among n (KL = log n - (n-1)/n)")
+
+    def validate(self) -> list[str]:
+        problems = [f"{name} must be at least 1, got {getattr(self, name)}"
+                    for name in ("max_prompts", "samples_per_prompt", "batch_size", "response_length", "max_prompt_length")
+                    if getattr(self, name) is not None and getattr(self, name) < 1]
+        if self.num_examples < 0:
+            problems.append(f"num_examples must be >= 0, got {self.num_examples}")
+        if self.temperature is not None and self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        return problems
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -223,6 +234,9 @@ def evaluate(
     gold_fn: GoldFn | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Return (metrics, examples). Metrics keys follow ``summary.json``'s ``eval.*``."""
+    problems = config.validate()
+    if problems:
+        raise ConfigError("eval: " + "; ".join(problems))
     prompts = prompts[: config.max_prompts]
     k = config.samples_per_prompt
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfkit.artifacts import StageResult, atomic_dir, read_json, write_json_atomic
+from rlhfkit.artifacts import (StageResult, atomic_dir, claim_dir, damage, file_digests, locks_output, read_json,
+                               remove_ours, sha256_file, write_json_atomic)
 from rlhfkit.config import collect_errors, field
 from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig, evaluate
@@ -34,6 +35,12 @@ class WorldSection:
     annotator_noise: float = field(0.5, help="annotator noise of the simulated preference ranks")
     lang_mix: str = field("en=0.9,de=0.05,es=0.05", help="language shares of the trees")
 
+    def validate(self) -> list[str]:
+        from rlhfkit.world import SynthConfig
+
+        return SynthConfig(out="<chain>", trees=self.trees, annotator_noise=self.annotator_noise,
+                           lang_mix=self.lang_mix).validate()
+
 
 @dataclass
 class DataSection:
@@ -45,12 +52,25 @@ class DataSection:
     drop_orphans: bool = field(False, help="drop subtrees with unknown parents instead of failing")
     format: str | None = field(None, help="force the input format")
 
+    def validate(self) -> list[str]:
+        from rlhfkit.data import DataBuildConfig
+
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+        return DataBuildConfig(sources=self.source or ["<world>"], out="<chain>", **fields).validate()
+
 
 @dataclass
 class ModelSection:
     name: str | None = field(None, help="policy to start from (hub id or folder); null = build the embedded tiny model")
     size: str = field("tiny", help="embedded model size: micro, tiny or small")
     vocab_size: int = field(4096, help="embedded tokenizer vocabulary asked for")
+
+    def validate(self) -> list[str]:
+        from rlhfkit.world import ModelInitConfig
+
+        if self.name is not None:
+            return [] if self.name.strip() else ["name: empty; give a hub id or a folder, or null for the embedded model"]
+        return ModelInitConfig(out="<chain>", corpus="<world>", vocab_size=self.vocab_size, size=self.size).validate()
 
 
 @dataclass
@@ -129,22 +149,25 @@ def _file_digest(path: str) -> str:
     p = Path(path)
     if not p.exists():
         return path  # a hub id: its name is its identity here
-    h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return _hash({p.name: sha256_file(p)} if p.is_file() else file_digests(p))
 
 
 class Manifest:
     """``RUN_DIR/manifest.json``: stage -> status, hash, times, metrics; rewritten atomically."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, log: Callable[[str], None] = print):
         self.path = run_dir / "manifest.json"
-        self.data = read_json(self.path) if self.path.is_file() else {"stages": {}}
+        self.data = {"stages": {}}
+        if self.path.is_file():
+            try:
+                data = read_json(self.path)
+            except (OSError, ValueError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("stages"), dict):
+                self.data = data
+            else:  # written atomically, so only a hand edit or a damaged disk gets here: every stage
+                # is then run again (each resumes or replaces its own folder); nothing is deleted
+                log(f"{self.path}: unreadable; every stage is checked and run again")
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].get(name, {})
@@ -172,7 +195,7 @@ class _Chain:
     def __init__(self, config: RunConfig, log: Callable[[str], None], store: Path | None = None):
         self.config = config
         self.run_dir = Path(config.output_dir)
-        self.manifest = Manifest(self.run_dir)
+        self.manifest = Manifest(self.run_dir, log)
         self.log = log
         self.store = store
         self.hashes: dict[str, str] = {}
@@ -193,9 +216,14 @@ class _Chain:
         entry = self.manifest.stage(name)
         out = self.run_dir / name
         if entry.get("status") == "done" and entry.get("hash") == h and out.exists():
-            return self._skip(name, entry, "unchanged")
-        if entry.get("hash") not in (None, h) and out.exists():
-            shutil.rmtree(out)  # changed config or inputs: start this stage afresh
+            problem = damage(out, entry.get("files"))
+            if problem is None:
+                return self._skip(name, entry, "unchanged")
+            self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
+            entry = {}
+            remove_ours(out)
+        if entry.get("hash") not in (None, h) and (out.exists() or out.is_symlink()):
+            remove_ours(out)  # changed config or inputs: start this stage afresh (only if rlhfkit wrote it)
         resumed = entry.get("hash") == h and entry.get("status") == "running"
         return self._run(name, h, out, fn, resumed, entry.get("wall_time_s", 0.0) if resumed else 0.0)
 
@@ -206,9 +234,14 @@ class _Chain:
         _link(self.run_dir / name, out)
         if marker.is_file():
             entry = read_json(marker)
-            self.manifest.set(name, status="done", hash=h, shared=str(out), wall_time_s=entry["wall_time_s"],
-                              metrics=entry["metrics"])
-            return self._skip(name, entry, "shared")
+            problem = damage(out, entry.get("files"))
+            if problem is None:
+                self.manifest.set(name, status="done", hash=h, shared=str(out), wall_time_s=entry["wall_time_s"],
+                                  metrics=entry["metrics"], files=entry.get("files"))
+                return self._skip(name, entry, "shared")
+            self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
+            marker.unlink()
+            remove_ours(out)
         metrics = self._run(name, h, out, fn, resumed=out.exists(), earlier=0.0)
         write_json_atomic(marker, self.manifest.stage(name))
         return metrics
@@ -225,9 +258,10 @@ class _Chain:
         self.log(f"[{index}/{len(STAGES)}] {name}: {'resuming' if resumed else 'running'}")
         started = time.time()
         self.manifest.set(name, status="running", hash=h, started=started)
+        claim_dir(out)
         metrics = fn(out)
         self.manifest.set(name, status="done", finished=time.time(), wall_time_s=time.time() - started + earlier,
-                          metrics=metrics)
+                          metrics=metrics, files=file_digests(out, skip=("checkpoints",)))
         self.ran.append(name)
         return metrics
 
@@ -235,10 +269,10 @@ class _Chain:
 def _link(link: Path, target: Path) -> None:
     """Make ``link`` a relative symlink to ``target``, replacing whatever is there."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.is_file():
+    if link.is_symlink():
         link.unlink()
-    elif link.exists():
-        shutil.rmtree(link)
+    else:
+        remove_ours(link)  # a stage folder of an earlier, unshared run; refused if rlhfkit did not write it
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
@@ -246,6 +280,7 @@ def _metrics_only(result: StageResult) -> dict[str, Any]:
     return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
+@locks_output("output_dir")
 def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str | os.PathLike | None = None) -> RunResult:
     """Run (or resume) the whole chain into ``config.output_dir``; return the summary.
 
@@ -266,8 +301,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     if problems:
         raise ConfigError("; ".join(problems))
     chain = _Chain(config, log, Path(store) if store is not None else None)
-    run = chain.run_dir
-    run.mkdir(parents=True, exist_ok=True)
+    run = claim_dir(chain.run_dir)  # refused, before any work, if it holds files rlhfkit did not write
     write_json_atomic(run / "config.json", dataclasses.asdict(config))
     synthetic = config.data.source is None
     c = config
@@ -366,19 +400,19 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     """Held-out evaluation, plus the over-optimisation curve when ``eval.checkpoints`` or ``eval.best_of_n`` is set."""
     from accelerate import PartialState
     from safetensors.torch import load_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhfkit.artifacts import resolve_model_path
+    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.evaluate import best_of_n_curve, curve_point, sqrt_kl
     from rlhfkit.ppo import checkpoint
 
     if not prompts:
         raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
     device = PartialState().device  # the GPU when there is one
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(paths["sft"]))
-    sft = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"])).to(device)
-    ppo = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["ppo"])).to(device)
-    reward = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(paths["reward"]), num_labels=1)
+    tokenizer = load_tokenizer(resolve_model_path(paths["sft"]))
+    sft = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["sft"])).to(device)
+    ppo = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["ppo"])).to(device)
+    reward = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(paths["reward"]), num_labels=1)
     reward.to(device).eval()
     temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
     length = eval_cfg.response_length or ppo_cfg.response_length
@@ -396,7 +430,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
             update = checkpoint.update_of(folder)
             if update >= ppo_cfg.num_updates:
                 continue  # the final policy, evaluated above
-            policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(paths["sft"]))
+            policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["sft"]))
             load_model(policy, str(folder / "policy.safetensors"))
             policy.to(device)
             point = curve_point(policy, sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from rlhfkit.artifacts import StageResult, read_json, write_json_atomic, write_text_atomic
+from rlhfkit.artifacts import StageResult, claim_dir, output_lock, read_json, write_json_atomic, write_text_atomic
 from rlhfkit.config import load_config, parse_value, read_yaml
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import STAGES, RunConfig, run_chain
@@ -164,23 +164,24 @@ def run_sweep(
     """
     out = Path(output_dir)
     plan = plan_sweep(config, grid, out, seeds, overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "sweep.json", {"grid": plan.grid, "seeds": plan.seeds, "overrides": list(overrides),
-                                           "runs": [name for name, _, _ in plan.runs], "base": plan.config})
-    rows: list[dict[str, Any]] = []
-    stage_runs = {name: 0 for name in STAGES}
-    for i, (name, point, cfg) in enumerate(plan.runs):
-        log(f"=== run {i + 1}/{len(plan.runs)}: {name}")
-        result = run_chain(cfg, log=lambda line: log(f"  {line}"), store=out / "stages")
-        for stage in result.ran:
-            stage_runs[stage] += 1
-        rows.append(_result_row(name, point, result.output_dir, result.summary))
-        write_text_atomic(out / "results.csv", _csv_text(rows))
-    log("stages computed: " + ", ".join(f"{s} {n}" for s, n in stage_runs.items())
-        + f" (for {len(plan.runs)} runs; the rest were shared or already done)")
-    write_sweep_report(out, rows, list(plan.grid) + (["seed"] if "seed" not in plan.grid else []))
-    log(f"results: {out / 'results.csv'}; report: {out / 'report.html'}")
-    return SweepResult(out, {"runs": len(rows)}, rows, stage_runs)
+    with output_lock(out):  # one sweep per folder; each run's chain holds its own run folder too
+        claim_dir(out)  # refused, before any work, if it holds files rlhfkit did not write
+        write_json_atomic(out / "sweep.json", {"grid": plan.grid, "seeds": plan.seeds, "overrides": list(overrides),
+                                               "runs": [name for name, _, _ in plan.runs], "base": plan.config})
+        rows: list[dict[str, Any]] = []
+        stage_runs = {name: 0 for name in STAGES}
+        for i, (name, point, cfg) in enumerate(plan.runs):
+            log(f"=== run {i + 1}/{len(plan.runs)}: {name}")
+            result = run_chain(cfg, log=lambda line: log(f"  {line}"), store=out / "stages")
+            for stage in result.ran:
+                stage_runs[stage] += 1
+            rows.append(_result_row(name, point, result.output_dir, result.summary))
+            write_text_atomic(out / "results.csv", _csv_text(rows))
+        log("stages computed: " + ", ".join(f"{s} {n}" for s, n in stage_runs.items())
+            + f" (for {len(plan.runs)} runs; the rest were shared or already done)")
+        write_sweep_report(out, rows, list(plan.grid) + (["seed"] if "seed" not in plan.grid else []))
+        log(f"results: {out / 'results.csv'}; report: {out / 'report.html'}")
+        return SweepResult(out, {"runs": len(rows)}, rows, stage_runs)
 
 
 def _with_sweep_section(config: str | os.PathLike | Mapping[str, Any], grid: Mapping[str, Sequence[Any]],

@@ -35,9 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from rlhfkit.artifacts import atomic_dir, read_json, refuse_other_stage, resolve_model_path, write_json_atomic
+from rlhfkit.artifacts import (atomic_dir, claim_dir, read_json, refuse_other_stage, refuse_pickle_only,
+                               resolve_model_path, write_json_atomic)
 from rlhfkit.config import Passthrough, field, to_dict
-from rlhfkit.errors import ConfigError, DataError, TrainingError
+from rlhfkit.errors import ConfigError, DataError, TrainingError, first_line
 
 logger = logging.getLogger("rlhfkit")
 
@@ -241,11 +242,6 @@ def build_trl_args(trl_cls: type, kwargs: dict[str, Any], stage: str):
     return args
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 # -- data and models --------------------------------------------------------------------------
 
 
@@ -296,25 +292,17 @@ def model_source(config: StageConfig) -> str:
     return resolve_model_path(config.model)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot load a tokenizer ({first_line(e)})") from None
-
-
 def load_model(path: str, auto_cls, model_init_kwargs: dict[str, Any] | None, trust_remote_code: bool, **extra):
     """Load like TRL does from a string (float32 unless ``dtype`` is given), with one-line errors."""
     from trl.trainer.utils import create_model_from_path
 
     kwargs = dict(model_init_kwargs or {})
     kwargs.setdefault("trust_remote_code", trust_remote_code)
-    kwargs.update(extra)
+    kwargs.update(extra, use_safetensors=True)  # never a pickle (refuse_pickle_only says how to convert one)
+    refuse_pickle_only(path)
     try:
         return create_model_from_path(path, auto_cls, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: cannot load the model ({first_line(e)})") from None
 
 
@@ -386,7 +374,33 @@ def checkpoint_is_complete(path: Path) -> bool:
     has_optimizer = (optimizer.is_file() and optimizer.stat().st_size > 0) or any(
         p.is_dir() for p in path.glob("global_step*")  # DeepSpeed
     ) or any(path.glob("optimizer_0*"))  # FSDP
-    return has_optimizer
+    return has_optimizer and _files_intact(path)
+
+
+def _files_intact(path: Path) -> bool:
+    """Truncated or damaged files (a full disk, a copy cut short): every safetensors header covers its
+    file, and every torch zip archive (optimizer.pt, ...) passes its CRC checks. Logs what is wrong."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            logger.warning("checkpoint %s: %s is damaged (%s)", path, file.name, first_line(e))
+            return False
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            bad = str(e)
+        if bad is not None:
+            logger.warning("checkpoint %s: %s is damaged (%s)", path, file.name, bad)
+            return False
+    return True
 
 
 def find_resume_checkpoint(checkpoints_dir: str | os.PathLike, *, remove_incomplete: bool = False) -> Path | None:
@@ -475,7 +489,7 @@ def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
             f"{checkpoints}: holds checkpoints from an earlier run; remove them or set resume=true"
         )
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_dir(out)
         # A new run invalidates an earlier completion marker before recording its own config.
         (out / METRICS_FILE).unlink(missing_ok=True)
         write_json_atomic(out / STAGE_CONFIG_FILE, to_dict(config))

@@ -23,10 +23,19 @@ FLAT_FIELDS = ("message_id", "parent_id", "message_tree_id", "text", "role", "la
                "review_result", "deleted", "rank", "synthetic", "model_name")  # fmt: skip
 
 
+def require_shared(path: Path) -> Path:
+    """``path`` under ../shared; skipped when absent, except under CI=true, where it must be there (a fail)."""
+    if not path.is_file():
+        message = f"real Open Assistant sample not found at {path} (see shared/data/oasst/README.md)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI=true: the shared material must be beside the checkout")
+        pytest.skip(message)
+    return path
+
+
 def sample_trees() -> list[dict]:
     """The 100 real trees (a fresh deep copy each call, so tests may modify them)."""
-    if not SAMPLE.is_file():
-        pytest.skip(f"real Open Assistant sample not found at {SAMPLE} (see shared/data/oasst/README.md)")
+    require_shared(SAMPLE)
     return [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

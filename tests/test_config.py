@@ -89,7 +89,7 @@ def test_atomic_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
         (tmp / "a.txt").write_text("1")
     with atomic_dir(final) as tmp:
         (tmp / "b.txt").write_text("2")
-    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [".rlhfkit", "b.txt"]  # the owner file, and only the new content
     (tmp_path / ".tmp-out-deadbeef").mkdir()
     sweep_stale_temps(tmp_path, "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

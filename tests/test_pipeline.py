@@ -169,3 +169,16 @@ def test_shipped_configs_validate():
             continue
         module, cls_name, _, _ = CONFIG_STAGES[found.group(1)]
         load_config(_load(module, cls_name), path)
+
+
+def test_a_damaged_output_of_a_finished_stage_is_noticed_and_the_stage_redone(finished_run):
+    out, _ = finished_run
+    trees = out / "world" / "trees.jsonl"
+    original = trees.read_bytes()
+    trees.write_bytes(original[: len(original) // 3])  # a copy cut short, a disk that lost a block
+    logs = []
+    result = run_chain(load_config(RunConfig, json.loads((out / "config.json").read_text())), log=logs.append)
+    assert result.ran == ["world"]  # the same config and inputs: everything downstream is still valid
+    assert any("world: trees.jsonl does not match its recorded SHA-256 (truncated or changed) since it finished; "
+               "redoing the stage" in line for line in logs), logs
+    assert trees.read_bytes() == original  # the world generator is deterministic

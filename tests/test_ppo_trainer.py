@@ -1097,3 +1097,110 @@ def test_ppo_refuses_to_overwrite_another_stages_folder(world, tmp_path):
     assert other_stage(out, "sft") == "ppo" and other_stage(out, "reward") == "ppo"
     (out / "metrics.json").unlink()  # a PPO run still in progress: its log marks the folder
     assert other_stage(out, "reward") == "ppo"
+
+
+# ---------------------------------------------------------------------------------------
+# 13. PPO-ptx: the SFT demonstrations' NLL added to every optimizer step
+# ---------------------------------------------------------------------------------------
+REFUSAL = "Sorry, I can't help with that."
+
+
+def _demonstrations(prompts):
+    return [p + [{"role": "assistant", "content": REFUSAL}] for p in prompts]
+
+
+def test_demonstrations_are_tokenized_as_the_policy_samples_them(world):
+    from rlhfkit.ppo.trainer import Demonstrations
+
+    convs = [[{"role": "user", "content": "why?"}, {"role": "assistant", "content": "count to three"}],
+             [{"role": "user", "content": "reverse the words"}, {"role": "assistant", "content": REFUSAL}]]
+    demos = Demonstrations.encode(world.tok, convs, max_prompt_length=256, response_length=48)
+    eos = world.tok.eos_token_id
+    for (prompt, reply), conv, context in zip(demos.pairs, convs, encode_prompts(world.tok, [c[:1] for c in convs], 256)):
+        assert prompt == context  # exactly the ids PPO samples from
+        assert reply == world.tok(conv[1]["content"], add_special_tokens=False)["input_ids"] + [eos]
+    short = Demonstrations.encode(world.tok, convs, max_prompt_length=3, response_length=2)
+    assert [(p, r) for p, r in short.pairs] == [(p[-3:], r[:2]) for p, r in demos.pairs]
+
+
+def test_ptx_nll_is_the_token_mean_over_all_demonstrated_tokens(world):
+    from rlhfkit.ppo.trainer import Demonstrations
+
+    convs = [[{"role": "user", "content": "why?"}, {"role": "assistant", "content": "ok"}],
+             [{"role": "user", "content": "sort: apple banana cherry then 0 1 2"},
+              {"role": "assistant", "content": "apple banana cherry then 0 1 2 and " + REFUSAL}]]
+    demos = Demonstrations.encode(world.tok, convs, 256, 64)
+    with torch.no_grad():
+        got = demos.nll(world.policy, [0, 1], "cpu").item()
+        per_token = []  # each example alone, no padding, one full forward, in float64 from the logits on
+        for prompt, reply in demos.pairs:
+            logp = torch.log_softmax(world.policy(torch.tensor([prompt + reply])).logits[0].double(), -1)
+            per_token.append([-logp[len(prompt) + j - 1, t].item() for j, t in enumerate(reply)])
+    token_mean = sum(map(sum, per_token)) / sum(map(len, per_token))
+    sequence_mean = sum(sum(x) / len(x) for x in per_token) / 2
+    assert len(per_token[1]) > 4 * len(per_token[0])
+    # float32 logits of a ~6-nat scale: ~1e-6 per token, far below the gap to the wrong means
+    assert abs(token_mean - sequence_mean) > 1e-2
+    assert got == pytest.approx(token_mean, abs=1e-4)
+
+
+def test_ptx_teaches_the_demonstrations_while_ppo_runs(world, tmp_path):
+    from rlhfkit.ppo.trainer import Demonstrations
+
+    demos = _demonstrations(world.prompts)
+    encoded = Demonstrations.encode(world.tok, demos, 256, 6)
+    every = list(range(len(encoded.pairs)))
+
+    def zero(prompts, responses):  # no reward signal: only PPO-ptx can pull towards the demonstrations
+        return [0.0] * len(responses)
+
+    with torch.no_grad():
+        before = encoded.nll(world.policy, every, "cpu").item()
+    after, rows = {}, {}
+    for coef in (0.0, 1.0):
+        out = tmp_path / f"ptx{coef}"
+        train_ppo(small_config(world, out, num_updates=4, ptx_coef=coef), reward_fn=zero, prompts=world.prompts,
+                  demonstrations=demos)
+        from transformers import AutoModelForCausalLM
+
+        with torch.no_grad():
+            after[coef] = encoded.nll(AutoModelForCausalLM.from_pretrained(out / "model"), every, "cpu").item()
+        rows[coef] = read_rows(out / "metrics.jsonl")
+    assert "loss/ptx_avg" not in rows[0.0][0]
+    ptx = [r["loss/ptx_avg"] for r in rows[1.0]]
+    assert all(math.isfinite(x) for x in ptx) and ptx[-1] < ptx[0]
+    # 8 AdamW steps at lr 3e-3 on the demonstrations: their NLL (~6 nats at the start) falls by
+    # nats; PPO alone with no reward leaves it within a fraction of a nat
+    assert after[1.0] < before - 1.0, (before, after)
+    assert after[1.0] < after[0.0] - 1.0, (before, after)
+
+
+def test_ptx_without_demonstrations_is_a_config_error(world, tmp_path):
+    config = small_config(world, tmp_path / "p", ptx_coef=0.5)
+    with pytest.raises(ConfigError, match="ptx_coef: set data to a data-build folder"):
+        train_ppo(config, reward_fn=has_digit, prompts=world.prompts)
+    assert "ptx_coef must be >= 0" in "; ".join(small_config(world, tmp_path / "q", ptx_coef=-1.0).validate())
+
+
+def test_resume_skips_a_damaged_checkpoint_and_says_so(world, tmp_path, capsys):
+    kwargs = dict(num_updates=3, save_steps=1, save_total_limit=2)
+    train_ppo(small_config(world, tmp_path / "straight", **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    out = tmp_path / "damaged"
+    train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    # as if killed after the update-2 checkpoint, whose policy file then lost its second half (a full disk)
+    import shutil
+
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    policy = out / "checkpoints" / "update-000002" / "policy.safetensors"
+    policy.write_bytes(policy.read_bytes()[: policy.stat().st_size // 2])
+    capsys.readouterr()
+    result = train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    printed = capsys.readouterr().out
+    assert "update-000002 is damaged: policy.safetensors does not match its recorded SHA-256" in printed
+    assert "resuming from" in printed and "update-000001 (update 1 of 3)" in printed
+    assert (out / "checkpoints" / "corrupt-update-000002" / "policy.safetensors").is_file()  # kept, never loaded
+    assert result.metrics["update"] == 3 and [r["update"] for r in read_rows(out / "metrics.jsonl")] == [1, 2, 3]
+    wa, wb = _weights(tmp_path / "straight" / "model"), _weights(out / "model")
+    for key in wa:  # the resumed run is the uninterrupted one
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")

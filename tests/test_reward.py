@@ -16,7 +16,7 @@ import pytest
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError, DataError
 
-pytest.importorskip("trl")
+import trl  # noqa: F401,E402  (a dependency: missing it must fail, not skip)
 
 from test_sft import (  # noqa: E402  (shared fixtures and helpers)
     SimulatedKill,

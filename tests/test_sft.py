@@ -17,7 +17,7 @@ import pytest
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError, DataError
 
-pytest.importorskip("trl")
+import trl  # noqa: F401,E402  (a dependency: missing it must fail, not skip)
 
 # -- helpers shared with test_reward.py -----------------------------------------------------
 
@@ -253,13 +253,19 @@ def test_resume_after_kill_equals_straight_run(oasst_data, micro_model_dir, tmp_
 def test_half_written_checkpoints_are_never_chosen(tmp_path):
     from rlhfkit.training import find_resume_checkpoint
 
-    def checkpoint(step: int, state: str | None = "ok", weights: bool = True, optimizer: bool = True) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    def checkpoint(step: int, state: str | None = "ok", weights: bool = True, optimizer: bool = True,
+                   cut: str | None = None) -> Path:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         if weights:
-            (d / "model.safetensors").write_bytes(b"x" * 10)
+            save_file({"w": torch.ones(64, 64)}, str(d / "model.safetensors"))
         if optimizer:
-            (d / "optimizer.pt").write_bytes(b"x" * 10)
+            torch.save({"state": {0: {"exp_avg": torch.ones(64, 64)}}}, d / "optimizer.pt")
+        if cut is not None:  # a full disk cut this file short: present, non-empty, and damaged
+            (d / cut).write_bytes((d / cut).read_bytes()[: (d / cut).stat().st_size // 2])
         if state == "ok":
             (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         elif state is not None:
@@ -270,7 +276,8 @@ def test_half_written_checkpoints_are_never_chosen(tmp_path):
     early_broken = checkpoint(1, state=None)
     good = checkpoint(2)
     later = [checkpoint(4, state=None), checkpoint(6, optimizer=False), checkpoint(8, weights=False),
-             checkpoint(10, state='{"global_st'), checkpoint(12, state=json.dumps({"global_step": 3}))]
+             checkpoint(10, state='{"global_st'), checkpoint(12, state=json.dumps({"global_step": 3})),
+             checkpoint(14, cut="model.safetensors"), checkpoint(16, cut="optimizer.pt")]
     (tmp_path / "checkpoint-x").mkdir()
     assert find_resume_checkpoint(tmp_path) == good
     assert all(p.exists() for p in later)  # only reading: nothing removed

@@ -321,7 +321,6 @@ def test_cli_data_synth(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(out), "--lang-mix", "xx=1"]) == 2
 
 
-@pytest.mark.skipif(not hasattr(rlhfkit.data, "build_data"), reason="rlhfkit.data.build_data not available yet")
 def test_data_stage_reads_the_file_with_the_same_counts(default_file, tmp_path):
     from rlhfkit.data import DataBuildConfig, build_data
 

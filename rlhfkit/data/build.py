@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from rlhfkit import __version__
-from rlhfkit.artifacts import StageResult, atomic_dir, write_json_atomic
+from rlhfkit.artifacts import StageResult, atomic_dir, check_output_dir, locks_output, write_json_atomic
 from rlhfkit.config import field
 from rlhfkit.data.corpus import Corpus, int64_view
 from rlhfkit.data.formats import FORMATS, detect_format, read_rows
@@ -174,14 +174,14 @@ def _fingerprint(config: DataBuildConfig, read: list[dict]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@locks_output("out")
 def build_data(config: DataBuildConfig, *, datasets: list | None = None) -> StageResult:
     """Build ``config.out`` (sft/, pairs/, stats.json, manifest.json) from sources and datasets."""
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} exists and is not a folder")
+    check_output_dir(out)  # a file, or a folder of the user's own, is refused before any work
     corpus, read = load_sources(
         config.sources, datasets=datasets, lang=config.lang, include_synthetic=config.include_synthetic,
         drop_orphans=config.drop_orphans, top_k=config.top_k, format=config.format,

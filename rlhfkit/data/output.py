@@ -92,11 +92,8 @@ def save_splits(batches: dict[str, Iterable[pa.Table]], kind: str, out: Path, fi
         fsync_path(path)
 
 
-def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:
-    """Distinct user-turn contexts (each SFT example's ``messages[:-1]``), first-seen order.
-
-    These are the prompts PPO generates from: the context every SFT answer was given.
-    """
+def _sft_conversations(path: str | os.PathLike, split: str) -> Iterator[list[dict]]:
+    """Each SFT example's ``messages`` of one split, in file order."""
     import datasets
 
     folder = Path(path) / "sft"
@@ -105,16 +102,29 @@ def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list
     ds = datasets.load_from_disk(str(folder))
     if split not in ds:
         raise DataError(f"{folder}: no split '{split}' (has {', '.join(ds)})")
+    for table in ds[split].select_columns(["messages"]).with_format("arrow").iter(batch_size=4096):
+        yield from table.column("messages").to_pylist()
+
+
+def prompts_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:
+    """Distinct user-turn contexts (each SFT example's ``messages[:-1]``), first-seen order.
+
+    These are the prompts PPO generates from: the context every SFT answer was given.
+    """
     seen: set[tuple] = set()
     prompts = []
-    for table in ds[split].select_columns(["messages"]).with_format("arrow").iter(batch_size=4096):
-        for messages in table.column("messages").to_pylist():
-            context = messages[:-1]
-            key = tuple((m["role"], m["content"]) for m in context)
-            if context and key not in seen:
-                seen.add(key)
-                prompts.append(context)
+    for messages in _sft_conversations(path, split):
+        context = messages[:-1]
+        key = tuple((m["role"], m["content"]) for m in context)
+        if context and key not in seen:
+            seen.add(key)
+            prompts.append(context)
     return prompts
+
+
+def demonstrations_from_data_dir(path: str | os.PathLike, split: str = "train") -> list[list[dict]]:
+    """The SFT examples themselves (context + the demonstrated assistant reply): PPO-ptx's data."""
+    return [m for m in _sft_conversations(path, split) if len(m) > 1 and m[-1]["role"] == "assistant"]
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:

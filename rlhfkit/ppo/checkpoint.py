@@ -5,7 +5,9 @@ A checkpoint ``checkpoints/update-000010/`` holds the policy and value weights
 random generators of every process (safetensors) and ``state.json`` (update counter,
 elapsed time, scheduler, KL controller, config). It is written to a temp sibling and
 renamed, so a folder named ``update-*`` is always complete (pitfall 9); older ones are
-removed only after the new one is in place. The data position is the update counter
+removed only after the new one is in place. ``state.json`` records each file's SHA-256: a
+resume takes the newest checkpoint whose files still match (``latest_verified``) and sets
+a damaged one aside as ``corrupt-update-*`` (kept for inspection, never loaded). The data position is the update counter
 itself (prompts are drawn by ``batch_indices(update, ...)``).
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from rlhfkit.artifacts import atomic_dir, read_json, write_text_atomic
+from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, write_text_atomic
 from rlhfkit.errors import ConfigError
 
 PREFIX = "update-"
@@ -41,6 +43,27 @@ def latest(folder: Path) -> Path | None:
     """The newest complete checkpoint."""
     done = completed(folder)
     return done[-1] if done else None
+
+
+def damaged(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a file missing, changed or truncated), or None when it is intact."""
+    try:
+        state = read_json(path / "state.json")
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({e})"
+    return damage(path, state.get("files"))
+
+
+def latest_verified(folder: Path, log=print) -> Path | None:
+    """The newest intact checkpoint; newer damaged ones are renamed ``corrupt-update-*`` and reported."""
+    for path in reversed(completed(folder)):
+        problem = damaged(path)
+        if problem is None:
+            return path
+        aside = path.with_name("corrupt-" + path.name)
+        os.replace(path, aside)
+        log(f"checkpoint {path} is damaged: {problem}; set aside as {aside.name}, trying an older one")
+    return None
 
 
 def update_of(path: Path) -> int:
@@ -75,7 +98,9 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
                       str(tmp / "rng.safetensors"))
+            files = file_digests(tmp, skip=())  # state.json, written next, is not among them
             write_text_atomic(tmp / "state.json", json.dumps({
+                "files": files,
                 "update": update,
                 "elapsed_s": elapsed,
                 "scheduler": scheduler.state_dict(),

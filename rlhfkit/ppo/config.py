@@ -76,6 +76,9 @@ class PPOStageConfig:
     value_warmup_updates: int = field(0, help="critic warm-up: the first N updates train only the value model "
                                               "(the policy is not changed), so the first policy steps use fitted values")
     target_kl: float | None = field(None, help="stop this update's PPO epochs early when approx-KL passes it; null = off")
+    ptx_coef: float = field(0.0, help="PPO-ptx (Ouyang et al. 2022): add ptx_coef x the policy's token-mean NLL on SFT "
+                                      "demonstrations (the data folder's sft split) to every optimizer step, so the policy keeps "
+                                      "what SFT taught where the reward model cannot tell right from wrong; 0 = off")
     # --- optimisation
     learning_rate: float = field(3e-6, help="AdamW learning rate of policy and value model")
     lr_scheduler_type: str = field("linear", help="transformers scheduler name, stepped once per optimizer step")
@@ -108,6 +111,11 @@ class PPOStageConfig:
             return problems
         if (self.total_episodes is None) == (self.num_updates is None):
             problems.append("set exactly one of total_episodes and num_updates")
+        elif self.num_updates is not None and self.num_updates < 1:
+            problems.append(f"num_updates must be at least 1, got {self.num_updates}")
+        elif self.total_episodes is not None and self.total_episodes < self.rollout_batch_size:
+            problems.append(f"total_episodes must be at least one update (rollout_batch_size={self.rollout_batch_size}), "
+                            f"got {self.total_episodes}")
         elif self.total_episodes is not None and self.total_episodes % self.rollout_batch_size:
             problems.append(
                 f"total_episodes={self.total_episodes} is not a whole number of updates of "
@@ -149,6 +157,8 @@ class PPOStageConfig:
         for name in ("save_steps", "sample_every", "num_samples", "warmup_steps", "value_warmup_updates"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ptx_coef < 0:
+            problems.append(f"ptx_coef must be >= 0, got {self.ptx_coef}")
         if self.kl_budget_window < 1:
             problems.append(f"kl_budget_window must be at least 1, got {self.kl_budget_window}")
         for name in ("kl_horizon", "max_grad_norm", "learning_rate", "target_kl", "score_clip", "kl_budget"):

@@ -197,7 +197,7 @@ class _LlamaDecoder:
             mask = query_mask[rows, first:]
             cache = DynamicCache()
             out = self.model(input_ids=query_ids[rows, first:], attention_mask=mask, position_ids=position_ids(mask),
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             cache=cache, use_cache=True, logits_to_keep=1)
             if last_logits is None:
                 last_logits = out.logits.new_empty((batch, out.logits.shape[-1]))
                 for layer in cache.layers:  # zeros where a row's prompt is shorter than the batch's (masked)
@@ -276,7 +276,7 @@ def sample(
     else:
         cache = DynamicCache()
         logits = model(input_ids=query_ids, attention_mask=query_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     next_position = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -311,7 +311,7 @@ def sample(
                                   None if step_mask is None else step_mask[..., :length + 1])
         else:
             logits = model(input_ids=token[:, None], attention_mask=attention[:, :length + 1],
-                           position_ids=next_position, past_key_values=cache, use_cache=True).logits[:, -1, :]
+                           position_ids=next_position, cache=cache, use_cache=True).logits[:, -1, :]
         next_position = next_position + 1
     if bool(invalid.any()):  # what torch.multinomial raises on such probabilities
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 (non-finite policy logits)")

@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import (StageResult, atomic_dir, read_json, refuse_other_stage, resolve_model_path,
-                               write_json_atomic)
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, claim_dir, load_pretrained, load_tokenizer, locks_output,
+                               read_json, refuse_other_stage, resolve_model_path, write_json_atomic)
+from rlhfkit.errors import ConfigError, RlhfkitError, first_line
 from rlhfkit.ppo import checkpoint as ckpt
 from rlhfkit.ppo.config import PPOStageConfig
 from rlhfkit.ppo.core import (
@@ -36,6 +36,7 @@ from rlhfkit.ppo.core import (
     ensemble_reward,
     kl_per_token,
     logprobs_from_logits,
+    masked_mean,
     policy_loss,
     rewards_with_kl,
     value_loss,
@@ -149,6 +150,51 @@ def encode_prompts(tokenizer, prompts: Sequence[Any], max_prompt_length: int) ->
             ids = tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"])["input_ids"]
         encoded.append(list(ids)[-max_prompt_length:])
     return encoded
+
+
+@dataclass
+class Demonstrations:
+    """PPO-ptx's data: each SFT demonstration as (prompt ids, reply ids), tokenized as the policy samples.
+
+    The prompt is what ``encode_prompts`` gives the policy; the reply is what the chat template
+    writes after it, through the first EOS (the token that ends a sampled response), cut to
+    ``response_length`` tokens (the policy never writes more).
+    """
+
+    pairs: list[tuple[list[int], list[int]]]
+    pad_id: int
+
+    @classmethod
+    def encode(cls, tokenizer, conversations: Sequence[list[dict]], max_prompt_length: int,
+               response_length: int) -> "Demonstrations":
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        pairs = []
+        for messages, prompt in zip(conversations, encode_prompts(tokenizer, [m[:-1] for m in conversations], 10**9)):
+            full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) \
+                if tokenizer.chat_template else None
+            if full is not None and full[:len(prompt)] == prompt:
+                reply = full[len(prompt):]
+            else:  # no template, or one that renders a context differently once a reply follows
+                reply = list(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]) + [eos]
+            if eos in reply:
+                reply = reply[:reply.index(eos) + 1]
+            if reply:
+                pairs.append((prompt[-max_prompt_length:], reply[:response_length]))
+        if not pairs:
+            raise ConfigError("ptx_coef: no demonstrations with a reply in the data's SFT split")
+        return cls(pairs, pad)
+
+    def nll(self, policy: torch.nn.Module, idx: Sequence[int], device) -> torch.Tensor:
+        """Token-mean negative log-likelihood of the replies ``idx`` under ``policy`` (temperature 1)."""
+        query_ids, query_mask = left_pad([self.pairs[i][0] for i in idx], self.pad_id, device=device)
+        replies = [self.pairs[i][1] for i in idx]
+        width = max(len(r) for r in replies)
+        reply_ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in replies], device=device)
+        reply_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies], device=device)
+        logits = response_logits(policy, torch.cat([query_ids, reply_ids], 1), torch.cat([query_mask, reply_mask], 1),
+                                 width)
+        return -masked_mean(logprobs_from_logits(logits, reply_ids, 1.0), reply_mask)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -274,6 +320,7 @@ def ppo_update(
     config: PPOStageConfig,
     generator: torch.Generator,
     train_policy: bool = True,
+    demonstrations: Demonstrations | None = None,
 ) -> dict[str, float]:
     """``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps over this process's episodes.
 
@@ -282,6 +329,9 @@ def ppo_update(
 
     Each micro-batch's loss is weighted so that the accumulated gradient is the token mean over
     the whole minibatch on all processes, whatever the split into micro-batches (pitfall 8).
+    With ``demonstrations`` and ``ptx_coef`` > 0 (PPO-ptx), each micro-batch also adds
+    ``ptx_coef`` x the NLL of ``per_device_train_batch_size`` random demonstrations, so each
+    optimizer step's gradient gains ``ptx_coef`` x the mean NLL over its demonstration batches.
     Each micro-batch drops the response columns that are padding in all its rows
     (``micro_batch``). The statistics stay on the device until one ``.tolist()`` at the end.
     """
@@ -292,6 +342,8 @@ def ppo_update(
     device = rollout.response_mask.device
     lengths = rollout.response_mask.sum(1).tolist()  # one sync per update: the trimmed widths
     mb_stats_all: list[torch.Tensor] = []
+    ptx = demonstrations is not None and config.ptx_coef > 0 and train_policy
+    ptx_losses: list[torch.Tensor] = []
     stop_early = False
     for _epoch in range(config.num_ppo_epochs):
         order = torch.randperm(local, generator=generator, device=generator.device)
@@ -303,6 +355,14 @@ def ppo_update(
                 idx = mb[mc_start:mc_start + micro]
                 batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
                 m = batch["mask"]
+                if ptx:
+                    # its own backward first, without a gradient sync: the PPO backward below syncs
+                    # the sum (accelerate divides both by the accumulation steps, DDP averages both)
+                    pick = torch.randint(len(demonstrations.pairs), (micro,), generator=generator).tolist()
+                    with accelerator.no_sync(module):
+                        nll = demonstrations.nll(accelerator.unwrap_model(module).policy, pick, device)
+                        accelerator.backward(config.ptx_coef * nll)
+                    ptx_losses.append(nll.detach())
                 with accelerator.accumulate(module):
                     logits, new_values = module(batch["input_ids"], batch["attention_mask"], m.shape[1])
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
@@ -343,6 +403,9 @@ def ppo_update(
     means = torch.stack(mb_stats_all).mean(0).tolist()
     out = dict(zip(("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac"), means))
     out["early_stopped"] = float(stop_early)
+    if ptx_losses:
+        ptx_mean = torch.stack(ptx_losses).mean()
+        out["ptx_loss"] = (accelerator.reduce(ptx_mean, reduction="mean") if accelerator.num_processes > 1 else ptx_mean).item()
     return out
 
 
@@ -396,6 +459,22 @@ def load_prompts(config: PPOStageConfig, prompts: Any = None) -> list[Any]:
     return prompts
 
 
+def load_demonstrations(config: PPOStageConfig, demonstrations: Any = None) -> list[list[dict]]:
+    """PPO-ptx's demonstrations: the argument (conversations or a Dataset with 'messages'), else the data folder's SFT split."""
+    if demonstrations is None:
+        if config.data is None or not (Path(config.data) / "sft").is_dir():
+            raise ConfigError("ptx_coef: set data to a data-build folder (its SFT split holds the demonstrations) "
+                              "or pass demonstrations")
+        from rlhfkit.data import demonstrations_from_data_dir
+
+        return demonstrations_from_data_dir(config.data, "train")
+    if hasattr(demonstrations, "column_names"):
+        if "messages" not in demonstrations.column_names:
+            raise ConfigError(f"demonstrations have no 'messages' column (columns: {', '.join(demonstrations.column_names)})")
+        demonstrations = demonstrations["messages"]
+    return [list(m) for m in demonstrations]
+
+
 def _scheduler_problems(config: PPOStageConfig) -> list[str]:
     """Build the scheduler once on a dummy optimizer, so a bad name fails before any model loads."""
     from transformers import get_scheduler
@@ -406,22 +485,6 @@ def _scheduler_problems(config: PPOStageConfig) -> list[str]:
     except (ValueError, TypeError, KeyError) as e:
         return [f"lr_scheduler_type: cannot build {config.lr_scheduler_type!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"]
     return []
-
-
-def _load_tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
-
-
-def _load_model(auto_class, path: str, trust_remote_code: bool, **kwargs):
-    try:
-        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from None
 
 
 def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PPOStageConfig, eos_id: int) -> dict[str, float]:
@@ -463,6 +526,7 @@ def _finished_run(out: Path, config: PPOStageConfig) -> StageResult | None:
     return StageResult(out, metrics)
 
 
+@locks_output("output_dir")
 def train_ppo(
     config: PPOStageConfig,
     *,
@@ -473,6 +537,7 @@ def train_ppo(
     reward_fn: RewardFn | None = None,
     value_model: torch.nn.Module | None = None,
     prompts: Any = None,
+    demonstrations: Any = None,
     gold_fn: MetricFn | None = None,
 ) -> StageResult:
     """Align ``config.model`` against the reward model (or ``reward_fn``) with PPO.
@@ -480,7 +545,8 @@ def train_ppo(
     In-memory objects replace the paths in ``config``: ``policy`` + ``tokenizer``,
     ``reward_model`` (+ ``reward_tokenizer`` when it differs), ``reward_fn(prompts,
     responses) -> scores`` instead of a model, ``prompts`` (a list or a Dataset with a
-    'prompt' column). ``gold_fn`` is only measured and logged (``objective/gold``), never
+    'prompt' column), ``demonstrations`` for ``ptx_coef`` (conversations ending in
+    the assistant reply, or a Dataset with a 'messages' column). ``gold_fn`` is only measured and logged (``objective/gold``), never
     optimised. Writes ``output_dir/model`` (the final policy), ``metrics.jsonl`` (a row per
     update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint,
     and does nothing once the run has finished.
@@ -500,6 +566,7 @@ def train_ppo(
     if problems:
         raise ConfigError("; ".join(problems))
     refuse_other_stage(config.output_dir, "ppo")
+    check_output_dir(config.output_dir)  # a folder of the user's own is refused before any work
     finished = _finished_run(Path(config.output_dir), config)
     if finished is not None:
         return finished
@@ -527,19 +594,22 @@ def train_ppo(
         )
     main = accelerator.is_main_process
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_dir(out)
         print(config.batch_arithmetic(), flush=True)
 
     # --- prompts and models (everything validated above, so loading is the first slow step)
     prompt_list = load_prompts(config, prompts)
+    conversations = load_demonstrations(config, demonstrations) if config.ptx_coef > 0 else None
     policy_path = resolve_model_path(config.model) if config.model else None
     if tokenizer is None:
-        tokenizer = _load_tokenizer(policy_path, config.trust_remote_code)
+        tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
     if policy is None:
-        policy = _load_model(AutoModelForCausalLM, policy_path, config.trust_remote_code)
+        policy = load_pretrained(AutoModelForCausalLM, policy_path, config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; only EOS stops
     prompt_ids = encode_prompts(tokenizer, prompt_list, config.max_prompt_length)
+    ptx_data = None if conversations is None else Demonstrations.encode(
+        tokenizer, conversations, config.max_prompt_length, config.response_length)
     scorer = EnsembleScorer([Scorer(fn=reward_fn)], [(0.0, 1.0)])
     folders = [config.reward_model] if isinstance(config.reward_model, str) else list(config.reward_model or [])
     reward_path = resolve_model_path(folders[0]) if folders else None  # member 0: the value model's start
@@ -548,9 +618,9 @@ def train_ppo(
             loaded, norms = [(reward_model, reward_tokenizer)], [(0.0, 1.0)]
         else:  # folders: each with its own tokenizer (member 0 may take the given one)
             paths = [resolve_model_path(f) for f in folders]
-            loaded = [(_load_model(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1),
+            loaded = [(load_pretrained(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1),
                        reward_tokenizer if i == 0 and reward_tokenizer is not None
-                       else _load_tokenizer(path, config.trust_remote_code)) for i, path in enumerate(paths)]
+                       else load_tokenizer(path, config.trust_remote_code)) for i, path in enumerate(paths)]
             norms = [held_out_norm(f) for f in folders] if len(folders) > 1 else [(0.0, 1.0)]
         members = []
         for i, (model, member_tokenizer) in enumerate(loaded):
@@ -575,7 +645,7 @@ def train_ppo(
         value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)
         if value_source is None:
             raise ConfigError("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
-        value_model = _load_model(AutoModelForSequenceClassification, value_source, config.trust_remote_code, num_labels=1)
+        value_model = load_pretrained(AutoModelForSequenceClassification, value_source, config.trust_remote_code, num_labels=1)
     if value_model.config.pad_token_id is None:
         value_model.config.pad_token_id = tokenizer.pad_token_id
     ref_policy = None
@@ -610,11 +680,19 @@ def train_ppo(
 
     # --- resume
     start_update, elapsed_before = 0, 0.0
-    state = ckpt.latest(out / "checkpoints")
+    state = ckpt.latest_verified(out / "checkpoints", log=lambda line: print(line, flush=True)) if main else None
+    if accelerator.num_processes > 1:  # every process resumes from the checkpoint the main one verified
+        from accelerate.utils import broadcast_object_list
+
+        state = broadcast_object_list([state])[0]
     if state is not None:
         ckpt.check_config(state, config)
-        start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
-                                                 kl_ctl, (sample_gen, shuffle_gen), accelerator.process_index)
+        try:
+            start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
+                                                     kl_ctl, (sample_gen, shuffle_gen), accelerator.process_index)
+        except Exception as e:  # noqa: BLE001 - safetensors/torch errors of a damaged file without recorded digests
+            raise RlhfkitError(f"checkpoint {state} cannot be loaded ({first_line(e)}); move it out of "
+                               f"{state.parent} to resume from an older one or start over") from None
         if main:
             print(f"resuming from {state} (update {start_update} of {config.updates})", flush=True)
     if main:
@@ -655,7 +733,8 @@ def train_ppo(
         advantages = whiten(advantages, rollout.response_mask)
         # 4. optimise
         train_stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns,
-                                 config, shuffle_gen, train_policy=update >= config.value_warmup_updates)
+                                 config, shuffle_gen, train_policy=update >= config.value_warmup_updates,
+                                 demonstrations=ptx_data)
         # 5. bookkeeping
         episode_stats = _episode_metrics(rollout, kl, beta, config, tokenizer.eos_token_id)
         gold = None
@@ -681,6 +760,7 @@ def train_ppo(
             "loss/value_avg": train_stats["vf_loss"],
             "val/clipfrac_avg": train_stats["vf_clipfrac"],
             "policy/early_stopped": train_stats["early_stopped"],
+            **({"loss/ptx_avg": train_stats["ptx_loss"]} if "ptx_loss" in train_stats else {}),
             "lr": scheduler.get_last_lr()[0],
             "eps": episodes / elapsed if elapsed > 0 else 0.0,
             "elapsed_s": elapsed,

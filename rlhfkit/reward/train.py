@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from rlhfkit.artifacts import StageResult, write_text_atomic
+from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only, write_text_atomic
 from rlhfkit.config import field
-from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.reward.ensemble import SCORES_FILE, agreement_with_gold
 from rlhfkit.training import (
     StageConfig,
@@ -41,10 +41,8 @@ from rlhfkit.training import (
     defaults_note,
     ensure_chat_template,
     finish_stage,
-    first_line,
     load_model,
     load_split_dict,
-    load_tokenizer,
     logger,
     lora_config,
     make_stage_callback,
@@ -263,6 +261,7 @@ def gold_agreement(mode: str, prompts, chosen_texts, rejected_texts, r_chosen, r
 # -- the stage --------------------------------------------------------------------------------
 
 
+@locks_output("output_dir")
 def train_reward(
     config: RewardStageConfig,
     *,
@@ -283,6 +282,8 @@ def train_reward(
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
+    if model is None and config.model:
+        refuse_pickle_only(model_source(config))  # before any data is read or folder touched
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, set_seed
@@ -308,11 +309,11 @@ def train_reward(
     user_max_length = "max_length" in config.trl_args
     kwargs = resolve_trl_kwargs(config, REWARD_TRL_DEFAULTS, has_eval=eval_dataset is not None)
     args = build_trl_args(RewardConfig, kwargs, stage)
+    trust = bool(config.trl_args.get("trust_remote_code", False))
+    source = None if (model is not None and tokenizer is not None) else model_source(config)
     resume_from = prepare_output_dir(config, is_main=args.process_index == 0)
 
     # 2. tokenizer and model (a distinct pad token, and the head reads at the last non-pad token)
-    trust = bool(config.trl_args.get("trust_remote_code", False))
-    source = None if (model is not None and tokenizer is not None) else model_source(config)
     if tokenizer is None:
         tokenizer = load_tokenizer(source, trust)
     ensure_chat_template(stage, tokenizer, args, source)  # checked before the model loads

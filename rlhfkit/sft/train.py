@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from rlhfkit.artifacts import StageResult
-from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only
+from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.training import (
     StageConfig,
     build_trl_args,
@@ -32,10 +32,8 @@ from rlhfkit.training import (
     defaults_note,
     ensure_chat_template,
     finish_stage,
-    first_line,
     load_model,
     load_split_dict,
-    load_tokenizer,
     logger,
     lora_config,
     make_stage_callback,
@@ -121,6 +119,8 @@ def build_sft_trainer(
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
+    if model is None and config.model:
+        refuse_pickle_only(model_source(config))  # before any data is read or folder touched
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -145,11 +145,11 @@ def build_sft_trainer(
         train_dataset = to_prompt_completion(train_dataset, f"{stage} train")
         if eval_dataset is not None:
             eval_dataset = to_prompt_completion(eval_dataset, f"{stage} validation")
+    trust = bool(config.trl_args.get("trust_remote_code", False))
+    source = None if (model is not None and tokenizer is not None) else model_source(config)
     resume_from = prepare_output_dir(config, is_main=args.process_index == 0)
 
     # 3. tokenizer and model
-    trust = bool(config.trl_args.get("trust_remote_code", False))
-    source = None if (model is not None and tokenizer is not None) else model_source(config)
     if tokenizer is None:
         tokenizer = load_tokenizer(source, trust)
     ensure_chat_template(stage, tokenizer, args, source)
@@ -182,6 +182,7 @@ def build_sft_trainer(
     return PreparedSFT(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from)
 
 
+@locks_output("output_dir")
 def train_sft(
     config: SFTStageConfig,
     *,

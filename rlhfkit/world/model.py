@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from rlhfkit.artifacts import StageResult, atomic_dir
+from rlhfkit.artifacts import StageResult, atomic_dir, check_output_dir, locks_output
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError, DataError
 
@@ -148,11 +148,13 @@ def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embed
     return model
 
 
+@locks_output("out")
 def init_model(config: ModelInitConfig, *, texts: Iterable[str] | None = None) -> StageResult:
     """Train the tokenizer on ``config.corpus`` (or ``texts``) and save tokenizer + model."""
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
+    check_output_dir(config.out)  # a folder of the user's own is refused before any work
     corpus = list(texts) if texts is not None else list(iter_corpus_texts(config.corpus))
     if not corpus:
         raise DataError(f"{config.corpus}: no text found to train the tokenizer on")

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from rlhfkit.artifacts import StageResult, write_text_atomic
+from rlhfkit.artifacts import StageResult, is_ours, locks_output, write_text_atomic
 from rlhfkit.config import field
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, OutputError
 from rlhfkit.world import gold as G
 
 __all__ = [
@@ -440,6 +440,7 @@ def tree_stats(trees: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@locks_output("out")
 def synth_data(config: SynthConfig) -> StageResult:
     """Write ``config.trees`` synthetic trees to ``config.out`` (atomically) and return counts.
 
@@ -451,10 +452,13 @@ def synth_data(config: SynthConfig) -> StageResult:
     problems = config.validate()
     if problems:
         raise ConfigError("data synth: " + "; ".join(problems))
+    out = Path(config.out)
+    if (out.exists() or out.is_symlink()) and not is_ours(out.parent):
+        # a file carries no owner mark: replace one only inside a folder of rlhfkit's (a chain's world/)
+        raise OutputError(f"{out}: exists; nothing was changed. Choose a new output file, or delete this one yourself")
     start = time.perf_counter()
     trees = list(generate_trees(config.trees, config.seed, config.annotator_noise, config.lang_mix))
     text = "".join(json.dumps(t, sort_keys=True, ensure_ascii=False) + "\n" for t in trees)
-    out = Path(config.out)
     write_text_atomic(out, text)
     metrics = tree_stats(trees)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
