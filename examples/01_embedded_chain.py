@@ -103,9 +103,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Heavy imports after argument parsing, so --help is instant.
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhfkit.artifacts import resolve_model_path
+    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.config import load_config
     from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
     from rlhfkit.evaluate import EvalConfig, evaluate
@@ -171,10 +171,10 @@ def main(argv=None) -> int:
         score_last=ppo["objective/scores"], kl=ppo["objective/kl"], time_s=ppo["wall_time_s"])
 
     # 7. held-out gold evaluation: the SFT and the PPO policy answer the same validation prompts
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(out / "sft"))
-    sft_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "sft"))
-    ppo_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "ppo"))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(out / "reward"), num_labels=1)
+    tokenizer = load_tokenizer(resolve_model_path(out / "sft"))
+    sft_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "sft"))
+    ppo_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "ppo"))
+    reward_model = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(out / "reward"), num_labels=1)
     eval_cfg = EvalConfig(num_examples=3, greedy=False, seed=seed, **size["eval"])
     ev, examples = evaluate(sft_policy, ppo_policy, reward_model.eval(), tokenizer, val_prompts, eval_cfg,
                             ppo_cfg.temperature, ppo_cfg.response_length, gold_score)

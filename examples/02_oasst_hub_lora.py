@@ -125,10 +125,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Heavy imports only here: `--help` and `import` work without torch/transformers loading.
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.chat_template_utils import has_generation_markers
 
-    from rlhfkit.artifacts import resolve_model_path
+    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.config import load_config
     from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
     from rlhfkit.evaluate import EvalConfig, evaluate
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         sft_validation=stats["validation"]["sft_examples"], pairs_validation=stats["validation"]["pairs"])
 
     # 2. SFT with LoRA. The chat template decides assistant_only_loss (see the header).
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     template_keys = {}
     if not tokenizer.chat_template:
         template_keys["chat_template_path"] = str(Path(args.chat_template or PLAIN_TEMPLATE))
@@ -191,10 +191,10 @@ def main(argv=None) -> int:
         response_length=ppo["val/response_length"], time_s=ppo["wall_time_s"])
 
     # 5. held-out comparison under the reward model (on the CPU: rlhfkit.evaluate places no tensors)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(out / "sft"))
-    sft_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "sft"))
-    ppo_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "ppo"))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(out / "reward"), num_labels=1)
+    tok = load_tokenizer(resolve_model_path(out / "sft"))
+    sft_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "sft"))
+    ppo_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "ppo"))
+    reward_model = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(out / "reward"), num_labels=1)
     eval_cfg = EvalConfig(num_examples=3, greedy=False, seed=args.seed, **sizes["eval"])
     ev, examples = evaluate(sft_policy, ppo_policy, reward_model.eval(), tok, prompts_from_data_dir(data, "validation"),
                             eval_cfg, ppo_cfg.temperature, ppo_cfg.response_length)

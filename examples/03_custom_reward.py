@@ -118,9 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from rlhfkit.artifacts import resolve_model_path
+    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.data import prompts_from_data_dir
     from rlhfkit.evaluate import EvalConfig, evaluate
     from rlhfkit.ppo import PPOStageConfig, train_ppo
@@ -152,9 +152,9 @@ def main(argv=None) -> int:
         score_last=ppo["objective/scores"], kl=ppo["objective/kl"], time_s=ppo["wall_time_s"])
 
     # Held-out gold evaluation, SFT vs the gold-trained PPO policy (no reward model to report).
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(sft_dir))
-    sft_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(sft_dir))
-    ppo_policy = AutoModelForCausalLM.from_pretrained(resolve_model_path(out / "ppo_gold"))
+    tokenizer = load_tokenizer(resolve_model_path(sft_dir))
+    sft_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(sft_dir))
+    ppo_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "ppo_gold"))
     eval_cfg = EvalConfig(num_examples=3, greedy=False, seed=args.seed, **size["eval"])
     ev, examples = evaluate(sft_policy, ppo_policy, None, tokenizer, prompts_from_data_dir(data, "validation"),
                             eval_cfg, ppo_cfg.temperature, ppo_cfg.response_length, gold_score)

@@ -28,17 +28,32 @@ from typing import Any, Callable, Iterator, TypeVar
 
 TEMP_PREFIX = ".tmp-"
 OWNER_FILE = ".rlhfkit"  # in every output folder rlhfkit creates: the folder is rlhfkit's to replace
-# files by which a folder written before owner files existed is recognisably a stage's output
-LEGACY_OWNER_FILES = ("stage_config.json", "metrics.jsonl", "metrics.json", "manifest.json")
+# How a folder written before owner files existed is recognisably a stage's output: a file of
+# that name whose content is ours (common names such as manifest.json are checked by their keys).
+LEGACY_OWNER_FILES = {"stage_config.json": (), "manifest.json": ("fingerprint", "stages"),
+                      "metrics.json": ("stage",), "metrics.jsonl": ("objective/kl",)}
 
 
 def is_ours(folder: str | os.PathLike) -> bool:
     """Whether rlhfkit wrote ``folder`` (its owner file, or a stage file of an older rlhfkit)."""
     folder = Path(folder)
-    return any((folder / name).is_file() for name in (OWNER_FILE, *LEGACY_OWNER_FILES))
+    if (folder / OWNER_FILE).is_file():
+        return True
+    for name, keys in LEGACY_OWNER_FILES.items():
+        if (folder / name).is_file():
+            if not keys:
+                return True
+            try:
+                with open(folder / name, encoding="utf-8") as f:
+                    first = json.loads(f.readline() if name.endswith(".jsonl") else f.read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(first, dict) and any(k in first for k in keys):
+                return True
+    return False
 
 
-def _not_ours(folder: Path) -> "OutputError":
+def _not_ours(folder: Path) -> Exception:
     from rlhfkit.errors import OutputError
 
     names = sorted(p.name for p in folder.iterdir())
@@ -72,20 +87,22 @@ def claim_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def remove_ours(folder: str | os.PathLike) -> None:
-    """Delete ``folder`` only when it is rlhfkit's (else OutputError); a symlink is unlinked, never followed."""
+def remove_ours(folder: str | os.PathLike, recorded: bool = False) -> None:
+    """Delete ``folder`` only when it is rlhfkit's (else OutputError); a symlink is unlinked, never followed.
+
+    ``recorded``: a run's manifest lists the folder as one of its stages (proof enough for a
+    folder written before owner files existed)."""
     folder = Path(folder)
     if folder.is_symlink():
         folder.unlink()
     elif folder.exists():
-        check_output_dir(folder)
+        if not recorded:
+            check_output_dir(folder)
         shutil.rmtree(folder)
 
 
 def _lock_path(folder: Path) -> Path:
     """The lock file of ``folder``: in the user's cache (no file beside their folders), else beside it."""
-    import hashlib
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhfkit" / "locks"
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,9 +220,9 @@ class _Chain:
                 return self._skip(name, entry, "unchanged")
             self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
             entry = {}
-            remove_ours(out)
+            remove_ours(out, recorded=True)
         if entry.get("hash") not in (None, h) and (out.exists() or out.is_symlink()):
-            remove_ours(out)  # changed config or inputs: start this stage afresh (only if rlhfkit wrote it)
+            remove_ours(out, recorded=True)  # changed config or inputs: start this stage afresh (the manifest's own)
         resumed = entry.get("hash") == h and entry.get("status") == "running"
         return self._run(name, h, out, fn, resumed, entry.get("wall_time_s", 0.0) if resumed else 0.0)
 

@@ -340,3 +340,19 @@ def test_a_bug_of_ours_keeps_its_traceback_and_says_so(tmp_path, capsys, monkeyp
     assert "Traceback" in err and "ZeroDivisionError: oops" in err
     assert err.strip().splitlines()[-1] == ("rlhfkit: internal error: this is a bug in rlhfkit; please report it "
                                             "with the traceback above")
+
+
+def test_a_users_folder_with_a_common_file_name_is_not_taken_for_rlhfkits(tmp_path):
+    from rlhfkit.artifacts import is_ours
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "manifest.json").write_text('{"files": ["a", "b"]}')  # another tool's manifest
+    (users / "metrics.json").write_text('{"accuracy": 0.9}')
+    assert not is_ours(users)
+    with pytest.raises(OutputError):
+        remove_ours(users)
+    old_run = tmp_path / "old"  # a chain folder of an rlhfkit from before owner files
+    old_run.mkdir()
+    (old_run / "manifest.json").write_text('{"stages": {}}')
+    assert is_ours(old_run)

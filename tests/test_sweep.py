@@ -4,7 +4,6 @@ over-optimisation curve and best-of-n on a tiny run, resume, and bad grids as on
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 

@@ -10,9 +10,8 @@ from collections import Counter
 
 import pytest
 
-import rlhfkit.data
 from rlhfkit.errors import ConfigError
-from rlhfkit.world.gold import LANGUAGES, gold_score, parse_task, reference_answer, task_family
+from rlhfkit.world.gold import LANGUAGES, VOCAB, gold_score, parse_task, reference_answer, task_family
 from rlhfkit.world.synth import SynthConfig, generate_trees, parse_lang_mix, synth_data
 
 MESSAGE_FIELDS = {
@@ -250,31 +249,44 @@ def test_quality_mixture(default_file):
     assert max(max(w) for w in words.values()) <= 30  # replies stay short
 
 
-def test_answer_form_is_not_a_label_of_gold(default_file):
-    """A comma or a full stop in a bare answer list says little about whether it is right.
+VOCAB_SET = {w.lower() for w in VOCAB}
 
-    Before the fix only right answers were ever rendered with commas or a full stop:
-    P(right | comma) was 1.000 and P(right | full stop) 0.983 against 0.544 for plain
-    answers, so reward models learned "comma = right" and PPO spammed commas into broken
-    answers ("winter,,,,,,,, winter"). Now wrong lists take the same forms (measured on
-    3000 trees: 0.73, 0.71 against 0.60; the rest of the gap is one-word answers, whose
-    forms differ). Rambling, preambles and chit-chat are excluded: not bare answer lists.
+
+def test_answer_form_is_not_a_label_of_gold(default_file):
+    """The form of an answer list (plain, full stop, commas) never tells sibling replies apart.
+
+    Before the first fix only right answers were ever rendered with commas or a full stop
+    (P(right | comma) was 1.000 against 0.544 for plain answers): reward models learned
+    "comma = right" and PPO spammed commas into broken answers ("winter,,,,,,,, winter").
+    Drawing the form per reply left a pull towards commas (non-list wrong replies cannot
+    carry one), and PPO drifted into the comma form, where the SFT policy copies badly. Now
+    a turn draws one form for all its replies, right and wrong: no preference pair contrasts
+    two forms of a list, and each form is as often right as the others.
     """
     _, _, trees = default_file
-    counts = Counter()  # (form, right?) over bare answer lists with gold 0 or 1
+    counts = Counter()  # (form, right?) over bare answer lists of two or more tokens with gold 0 or 1
+    forms_per_turn = Counter()  # turns by the number of distinct forms among their bare answer lists
     for t in trees:
         for context, replies, _ in turns(t):
             task = parse_task(context)
             if task is None or task.root_family == "refuse":
                 continue
+            forms = set()
             for r in replies:
                 text = r["text"]
-                if not re.fullmatch(r"[A-Za-z0-9 ,.]+", text) or len(text.split()) > len(task.answers[0]) + 1:
-                    continue
+                words = text.replace(",", " ").replace(".", " ").split()
+                if not (2 <= len(words) <= len(task.answers[0]) + 1 and re.fullmatch(r"[A-Za-z0-9 ,.]+", text)
+                        and all(w.isdigit() or w.lower() in VOCAB_SET for w in words)):
+                    continue  # not a bare answer list (a refusal, chit-chat, a preamble, a ramble)
+                form = "comma" if "," in text else "stop" if text.endswith(".") else "plain"
+                forms.add(form)
                 g = gold_score(context, text)
                 if g in (0.0, 1.0):
-                    form = "comma" if "," in text else "stop" if text.endswith(".") else "plain"
                     counts[form, g == 1.0] += 1
+            if forms:
+                forms_per_turn[len(forms)] += 1
+
+    assert forms_per_turn[1] > 1000 and forms_per_turn[2] == forms_per_turn[3] == 0, forms_per_turn
 
     def p_right(form: str) -> float:
         right, wrong = counts[form, True], counts[form, False]
@@ -283,7 +295,8 @@ def test_answer_form_is_not_a_label_of_gold(default_file):
 
     for form in ("comma", "stop"):
         assert counts[form, False] > 20, counts  # wrong answers do take this form
-        assert p_right(form) < p_right("plain") + 0.2, (form, p_right(form), p_right("plain"))
+        # binomial SE of a share from ~150-300 lists is ~0.04: 0.1 is > 2 SE, far below the old 0.46
+        assert abs(p_right(form) - p_right("plain")) < 0.1, (form, p_right(form), p_right("plain"))
 
 
 def test_lang_mix_and_validation(tmp_path):

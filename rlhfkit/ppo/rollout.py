@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from rlhfkit.ppo.core import logprobs_from_logits, mask_after_eos
+from rlhfkit.ppo.core import mask_after_eos
 
 RewardFn = Callable[[list[Any], list[str]], Sequence[float]]
 

@@ -161,23 +161,27 @@ def parse_lang_mix(lang_mix: str | Mapping[str, float]) -> dict[str, float]:
 # -- replies -------------------------------------------------------------------------------
 
 
-def _render(rng: random.Random, tokens: tuple[str, ...]) -> str:
-    """A correct answer in one of the accepted forms (plain, with a full stop, with commas)."""
-    r = rng.random()
-    if r < 0.8:
+# The forms an answer list is written in (all accepted by the judge), and how often a turn uses each.
+STYLES, STYLE_WEIGHTS = ("plain", "stop", "comma"), (0.8, 0.1, 0.1)
+
+
+def _render(tokens: tuple[str, ...], style: str) -> str:
+    """An answer list in ``style``: plain, with a full stop, or with commas (one token: a full stop)."""
+    if style == "plain":
         return " ".join(tokens)
-    if r < 0.9 or len(tokens) < 2:
+    if style == "stop" or len(tokens) < 2:
         return " ".join(tokens) + "."
     return ", ".join(tokens)
 
 
-def _wrong_candidates(rng: random.Random, task: G.Task) -> list[str]:
+def _wrong_candidates(rng: random.Random, task: G.Task, style: str) -> list[str]:
     """Plausible wrong replies for ``task`` (the caller drops any the judge accepts).
 
-    Wrong word or digit lists are rendered in the same forms as right ones (``_render``:
-    plain, full stop, commas). Rendered as plain text only, a comma or a full stop marked
-    a reply as right in the preference data: reward models learned that shortcut and PPO
-    spammed commas ("winter,,,,,,,, winter"), which broke the answers themselves.
+    Wrong word or digit lists take the turn's ``style``, as right ones do, so the form of a
+    list never tells two sibling replies apart. (Rendered as plain text only, a comma marked
+    a reply as right: reward models learned that shortcut and PPO spammed commas, "winter,,,,
+    winter". Drawn per reply, a residual pull towards commas remained, and PPO drifted into
+    the comma form, where the SFT policy, having seen it rarely, copies digits badly.)
     """
     lang = task.lang
     if task.root_family == "refuse":
@@ -209,17 +213,17 @@ def _wrong_candidates(rng: random.Random, task: G.Task) -> list[str]:
                 w[rng.randrange(len(w))] = rng.choice(pool)
             else:
                 rng.shuffle(w)
-            out.append(_render(rng, tuple(w)))
+            out.append(_render(tuple(w), style))
     else:
-        out.append(_render(rng, (rng.choice(pool),)))
+        out.append(_render((rng.choice(pool),), style))
     if upper:
-        out.append(_render(rng, tuple(t.lower() for t in answer)))
-    out.append(_render(rng, tuple(rng.sample(pool, min(len(answer), len(pool))))))
+        out.append(_render(tuple(t.lower() for t in answer), style))
+    out.append(_render(tuple(rng.sample(pool, min(len(answer), len(pool)))), style))
     return out
 
 
-def _wrong(rng: random.Random, task: G.Task) -> str:
-    for cand in _wrong_candidates(rng, task):
+def _wrong(rng: random.Random, task: G.Task, style: str) -> str:
+    for cand in _wrong_candidates(rng, task, style):
         if G.score_reply(task, cand) < G.RIGHT_ANSWER:
             return cand
     return rng.choice(_CHITCHAT[task.lang]).format(w=rng.choice(G.VOCAB))
@@ -235,7 +239,7 @@ def _ramble(rng: random.Random, lang: str) -> str:
     return " ".join(rng.sample(G.RAMBLE[lang], rng.randint(1, 2)))
 
 
-def _reply(rng: random.Random, task: G.Task, siblings: Iterable[str] = ()) -> tuple[str, str]:
+def _reply(rng: random.Random, task: G.Task, siblings: Iterable[str] = (), style: str = "plain") -> tuple[str, str]:
     """(mode, text) of one assistant reply drawn from the quality mixture.
 
     The text is redrawn (same mode) while it equals a sibling's (up to 3 more times, as real
@@ -246,7 +250,7 @@ def _reply(rng: random.Random, task: G.Task, siblings: Iterable[str] = ()) -> tu
     must_fail = not mode.startswith("correct")
     taken = {t.strip() for t in siblings}
     for attempt in range(8):
-        text = _reply_text(rng, task, mode)
+        text = _reply_text(rng, task, mode, style)
         if must_fail and G.score_reply(task, text) > 0:
             continue
         if text.strip() not in taken or attempt >= 3:
@@ -254,14 +258,14 @@ def _reply(rng: random.Random, task: G.Task, siblings: Iterable[str] = ()) -> tu
     return mode, rng.choice(_CHITCHAT[task.lang]).format(w=rng.choice(G.VOCAB))
 
 
-def _reply_text(rng: random.Random, task: G.Task, mode: str) -> str:
+def _reply_text(rng: random.Random, task: G.Task, mode: str, style: str) -> str:
     if mode.startswith("correct"):
         if task.root_family == "refuse":
             text = rng.choice(G.REFUSALS[task.lang])
         else:
-            text = _render(rng, task.answers[0])
+            text = _render(task.answers[0], style)
     elif mode.startswith("wrong"):
-        text = _wrong(rng, task)
+        text = _wrong(rng, task, style)
     else:
         text = _off_task(rng, task)
     if mode.endswith("ramble"):
@@ -333,8 +337,9 @@ class _Gen:
         task = G.parse_task(conversation)
         assert task is not None, conversation  # the generator only writes parseable prompts
         replies, golds = [], []
+        style = rng.choices(STYLES, weights=STYLE_WEIGHTS)[0]  # one answer form for all siblings of a turn
         for _ in range(rng.randint(2, 4)):
-            _mode, text = _reply(rng, task, (m["text"] for m in replies))
+            _mode, text = _reply(rng, task, (m["text"] for m in replies), style)
             replies.append(self._message(text, "assistant", lang, prompter["message_id"]))
             golds.append(G.score_reply(task, text))
         self._rank(replies, golds)
