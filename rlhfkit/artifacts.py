@@ -181,10 +181,16 @@ def temp_sibling(final: Path) -> Path:
 
 
 def sweep_stale_temps(parent: Path, name: str) -> None:
-    """Remove temp siblings left by a killed writer of ``parent/name``."""
+    """Remove temp siblings left by a killed writer of ``parent/name`` (callers hold its lock).
+
+    Only names ``temp_sibling`` makes (8 hex digits), and of those folders only rlhfkit's
+    (``atomic_dir`` writes the owner file first) or empty ones: a user's look-alike stays."""
     if parent.is_dir():
-        for stale in parent.glob(f"{TEMP_PREFIX}{name}-*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        for stale in parent.glob(f"{TEMP_PREFIX}{name}-" + "[0-9a-f]" * 8):
+            if stale.is_symlink() or not stale.is_dir():
+                stale.unlink(missing_ok=True)
+            elif is_ours(stale) or not any(stale.iterdir()):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

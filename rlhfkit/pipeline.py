@@ -218,9 +218,8 @@ class _Chain:
             problem = damage(out, entry.get("files"))
             if problem is None:
                 return self._skip(name, entry, "unchanged")
-            self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
+            self._discard(name, out, problem)
             entry = {}
-            remove_ours(out, recorded=True)
         if entry.get("hash") not in (None, h) and (out.exists() or out.is_symlink()):
             remove_ours(out, recorded=True)  # changed config or inputs: start this stage afresh (the manifest's own)
         resumed = entry.get("hash") == h and entry.get("status") == "running"
@@ -238,12 +237,16 @@ class _Chain:
                 self.manifest.set(name, status="done", hash=h, shared=str(out), wall_time_s=entry["wall_time_s"],
                                   metrics=entry["metrics"], files=entry.get("files"))
                 return self._skip(name, entry, "shared")
-            self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
             marker.unlink()
-            remove_ours(out)
+            self._discard(name, out, problem)
         metrics = self._run(name, h, out, fn, resumed=out.exists(), earlier=0.0)
         write_json_atomic(marker, self.manifest.stage(name))
         return metrics
+
+    def _discard(self, name: str, out: Path, problem: str) -> None:
+        """A finished stage's output changed since (``problem``): say so and remove it (its record proves it ours)."""
+        self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
+        remove_ours(out, recorded=True)
 
     def _skip(self, name: str, entry: dict[str, Any], why: str) -> dict[str, Any]:
         index = STAGES.index(name) + 1

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from rlhfkit.artifacts import (atomic_dir, claim_dir, read_json, refuse_other_stage, refuse_pickle_only,
+from rlhfkit.artifacts import (atomic_dir, check_output_dir, claim_dir, read_json, refuse_other_stage, refuse_pickle_only,
                                resolve_model_path, write_json_atomic)
 from rlhfkit.config import Passthrough, field, to_dict
 from rlhfkit.errors import ConfigError, DataError, TrainingError, first_line
@@ -482,6 +482,7 @@ def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
     """Check resume policy, record the config; returns the checkpoint to resume from."""
     out = Path(config.output_dir)
     refuse_other_stage(out, config.stage_name)
+    check_output_dir(out)  # before anything in it is removed (half-written checkpoints, below)
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, remove_incomplete=is_main)
     if resume_from is not None and not config.resume:

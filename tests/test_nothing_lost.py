@@ -356,3 +356,33 @@ def test_a_users_folder_with_a_common_file_name_is_not_taken_for_rlhfkits(tmp_pa
     old_run.mkdir()
     (old_run / "manifest.json").write_text('{"stages": {}}')
     assert is_ours(old_run)
+
+
+def test_a_users_training_folder_is_refused_before_its_checkpoints_are_touched(tmp_path, pickle_model):
+    from rlhfkit.sft import SFTStageConfig, train_sft
+
+    _, _, data = pickle_model
+    users = tmp_path / "hf_run"  # another tool's output: a half-written checkpoint rlhfkit would clean up in its own
+    half = users / "checkpoints" / "checkpoint-5"
+    half.mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"their bytes")
+    before = _snapshot(users)
+    with pytest.raises(OutputError, match="rlhfkit did not write"):
+        train_sft(SFTStageConfig(model=str(tmp_path / "absent-model"), data=str(data), output_dir=str(users)))
+    assert _snapshot(users) == before
+
+
+def test_stale_temp_sweep_removes_only_rlhfkits_temps(tmp_path):
+    from rlhfkit.artifacts import sweep_stale_temps
+
+    ours = claim_dir(tmp_path / ".tmp-out-0badcafe")  # a killed atomic_dir: the owner file is its first file
+    (ours / "half.bin").write_bytes(b"x")
+    (tmp_path / ".tmp-out-12345678").mkdir()  # killed before the owner file: empty
+    (tmp_path / ".tmp-out-a1b2c3d4").write_text("{")  # a killed write_text_atomic
+    users = [tmp_path / ".tmp-out-deadbeef", tmp_path / ".tmp-out-notes"]  # look-alikes holding a user's files
+    for folder in users:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("keep")
+    sweep_stale_temps(tmp_path, "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-out-deadbeef", ".tmp-out-notes"]
+    assert all((folder / "keep.txt").read_text() == "keep" for folder in users)

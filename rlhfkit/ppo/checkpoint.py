@@ -7,8 +7,8 @@ elapsed time, scheduler, KL controller, config). It is written to a temp sibling
 renamed, so a folder named ``update-*`` is always complete (pitfall 9); older ones are
 removed only after the new one is in place. ``state.json`` records each file's SHA-256: a
 resume takes the newest checkpoint whose files still match (``latest_verified``) and sets
-a damaged one aside as ``corrupt-update-*`` (kept for inspection, never loaded). The data position is the update counter
-itself (prompts are drawn by ``batch_indices(update, ...)``).
+a damaged one aside as ``corrupt-update-*`` (kept for inspection, never loaded). The data
+position is the update counter itself (prompts are drawn by ``batch_indices(update, ...)``).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
                       str(tmp / "rng.safetensors"))
-            files = file_digests(tmp, skip=())  # state.json, written next, is not among them
+            files = file_digests(tmp)  # state.json, written next, is not among them
             write_text_atomic(tmp / "state.json", json.dumps({
                 "files": files,
                 "update": update,
