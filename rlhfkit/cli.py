@@ -81,6 +81,15 @@ def _model_init(args: argparse.Namespace) -> None:
     print(f"wrote {result.output_dir}: vocab {m['vocab_size']}, {m['parameters'] / 1e6:.2f} M parameters")
 
 
+def _model_import(args: argparse.Namespace) -> None:
+    from rlhfkit.gguf import import_gguf
+
+    result = import_gguf(args.gguf_file, args.out)
+    m = result.metrics
+    print(f"wrote {result.output_dir}: {m['architecture']}, {m['parameters'] / 1e6:.1f} M parameters (float32 safetensors), "
+          f"rope_theta {m['rope_theta']}, chat template {'kept' if m['chat_template'] else 'absent'}; {m['check']}")
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from rlhfkit.sweep import parse_grid, run_sweep
 
@@ -152,7 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     synth.add_argument("--lang-mix", default="en=0.9,de=0.05,es=0.05", help="language shares, e.g. en=0.9,de=0.1")
     synth.set_defaults(func=_data_synth)
 
-    model = sub.add_parser("model", help="create the embedded tokenizer and model")
+    model = sub.add_parser("model", help="create the embedded tokenizer and model; import a GGUF checkpoint")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     init = model_sub.add_parser("init", help="train a byte-level BPE tokenizer and create an untrained Llama model")
     init.add_argument("--out", required=True, help="output folder (Hugging Face format)")
@@ -161,6 +170,13 @@ def make_parser() -> argparse.ArgumentParser:
     init.add_argument("--size", choices=["micro", "tiny", "small"], default="tiny", help="tiny ~3M parameters, small ~20M")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_model_init)
+    imp = model_sub.add_parser("import", help="a GGUF checkpoint (llama.cpp) -> a model folder every stage accepts",
+                               description="Dequantises a GGUF checkpoint to float32 and writes a Hugging Face folder: "
+                                           "safetensors, tokenizer, chat template, config as read (rope_theta, "
+                                           "grouped-query attention, tied embeddings). Needs the gguf package.")
+    imp.add_argument("gguf_file", metavar="FILE.gguf")
+    imp.add_argument("--out", required=True, help="output folder (appears only when complete)")
+    imp.set_defaults(func=_model_import)
 
     for name, (_, _, _, help_text) in CONFIG_STAGES.items():
         p = sub.add_parser(name, help=help_text, add_help=False)

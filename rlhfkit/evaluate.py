@@ -19,7 +19,7 @@ from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
 from rlhfkit.ppo.rollout import left_pad, response_logits, sample, sequence_scores
 from rlhfkit.ppo.core import logprobs_from_logits
-from rlhfkit.ppo.trainer import as_messages, encode_prompts, model_device
+from rlhfkit.ppo.trainer import Scorer, as_messages, encode_prompts, model_device
 
 GoldFn = Callable[[Any, str], float]
 
@@ -98,9 +98,10 @@ def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temper
             response_ids, response_mask, _ = truncate_at_eos(response_ids, eos, pad)
             ids = torch.cat([query_ids, response_ids], 1)
             mask = torch.cat([query_mask, response_mask], 1)
-            rewards = _scores(reward_model, ids, mask) if reward_model is not None else [float("nan")] * len(ids)
-            ids, mask, response_mask, logprobs = ids.cpu(), mask.cpu(), response_mask.cpu(), logprobs.cpu()
             texts = tokenizer.batch_decode(response_ids.cpu(), skip_special_tokens=True)
+            rewards = (_scores(reward_model, ids, mask, prompts[start:start + batch_size], texts)
+                       if reward_model is not None else [float("nan")] * len(ids))
+            ids, mask, response_mask, logprobs = ids.cpu(), mask.cpu(), response_mask.cpu(), logprobs.cpu()
             for j in range(len(texts)):
                 i = start + j
                 out.texts[i].append(texts[j])
@@ -111,8 +112,13 @@ def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temper
     return out
 
 
-def _scores(reward_model, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
-    """Reward-model scores, on the reward model's device (it may differ from the policy's)."""
+def _scores(reward_model, ids: torch.Tensor, mask: torch.Tensor, prompts: list[Any], texts: list[str]) -> list[float]:
+    """Reward-model scores, on the reward model's device (it may differ from the policy's).
+
+    ``reward_model`` is a model sharing the policy's tokenizer, or a PPO ``Scorer`` (one with
+    its own tokenizer re-encodes the decoded texts, as during PPO)."""
+    if isinstance(reward_model, Scorer):
+        return reward_model(ids, mask, prompts, texts).tolist()
     device = model_device(reward_model)
     return sequence_scores(reward_model, ids.to(device), mask.to(device)).tolist()
 

@@ -24,7 +24,8 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig, evaluate
 
 STAGES = ("world", "data", "model", "sft", "reward", "ppo", "eval")
-# Keys the chain fills in for each training stage; a section must not set them.
+# Keys the chain fills in for each training stage; a section must not set them, except reward.model:
+# another backbone for the reward model (e.g. an encoder with its own tokenizer) instead of the SFT model.
 WIRED_KEYS = ("model", "data", "output_dir", "reward_model")
 
 
@@ -93,7 +94,7 @@ class RunConfig:
         for name, cls in self.stage_classes().items():
             section = getattr(self, name)
             for key in WIRED_KEYS:
-                if key in section:
+                if key in section and not (name == "reward" and key == "model"):
                     problems.append(f"{name}.{key} is set by the chain; remove it")
             problems.extend(collect_errors(cls, {**section, **_placeholders(cls)}, name))
         if self.reward_ensemble < 1:
@@ -354,7 +355,8 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
         members = reward_members(out)
         for i, member in enumerate(members):
             result = train_reward(stage_config(RewardStageConfig, {**c.reward, "seed": c.seed + i},
-                                               model=str(chain.path("sft")), data=data_path, output_dir=str(member)))
+                                               model=c.reward.get("model") or str(chain.path("sft")), data=data_path,
+                                               output_dir=str(member)))
             if i == 0:
                 metrics = _metrics_only(result)
         if len(members) > 1:
@@ -407,6 +409,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.evaluate import best_of_n_curve, curve_point, sqrt_kl
     from rlhfkit.ppo import checkpoint
+    from rlhfkit.ppo.trainer import Scorer
 
     if not prompts:
         raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
@@ -416,6 +419,9 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     ppo = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["ppo"])).to(device)
     reward = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(paths["reward"]), num_labels=1)
     reward.to(device).eval()
+    reward_tokenizer = load_tokenizer(resolve_model_path(paths["reward"]))
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():  # another backbone: decode and re-encode, as PPO did
+        reward = Scorer(model=reward, tokenizer=reward_tokenizer, same_tokenizer=False)
     temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
     length = eval_cfg.response_length or ppo_cfg.response_length
     eval_cfg = dataclasses.replace(eval_cfg, max_prompt_length=eval_cfg.max_prompt_length or ppo_cfg.max_prompt_length)
@@ -458,7 +464,9 @@ def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:
     sft_e, ppo_e = ev.get("sft", {}), ev.get("ppo", {})
     return {
         "sft.eval_loss": m["sft"].get("eval_loss"),
+        "sft.eval_loss_start": m["sft"].get("eval_loss_start"),
         "reward.eval_accuracy": m["reward"].get("eval_accuracy"),
+        "reward.eval_accuracy_se": m["reward"].get("eval_accuracy_se"),
         "reward.gold_agreement": m["reward"].get("gold_agreement"),
         "reward.ensemble_size": m["reward"].get("ensemble_size", 1),
         "reward.ensemble_gold_agreement": m["reward"].get("ensemble_gold_agreement"),

@@ -50,8 +50,9 @@ def summary_text(run: Path, summary: dict[str, Any]) -> str:
         return f"  {label:<34} {_fmt(summary.get(key), summary.get(se_key) if se_key else None)}"
 
     walls = summary.get("wall_time_s") or {}
-    lines = [f"run {run}", line("SFT eval loss", "sft.eval_loss"),
-             line("reward model accuracy (held out)", "reward.eval_accuracy"),
+    start = summary.get("sft.eval_loss_start")
+    lines = [f"run {run}", line("SFT eval loss", "sft.eval_loss") + (f" (before SFT {_fmt(start)})" if start is not None else ""),
+             line("reward model accuracy (held out)", "reward.eval_accuracy", "reward.eval_accuracy_se"),
              line("reward model agreement with gold", "reward.gold_agreement"),
              *([line(f"ensemble of {summary['reward.ensemble_size']}, agreement with gold",
                      "reward.ensemble_gold_agreement")] if summary.get("reward.ensemble_size", 1) > 1 else []),
@@ -63,6 +64,7 @@ def summary_text(run: Path, summary: dict[str, Any]) -> str:
              f"  {'gold score, greedy':<34} {_fmt(summary.get('eval.sft.greedy_gold')):<18} "
              f"{_fmt(summary.get('eval.ppo.greedy_gold'))}",
              line("KL(PPO || SFT), nats per response", "eval.ppo.kl"),
+             line("reward gain (paired)", "eval.reward_gain", "eval.reward_gain_se"),
              line("gold gain (paired)", "eval.gold_gain", "eval.gold_gain_se"),
              line("gold gain, greedy (paired)", "eval.greedy_gold_gain", "eval.greedy_gold_gain_se"),
              line("win rate over SFT, gold judge", "eval.win_rate_gold", "eval.win_rate_gold_se"),
@@ -236,8 +238,10 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     plots = _plots(run, scatter, curve)
 
     headline = [
-        ("SFT eval loss", _fmt(summary.get("sft.eval_loss"))),
-        ("Reward model accuracy (held-out pairs)", _fmt(summary.get("reward.eval_accuracy"))),
+        ("SFT eval loss", _fmt(summary.get("sft.eval_loss"))
+         + (f" (before SFT {_fmt(summary['sft.eval_loss_start'])})" if summary.get("sft.eval_loss_start") is not None else "")),
+        ("Reward model accuracy (held-out pairs)",
+         _fmt(summary.get("reward.eval_accuracy"), summary.get("reward.eval_accuracy_se"))),
         ("Reward model agreement with gold", _fmt(summary.get("reward.gold_agreement"))),
     ]
     if summary.get("reward.ensemble_size", 1) > 1:

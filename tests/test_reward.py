@@ -99,6 +99,7 @@ def test_reward_on_real_sample_from_sft_folder(oasst_data, micro_model_dir, tmp_
     assert scores.tolist() == pytest.approx([r["chosen_reward"] for r in rows], abs=1e-5)
     acc = sum(r["chosen_reward"] > r["rejected_reward"] for r in rows) / len(rows)
     assert acc == pytest.approx(m["eval_accuracy"])
+    assert m["eval_accuracy_se"] == pytest.approx((acc * (1 - acc) / len(rows)) ** 0.5)  # binomial SE
 
 
 def test_reward_is_read_at_the_last_non_pad_token(rm_model):

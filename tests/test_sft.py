@@ -171,11 +171,12 @@ def test_sft_on_real_sample(oasst_data, micro_model_dir, tmp_path):
     from rlhfkit.sft import train_sft
 
     out = tmp_path / "sft"
-    result = train_sft(sft_config(out, micro_model_dir, oasst_data, max_steps=8, per_device_train_batch_size=8))
+    result = train_sft(sft_config(out, micro_model_dir, oasst_data, max_steps=8, per_device_train_batch_size=8,
+                                  eval_on_start=True))
     m = result.metrics
-    for key in ("train_loss", "train_loss_first", "eval_loss", "train_tokens_per_s", "wall_time_s"):
+    for key in ("train_loss", "train_loss_first", "eval_loss", "eval_loss_start", "train_tokens_per_s", "wall_time_s"):
         assert m[key] is not None and math.isfinite(m[key]), key
-    assert m["train_loss"] < m["train_loss_first"]
+    assert m["train_loss"] < m["train_loss_first"] and m["eval_loss"] < m["eval_loss_start"]  # held-out loss fell
     assert m["steps"] == 8 and m["examples"] == 96 and m["train_tokens"] > 0
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["eval_loss"] == pytest.approx(m["eval_loss"])
@@ -187,7 +188,8 @@ def test_sft_on_real_sample(oasst_data, micro_model_dir, tmp_path):
     assert tok.pad_token_id != tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
     assert not list((out / "model").glob("adapter_*"))
     # re-running the same config finds the completed run instead of training again
-    again = train_sft(sft_config(out, micro_model_dir, oasst_data, max_steps=8, per_device_train_batch_size=8))
+    again = train_sft(sft_config(out, micro_model_dir, oasst_data, max_steps=8, per_device_train_batch_size=8,
+                                 eval_on_start=True))
     assert again.metrics == on_disk
 
 

@@ -53,6 +53,7 @@ from rlhfkit.ppo.rollout import (
     truncate_at_eos,
 )
 from rlhfkit.reward.ensemble import held_out_norm
+from rlhfkit.reward.train import conversation_ids
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 
@@ -89,13 +90,13 @@ class Scorer:
             return torch.tensor(scores, dtype=torch.float32, device=rollout_ids.device)
         if self.same_tokenizer:
             return sequence_scores(self.model, rollout_ids, rollout_mask)
-        # Different tokenizer: decode, re-encode with the reward model's own chat template.
-        encoded = [
-            self.tokenizer.apply_chat_template(
-                as_messages(p) + [{"role": "assistant", "content": r}], tokenize=True, return_dict=True
-            )["input_ids"]
-            for p, r in zip(prompts, responses)
-        ]
+        # Different tokenizer: decode, re-encode as the reward model was trained (its own chat template).
+        # A conversation longer than the reward model's positions (BERT: 512) keeps its first token
+        # (BOS / [CLS], where an encoder's head reads) and its end, as the policy keeps its prompt's end.
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        encoded = [conversation_ids(self.tokenizer, as_messages(p) + [{"role": "assistant", "content": r}])
+                   for p, r in zip(prompts, responses)]
+        encoded = [ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:] for ids in encoded]
         ids, mask = left_pad(encoded, self.tokenizer.pad_token_id or 0, device=model_device(self.model))
         return sequence_scores(self.model, ids, mask).to(rollout_ids.device)
 

@@ -7,6 +7,7 @@ function for later stages too.
 from rlhfkit.reward.train import (
     REWARD_TRL_DEFAULTS,
     RewardStageConfig,
+    conversation_ids,
     gold_agreement,
     reward_scores,
     tokenize_pairs,
@@ -16,6 +17,7 @@ from rlhfkit.reward.train import (
 __all__ = [
     "REWARD_TRL_DEFAULTS",
     "RewardStageConfig",
+    "conversation_ids",
     "gold_agreement",
     "reward_scores",
     "tokenize_pairs",

@@ -3,10 +3,11 @@
 The model is the SFT model (or any causal LM folder) loaded as
 ``AutoModelForSequenceClassification(num_labels=1)``: a scalar head on the last hidden
 state, read at the last non-pad token. ``config.pad_token_id`` is set from a pad token
-distinct from eos, so the head never reads a padding or an earlier eos (pitfall 3).
+distinct from eos (the unknown token when the model pads with eos), so the head never reads
+a padding or an earlier eos (pitfall 3).
 
-Pairs are tokenized here, exactly as TRL would (``apply_chat_template(prompt + reply,
-tokenize=True)``), so that pairs that are too long or identical after tokenization are
+Pairs are tokenized here, as TRL would (``apply_chat_template(prompt + reply,
+tokenize=True)``) but cut after the reply's EOS (``conversation_ids``), so that pairs that are too long or identical after tokenization are
 dropped *and counted* (pitfall 5), and an optional margin column is added:
 ``margin = margin_scale * (rejected_rank - chosen_rank)`` (lower rank = better), used by
 TRL as ``-logsigmoid(r_c - r_r - margin)``. ``center_rewards_coefficient`` (TRL) adds the
@@ -115,6 +116,21 @@ def _check_pair(example: dict[str, Any], where: str) -> None:
             raise DataError(f"{where}: pair in tree {ident}: {name} must be a one-element list with an assistant message")
 
 
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ending with a reply, as the reward model reads it: the chat template, cut after
+    the reply's EOS.
+
+    Templates such as ChatML write a newline after each turn's EOS (``<|im_end|>\\n``); a response
+    the policy samples ends at the EOS. Cut there, training and PPO read the score at the same token.
+    """
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        ids = ids[:last + 1]
+    return ids
+
+
 def tokenize_pairs(dataset, tokenizer, *, margin_scale: float, max_length: int | None, num_proc: int | None, where: str):
     """Add ``chosen_ids`` / ``rejected_ids`` (and ``margin``); drop too-long and identical pairs.
 
@@ -130,11 +146,8 @@ def tokenize_pairs(dataset, tokenizer, *, margin_scale: float, max_length: int |
 
     def tokenize(example: dict[str, Any]) -> dict[str, Any]:
         _check_pair(example, where)
-        chosen = tokenizer.apply_chat_template(example["prompt"] + example["chosen"], tokenize=True, return_dict=True)
-        rejected = tokenizer.apply_chat_template(
-            example["prompt"] + example["rejected"], tokenize=True, return_dict=True
-        )
-        out = {"chosen_ids": chosen["input_ids"], "rejected_ids": rejected["input_ids"]}
+        out = {"chosen_ids": conversation_ids(tokenizer, example["prompt"] + example["chosen"]),
+               "rejected_ids": conversation_ids(tokenizer, example["prompt"] + example["rejected"])}
         if margin_scale > 0:
             out["margin"] = float(margin_scale * (example["rejected_rank"] - example["chosen_rank"]))
         longest = max(len(out["chosen_ids"]), len(out["rejected_ids"]))
@@ -322,6 +335,15 @@ def train_reward(
             raise ConfigError(f"pad_token: {args.pad_token!r} is not in the vocabulary of {source or 'the tokenizer'}")
         tokenizer.pad_token = args.pad_token
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Many hub models pad with eos; the head would then read before the final eos. Their unknown
+        # token (never produced by a byte-level tokenizer) pads as well, and no embedding is added.
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in (tokenizer.eos_token_id,
+                                                                                  tokenizer.bos_token_id):
+            logger.warning("%s: pad = eos (%r) in %s; padding with the unknown token %r instead, so the score is "
+                           "read at the last real token", stage, tokenizer.eos_token, source or "the tokenizer",
+                           tokenizer.unk_token)
+            tokenizer.pad_token = tokenizer.unk_token
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ConfigError(
             f"{stage}: the tokenizer's pad token must exist and differ from eos ({tokenizer.eos_token!r}), "
             "or rewards are read at the wrong token; add a pad token and resize the embeddings"
@@ -412,6 +434,7 @@ def train_reward(
         all_r = torch.cat([r_c, r_r])
         metrics.update(
             eval_accuracy=eval_accuracy,
+            eval_accuracy_se=math.sqrt(eval_accuracy * (1 - eval_accuracy) / len(diff)),  # binomial, pairs independent
             eval_loss=eval_loss,
             eval_pairs=len(eval_tok),
             eval_reward_mean=float(all_r.mean()),
@@ -422,7 +445,7 @@ def train_reward(
         if trainer.accelerator.is_main_process:
             _write_scores(out / SCORES_FILE, eval_tok, r_c.tolist(), r_r.tolist(), golds)
     else:
-        metrics.update(eval_accuracy=None, eval_loss=None, eval_pairs=0, gold_agreement=None, gold_pairs=0)
+        metrics.update(eval_accuracy=None, eval_accuracy_se=None, eval_loss=None, eval_pairs=0, gold_agreement=None, gold_pairs=0)
     pairs_done = (float(state.epoch or 0.0) - session.start_epoch) * len(train_tok)
     metrics.update(
         train_loss=last_loss,

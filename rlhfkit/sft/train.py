@@ -225,6 +225,8 @@ def train_sft(
             eval_loss = last[-1]["eval_loss"]
         else:
             eval_loss = trainer.evaluate()["eval_loss"]
+    # with eval_on_start: the loss of the model before this stage trained it
+    eval_loss_start = next((e["eval_loss"] for e in state.log_history if "eval_loss" in e and e.get("step") == 0), None)
     first_loss, last_loss = train_losses(state.log_history)
     require_finite(stage, train_loss=last_loss, eval_loss=eval_loss)
 
@@ -242,6 +244,7 @@ def train_sft(
         "train_loss": last_loss,
         "train_loss_first": first_loss,
         "eval_loss": eval_loss,
+        "eval_loss_start": eval_loss_start,
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / session.train_time_s if tokens is not None and session.train_time_s else None,
         "train_time_s": session.train_time_s,
