@@ -273,11 +273,13 @@ def evaluate(
         metrics["gold_gain"] = metrics["gold_gain_se"] = None
     metrics["reward_gain"], metrics["reward_gain_se"] = _paired_gain(ppo.rewards, sft.rewards)
     if config.greedy:
-        greedy_gold = {}
+        greedy, greedy_gold = {}, {}
         for name, policy in (("sft", sft_policy), ("ppo", ppo_policy)):
-            g = draw(policy, 1, greedy=True)
+            greedy[name] = g = draw(policy, 1, greedy=True)
             greedy_gold[name] = gold_of(g)
             metrics[name]["greedy"] = _summary(g, greedy_gold[name])
+        metrics["greedy_reward_gain"], metrics["greedy_reward_gain_se"] = _paired_gain(greedy["ppo"].rewards,
+                                                                                        greedy["sft"].rewards)
         if sft_gold is not None:
             metrics["greedy_gold_gain"], metrics["greedy_gold_gain_se"] = _paired_gain(greedy_gold["ppo"], greedy_gold["sft"])
     metrics["verdict"] = verdict(metrics)
@@ -318,9 +320,10 @@ def verdict(metrics: dict[str, Any], z: float = 2.0) -> str:
     reward = sig(metrics.get("reward_gain"), metrics.get("reward_gain_se"))
     gold_gain, gold_se = metrics.get("gold_gain"), metrics.get("gold_gain_se")
     if gold_gain is None:
-        text = (f"No gold judge: the reward-model score changed by {fig(metrics['reward_gain'], metrics['reward_gain_se'])}"
-                f" at KL {metrics['ppo']['kl']:.2f} nats; a learned reward can be over-optimised, so read the samples.")
-        return text
+        greedy = (f" (greedy {fig(metrics['greedy_reward_gain'], metrics['greedy_reward_gain_se'])})"
+                  if metrics.get("greedy_reward_gain") is not None else "")
+        return (f"No gold judge: the reward-model score changed by {fig(metrics['reward_gain'], metrics['reward_gain_se'])}"
+                f"{greedy} at KL {metrics['ppo']['kl']:.2f} nats; a learned reward can be over-optimised, so read the samples.")
     sampled = sig(gold_gain, gold_se)
     greedy_gain, greedy_se = metrics.get("greedy_gold_gain"), metrics.get("greedy_gold_gain_se")
     greedy = sig(greedy_gain, greedy_se)

@@ -483,6 +483,8 @@ def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:
         "eval.gold_gain_se": ev.get("gold_gain_se"),
         "eval.reward_gain": ev.get("reward_gain"),
         "eval.reward_gain_se": ev.get("reward_gain_se"),
+        "eval.greedy_reward_gain": ev.get("greedy_reward_gain"),
+        "eval.greedy_reward_gain_se": ev.get("greedy_reward_gain_se"),
         "eval.sft.gold_se": sft_e.get("gold_se"),
         "eval.ppo.gold_se": ppo_e.get("gold_se"),
         "eval.win_rate_gold_se": ev.get("win_rate_gold_se"),

@@ -65,6 +65,7 @@ def summary_text(run: Path, summary: dict[str, Any]) -> str:
              f"{_fmt(summary.get('eval.ppo.greedy_gold'))}",
              line("KL(PPO || SFT), nats per response", "eval.ppo.kl"),
              line("reward gain (paired)", "eval.reward_gain", "eval.reward_gain_se"),
+             line("reward gain, greedy (paired)", "eval.greedy_reward_gain", "eval.greedy_reward_gain_se"),
              line("gold gain (paired)", "eval.gold_gain", "eval.gold_gain_se"),
              line("gold gain, greedy (paired)", "eval.greedy_gold_gain", "eval.greedy_gold_gain_se"),
              line("win rate over SFT, gold judge", "eval.win_rate_gold", "eval.win_rate_gold_se"),
@@ -260,6 +261,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
         ("KL(PPO ‖ SFT), nats per response", _fmt(ev.get("ppo", {}).get("kl"), ev.get("ppo", {}).get("kl_se"))),
         ("win rate of PPO over SFT, gold judge", _fmt(ev.get("win_rate_gold"), ev.get("win_rate_gold_se"))),
         ("reward gain (PPO − SFT, paired)", _fmt(ev.get("reward_gain"), ev.get("reward_gain_se"))),
+        ("reward gain, greedy (PPO − SFT, paired)", _fmt(ev.get("greedy_reward_gain"), ev.get("greedy_reward_gain_se"))),
         ("win rate of PPO over SFT, reward model", _fmt(ev.get("win_rate_reward"), ev.get("win_rate_reward_se"))),
     ]
     stage_rows = []

@@ -44,6 +44,10 @@ def test_verdict_threshold_is_two_standard_errors():
 def test_verdict_without_gold_reports_only_the_proxy():
     text = verdict(figures(None, None, reward=(0.5, 0.05), kl=1.25, gold=False))
     assert text.startswith("No gold judge: the reward-model score changed by +0.500 ± 0.050 at KL 1.25 nats")
+    text = verdict({**figures(None, None, reward=(0.5, 0.05), kl=1.25, gold=False),
+                    "greedy_reward_gain": -0.25, "greedy_reward_gain_se": 0.125})
+    assert text.startswith("No gold judge: the reward-model score changed by +0.500 ± 0.050 (greedy -0.250 ± 0.125) "
+                           "at KL 1.25 nats")
 
 
 def test_mean_se_by_hand():

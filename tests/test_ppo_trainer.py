@@ -215,6 +215,20 @@ def test_tokens_after_eos_are_pad_and_masked(world):
 # ---------------------------------------------------------------------------------------
 # 2. the reward is read at the last real token (pitfall 3)
 # ---------------------------------------------------------------------------------------
+def test_num_eos_tokens_counts_responses_that_ended_when_pad_is_eos():
+    # pad = eos (most hub models): the padding after an EOS must not be counted as more EOS tokens
+    eos = 2
+    raw = torch.tensor([[5, 2, 7, 7], [5, 6, 7, 8], [2, 9, 9, 9]])
+    ids, mask, has_eos = truncate_at_eos(raw, eos, pad_id=eos)
+    assert ids.tolist() == [[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]]
+    zeros = torch.zeros(3, 4)
+    rollout = SimpleNamespace(response_ids=ids, response_mask=mask, logprobs=zeros, scores=torch.zeros(3),
+                              raw_scores=torch.zeros(3), has_eos=has_eos)
+    config = SimpleNamespace(reward_model="rm")
+    out = trainer_mod._episode_metrics(rollout, zeros, 0.1, config)
+    assert out["val/num_eos_tokens"] == 2 and out["val/response_length"] == pytest.approx((2 + 4 + 1) / 3)
+
+
 def test_sequence_scores_same_for_left_and_right_padding_and_match_hf_pooling(world):
     rm = world.rm
     seqs = _queries(world)[0]

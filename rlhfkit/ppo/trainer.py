@@ -488,7 +488,7 @@ def _scheduler_problems(config: PPOStageConfig) -> list[str]:
     return []
 
 
-def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PPOStageConfig, eos_id: int) -> dict[str, float]:
+def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PPOStageConfig) -> dict[str, float]:
     """TRL's objective/* keys: per-sequence sums, averaged over episodes (computed on the device, one ``.tolist()``)."""
     mask = rollout.response_mask.float()
     kl_seq = (kl * mask).sum(1)
@@ -500,7 +500,7 @@ def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PP
         (rollout.scores + non_score).mean(),
         rollout.scores.mean(),
         rollout.raw_scores.mean(),
-        (rollout.response_ids == eos_id).sum().float(),
+        rollout.has_eos.sum().float(),  # responses that ended (not eos ids: the pad may be eos)
         mask.sum(1).mean(),
     ]).tolist()
     out = dict(zip(("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
@@ -737,7 +737,7 @@ def train_ppo(
                                  config, shuffle_gen, train_policy=update >= config.value_warmup_updates,
                                  demonstrations=ptx_data)
         # 5. bookkeeping
-        episode_stats = _episode_metrics(rollout, kl, beta, config, tokenizer.eos_token_id)
+        episode_stats = _episode_metrics(rollout, kl, beta, config)
         gold = None
         if gold_fn is not None:
             gold = torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu")  # host data
