@@ -98,13 +98,10 @@ def _import(source: Path, out: Path) -> StageResult:
 
 
 def _probe_ids(tokenizer):
-    """A short chat-formatted prompt (plain text if the file has no chat template) as [1, T] ids."""
+    """A short chat prompt as [1, T] ids, encoded as PPO encodes its prompts."""
     import torch
 
-    text = "What is the capital of France?"
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(text)["input_ids"]
-    return torch.tensor([list(ids)], dtype=torch.long)
+    from rlhfkit.ppo.trainer import encode_prompts
+
+    [ids] = encode_prompts(tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]], 10**9)
+    return torch.tensor([ids], dtype=torch.long)

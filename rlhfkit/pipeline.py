@@ -409,7 +409,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.evaluate import best_of_n_curve, curve_point, sqrt_kl
     from rlhfkit.ppo import checkpoint
-    from rlhfkit.ppo.trainer import Scorer
+    from rlhfkit.ppo.trainer import Scorer, shares_tokenizer
 
     if not prompts:
         raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
@@ -420,7 +420,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     reward = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(paths["reward"]), num_labels=1)
     reward.to(device).eval()
     reward_tokenizer = load_tokenizer(resolve_model_path(paths["reward"]))
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():  # another backbone: decode and re-encode, as PPO did
+    if not shares_tokenizer(reward_tokenizer, tokenizer):  # another backbone: decode and re-encode, as PPO did
         reward = Scorer(model=reward, tokenizer=reward_tokenizer, same_tokenizer=False)
     temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
     length = eval_cfg.response_length or ppo_cfg.response_length

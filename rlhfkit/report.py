@@ -44,14 +44,19 @@ def _fmt(value: Any, se: Any = None) -> str:
     return str(value)
 
 
+def _sft_loss(summary: dict[str, Any]) -> str:
+    """The SFT eval loss, with the loss before SFT where it was measured (``eval_on_start``)."""
+    start = summary.get("sft.eval_loss_start")
+    return _fmt(summary.get("sft.eval_loss")) + (f" (before SFT {_fmt(start)})" if start is not None else "")
+
+
 def summary_text(run: Path, summary: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a run."""
     def line(label: str, key: str, se_key: str | None = None) -> str:
         return f"  {label:<34} {_fmt(summary.get(key), summary.get(se_key) if se_key else None)}"
 
     walls = summary.get("wall_time_s") or {}
-    start = summary.get("sft.eval_loss_start")
-    lines = [f"run {run}", line("SFT eval loss", "sft.eval_loss") + (f" (before SFT {_fmt(start)})" if start is not None else ""),
+    lines = [f"run {run}", f"  {'SFT eval loss':<34} {_sft_loss(summary)}",
              line("reward model accuracy (held out)", "reward.eval_accuracy", "reward.eval_accuracy_se"),
              line("reward model agreement with gold", "reward.gold_agreement"),
              *([line(f"ensemble of {summary['reward.ensemble_size']}, agreement with gold",
@@ -239,8 +244,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     plots = _plots(run, scatter, curve)
 
     headline = [
-        ("SFT eval loss", _fmt(summary.get("sft.eval_loss"))
-         + (f" (before SFT {_fmt(summary['sft.eval_loss_start'])})" if summary.get("sft.eval_loss_start") is not None else "")),
+        ("SFT eval loss", _sft_loss(summary)),
         ("Reward model accuracy (held-out pairs)",
          _fmt(summary.get("reward.eval_accuracy"), summary.get("reward.eval_accuracy_se"))),
         ("Reward model agreement with gold", _fmt(summary.get("reward.gold_agreement"))),

@@ -414,17 +414,8 @@ def sequence_scores(reward_model: torch.nn.Module, input_ids, attention_mask) ->
     """The reward model's score read at each row's last real token -> [B] (pitfall 3).
 
     The index comes from the attention mask, so it is right for left and right padding
-    alike and never confuses a pad with an EOS. A model without a ``score`` head on the last
-    token (an encoder such as BERT, whose head reads its pooled first token) runs its own
-    forward on the rows moved to right padding.
+    alike and never confuses a pad with an EOS.
     """
-    if not isinstance(getattr(reward_model, "score", None), torch.nn.Module):
-        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
-        width = max(len(r) for r in rows)
-        pad = getattr(reward_model.config, "pad_token_id", None) or 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=input_ids.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=input_ids.device)
-        return reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     backbone = getattr(reward_model, reward_model.base_model_prefix)
 
     def forward(ids, mask):

@@ -53,7 +53,7 @@ from rlhfkit.ppo.rollout import (
     truncate_at_eos,
 )
 from rlhfkit.reward.ensemble import held_out_norm
-from rlhfkit.reward.train import conversation_ids
+from rlhfkit.reward.train import conversation_ids, reward_scores
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 
@@ -70,6 +70,12 @@ class PolicyAndValue(torch.nn.Module):
         logits = response_logits(self.policy, input_ids, attention_mask, response_length)
         values = token_values(self.value, input_ids, attention_mask, response_length)
         return logits, values
+
+
+def shares_tokenizer(reward_tokenizer, policy_tokenizer) -> bool:
+    """Whether a reward model can score the policy's token ids as they are (else: decode and re-encode)."""
+    return (reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+            and reward_tokenizer.chat_template == policy_tokenizer.chat_template)
 
 
 @dataclass
@@ -97,8 +103,9 @@ class Scorer:
         encoded = [conversation_ids(self.tokenizer, as_messages(p) + [{"role": "assistant", "content": r}])
                    for p, r in zip(prompts, responses)]
         encoded = [ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:] for ids in encoded]
-        ids, mask = left_pad(encoded, self.tokenizer.pad_token_id or 0, device=model_device(self.model))
-        return sequence_scores(self.model, ids, mask).to(rollout_ids.device)
+        # scored as the reward stage scores its held-out pairs (a decoder at its last real token, an encoder
+        # such as BERT by its own pooled head)
+        return reward_scores(self.model, encoded, self.tokenizer.pad_token_id or 0).to(rollout_ids.device)
 
 
 @dataclass
@@ -626,8 +633,7 @@ def train_ppo(
         members = []
         for i, (model, member_tokenizer) in enumerate(loaded):
             member_tokenizer = member_tokenizer or tokenizer
-            same = (member_tokenizer.get_vocab() == tokenizer.get_vocab()
-                    and member_tokenizer.chat_template == tokenizer.chat_template)
+            same = shares_tokenizer(member_tokenizer, tokenizer)
             if i == 0 and not same and value_model is None and config.value_model == "reward":
                 # the value model reads the policy's token ids: initialised from a reward model with
                 # another vocabulary it would embed the wrong tokens (or index past its table)
