@@ -12,7 +12,7 @@ Timing: the ``elapsed_s`` of the last row of ``metrics.jsonl``, which ``train_pp
 from the start of its update loop (its set-up -- reference deepcopy, optimizer, accelerate
 -- is not counted, as the peer's ``PPOTrainer.__init__`` is not). The total wall time of
 the ``train_ppo`` call is reported beside it (``train_ppo_call_s``). The time breakdown
-wraps trainer functions (``sample``, ``make_rollout``, ``ppo_update``) without changing them:
+wraps the engine's ``sample`` and the trainer's ``make_rollout`` and ``ppo_update`` without changing them:
 generation = ``sample``; scoring = ``make_rollout`` minus ``sample`` (reference, value and
 reward forwards, truncation, decoding); training = ``ppo_update`` (40 forward+backward of
 policy and value, optimizer steps); other = the rest of the loop (GAE, whitening, metrics).
@@ -151,6 +151,7 @@ def run_rlhfkit(workload_path: Path, threads: int | None = None) -> dict:
     import torch
 
     torch.set_num_threads(W["torch_threads"])
+    import rlhfkit.engine.sampling as sampling_mod
     import rlhfkit.ppo.trainer as trainer_mod
     from rlhfkit.ppo import PPOStageConfig, train_ppo
 
@@ -165,8 +166,8 @@ def run_rlhfkit(workload_path: Path, threads: int | None = None) -> dict:
     pad_id = tok.pad_token_id
     wrapped = []
 
-    def wrap(name, key, count=None):
-        fn = getattr(trainer_mod, name, None)
+    def wrap(name, key, count=None, module=trainer_mod):
+        fn = getattr(module, name, None)
         if fn is None:
             return
         def timed(*a, **k):
@@ -177,7 +178,7 @@ def run_rlhfkit(workload_path: Path, threads: int | None = None) -> dict:
             if count:
                 count(out)
             return out
-        setattr(trainer_mod, name, timed)
+        setattr(module, name, timed)
         wrapped.append(name)
 
     def count_sample(out):
@@ -187,7 +188,7 @@ def run_rlhfkit(workload_path: Path, threads: int | None = None) -> dict:
     def count_rollout(out):
         acc["rollouts"] += 1
 
-    wrap("sample", "generate_s", count_sample)
+    wrap("sample", "generate_s", count_sample, sampling_mod)
     wrap("make_rollout", "rollout_s", count_rollout)
     wrap("ppo_update", "train_s")
 

@@ -1,6 +1,6 @@
 """Atomic artifacts: a folder or file appears complete or not at all; and nothing lost.
 
-Pattern (pitfall 9): write into a hidden sibling temp path, fsync, one ``os.replace``;
+Pattern (docs/pitfalls.md#9): write into a hidden sibling temp path, fsync, one ``os.replace``;
 a completion marker is the last thing written; stale temp folders are ignored and swept.
 
 Nothing a user owns is deleted or overwritten: every output folder rlhfkit creates holds an

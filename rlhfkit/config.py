@@ -1,7 +1,7 @@
 """Typed configs: plain dataclasses loaded from YAML with ``key=value`` overrides.
 
 Every error in a config is found before any model loads and reported at once, in one
-line (pitfall 14): unknown keys (with the closest valid name), wrong types, bad values.
+line (docs/pitfalls.md#14): unknown keys (with the closest valid name), wrong types, bad values.
 Nothing is coerced silently. A stage config may pass the fields of a TRL config class
 through under their TRL names (``passthrough``); they land in its ``trl_args`` dict.
 """

@@ -17,9 +17,10 @@ import torch
 
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
-from rlhfkit.ppo.rollout import left_pad, response_logits, sample, sequence_scores
-from rlhfkit.ppo.core import logprobs_from_logits
-from rlhfkit.ppo.trainer import Scorer, as_messages, encode_prompts, model_device
+from rlhfkit.core import logprobs_from_logits
+from rlhfkit.engine.forward import model_device, response_logits
+from rlhfkit.engine.sampling import as_messages, encode_prompts, generate as sample_responses
+from rlhfkit.engine.scoring import Scorer
 
 GoldFn = Callable[[Any, str], float]
 
@@ -80,47 +81,34 @@ class Samples:
 def generate(policy, reward_model, tokenizer, prompts: list[Any], k: int, temperature: float,
              response_length: int, batch_size: int, seed: int, greedy: bool = False,
              max_prompt_length: int | None = None) -> Samples:
-    from rlhfkit.ppo.rollout import truncate_at_eos
+    """``k`` responses per prompt from ``policy`` (greedy: k identical ones), with their reward-model scores.
 
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ``reward_model`` is a model sharing the policy's tokenizer, a ``Scorer`` (one with its own
+    tokenizer re-encodes the decoded texts, as during PPO), or None (scores NaN).
+    """
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length or 1_000_000)
-    device = model_device(policy)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=model_device(policy)).manual_seed(seed)
+    if reward_model is not None and not isinstance(reward_model, Scorer):
+        reward_model = Scorer(model=reward_model)
     out = Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                   [[] for _ in prompts], [len(ids) for ids in prompt_ids])
     policy.eval()
     for _ in range(k):
         for start in range(0, len(prompts), batch_size):
-            query_ids, query_mask = left_pad(prompt_ids[start:start + batch_size], pad, device)
-            response_ids, logprobs = sample(policy, query_ids, query_mask, response_length, temperature, eos, pad,
-                                            generator, greedy=greedy)
-            response_ids, response_mask, _ = truncate_at_eos(response_ids, eos, pad)
-            ids = torch.cat([query_ids, response_ids], 1)
-            mask = torch.cat([query_mask, response_mask], 1)
-            texts = tokenizer.batch_decode(response_ids.cpu(), skip_special_tokens=True)
-            rewards = (_scores(reward_model, ids, mask, prompts[start:start + batch_size], texts)
+            gen = sample_responses(policy, tokenizer, prompt_ids[start:start + batch_size], response_length,
+                                   temperature, generator, greedy=greedy)
+            ids, mask = gen.input_ids, gen.attention_mask
+            rewards = (reward_model(ids, mask, prompts[start:start + batch_size], gen.texts).tolist()
                        if reward_model is not None else [float("nan")] * len(ids))
-            ids, mask, response_mask, logprobs = ids.cpu(), mask.cpu(), response_mask.cpu(), logprobs.cpu()
-            for j in range(len(texts)):
+            ids, mask, response_mask, logprobs = ids.cpu(), mask.cpu(), gen.response_mask.cpu(), gen.logprobs.cpu()
+            for j, text in enumerate(gen.texts):
                 i = start + j
-                out.texts[i].append(texts[j])
+                out.texts[i].append(text)
                 out.lengths[i].append(int(response_mask[j].sum()))
-                out.logprobs[i].append(float((logprobs[j] * response_mask[j]).sum()))
+                out.logprobs[i].append(float(logprobs[j].sum()))
                 out.rewards[i].append(rewards[j])
                 out.input_ids[i].append(ids[j][mask[j].bool()].clone())
     return out
-
-
-def _scores(reward_model, ids: torch.Tensor, mask: torch.Tensor, prompts: list[Any], texts: list[str]) -> list[float]:
-    """Reward-model scores, on the reward model's device (it may differ from the policy's).
-
-    ``reward_model`` is a model sharing the policy's tokenizer, or a PPO ``Scorer`` (one with
-    its own tokenizer re-encodes the decoded texts, as during PPO)."""
-    if isinstance(reward_model, Scorer):
-        return reward_model(ids, mask, prompts, texts).tolist()
-    device = model_device(reward_model)
-    return sequence_scores(reward_model, ids.to(device), mask.to(device)).tolist()
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def _probe_ids(tokenizer):
     """A short chat prompt as [1, T] ids, encoded as PPO encodes its prompts."""
     import torch
 
-    from rlhfkit.ppo.trainer import encode_prompts
+    from rlhfkit.engine.sampling import encode_prompts
 
     [ids] = encode_prompts(tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]], 10**9)
     return torch.tensor([ids], dtype=torch.long)

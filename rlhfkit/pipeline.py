@@ -409,7 +409,7 @@ def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: li
     from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.evaluate import best_of_n_curve, curve_point, sqrt_kl
     from rlhfkit.ppo import checkpoint
-    from rlhfkit.ppo.trainer import Scorer, shares_tokenizer
+    from rlhfkit.engine.scoring import Scorer, shares_tokenizer
 
     if not prompts:
         raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")

@@ -8,8 +8,8 @@ code here only decides defaults, validates, resumes and writes artifacts:
   LoRA, resume) plus ``trl_args`` (every field of the TRL config, under its TRL name).
 - ``resolve_trl_kwargs`` / ``build_trl_args``: rlhfkit's CPU-friendly defaults, overridden
   by anything the user set, checked by TRL itself.
-- ``find_resume_checkpoint``: the last *complete* Trainer checkpoint (pitfall 9).
-- ``make_stage_callback``: stops on a NaN/inf loss or grad norm (pitfall 12), logs the final step.
+- ``find_resume_checkpoint``: the last *complete* Trainer checkpoint (docs/pitfalls.md#9).
+- ``make_stage_callback``: stops on a NaN/inf loss or grad norm (docs/pitfalls.md#12), logs the final step.
 - ``run_training``: resume, time, train; ``save_final_model``: LoRA merged, atomic folder.
 
 Output layout of a stage folder::
@@ -89,7 +89,7 @@ class StageConfig(Passthrough):
     stage_name: ClassVar[str] = "stage"
 
     def validate(self) -> list[str]:
-        """Every inconsistency found, before any model loads (pitfall 14)."""
+        """Every inconsistency found, before any model loads (docs/pitfalls.md#14)."""
         problems: list[str] = []
         if not str(self.output_dir or "").strip():
             problems.append("output_dir: must not be empty")
@@ -159,7 +159,7 @@ COMMON_TRL_DEFAULTS: dict[str, Any] = {
     "report_to": "none",  # no tracker unless asked; tensorboard/wandb via report_to
     "logging_steps": 5,  # small: a NaN is caught within 5 steps; curves have points
     "logging_first_step": True,  # the first loss, to compare with the last
-    "logging_nan_inf_filter": False,  # never hide a NaN loss behind a running mean (pitfall 12)
+    "logging_nan_inf_filter": False,  # never hide a NaN loss behind a running mean (docs/pitfalls.md#12)
     "save_strategy": "steps",
     "save_steps": 100,  # resume loses at most 100 steps; a tiny model saves in well under a second
     "save_total_limit": 2,  # the newest checkpoint plus one before it
@@ -408,7 +408,7 @@ def find_resume_checkpoint(checkpoints_dir: str | os.PathLike, *, remove_incompl
 
     Half-written checkpoints (killed during save: no trainer_state.json, no weights or no
     optimizer state) are ignored, and removed when ``remove_incomplete`` (main process),
-    so the resumed run never writes into or rotates around them (pitfall 9).
+    so the resumed run never writes into or rotates around them (docs/pitfalls.md#9).
     """
     root = Path(checkpoints_dir)
     if not root.is_dir():

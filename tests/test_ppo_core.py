@@ -1,4 +1,4 @@
-"""Tests for rlhfkit.ppo.core: hand-computed toys (derivations in comments) plus reference tests.
+"""Tests for rlhfkit.core: hand-computed toys (derivations in comments) plus reference tests.
 
 Most toys use a batch of 2 with T = 3 where the second row has length 2 and its padded
 position holds garbage (NaN / inf / huge numbers), to prove that masked positions are
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.ppo.core import (
+from rlhfkit.core import (
     KL_KINDS,
     AdaptiveKLController,
     FixedKLController,
@@ -27,6 +27,7 @@ from rlhfkit.ppo.core import (
     masked_var,
     policy_loss,
     rewards_with_kl,
+    shaped_scores,
     value_loss,
     whiten,
 )
@@ -537,6 +538,18 @@ def test_mask_after_eos_first_middle_absent_repeated():
 
 
 # --------------------------------------------------------------------------- reward ensembles
+def test_shaped_scores_by_hand():
+    # scores 3, -0.5, 1.2, -4; rows 1 and 3 stopped without EOS; penalty 1, clip 2:
+    # 3 -> clip 2;  -0.5 - 1 = -1.5;  1.2;  -4 - 1 = -5 -> clip -2
+    scores = torch.tensor([3.0, -0.5, 1.2, -4.0])
+    has_eos = torch.tensor([True, False, True, False])
+    close(shaped_scores(scores, has_eos, 1.0, 2.0), [2.0, -1.5, 1.2, -2.0])
+    close(shaped_scores(scores, has_eos, 1.0, None), [3.0, -1.5, 1.2, -5.0])
+    close(shaped_scores(scores, has_eos, None, 2.0), [2.0, -0.5, 1.2, -2.0])
+    assert torch.equal(shaped_scores(scores, has_eos), scores)
+    assert torch.equal(scores, torch.tensor([3.0, -0.5, 1.2, -4.0]))  # the input is not changed
+
+
 def test_ensemble_reward_by_hand():
     # three members, two sequences:  seq 0 scores 1, 2, 3;  seq 1 scores -1, -1, 2
     scores = torch.tensor([[1.0, -1.0], [2.0, -1.0], [3.0, 2.0]])

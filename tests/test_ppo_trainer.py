@@ -28,9 +28,10 @@ import torch
 from rlhfkit.errors import ConfigError
 from rlhfkit.ppo import PPOStageConfig, train_ppo
 from rlhfkit.ppo import trainer as trainer_mod
-from rlhfkit.ppo.core import logprobs_from_logits, policy_loss, value_loss
-from rlhfkit.ppo.rollout import Rollout, left_pad, response_logits, sample, sequence_scores, token_values, truncate_at_eos
-from rlhfkit.ppo.trainer import PolicyAndValue, batch_indices, encode_prompts, ppo_update
+from rlhfkit.core import logprobs_from_logits, policy_loss, value_loss
+from rlhfkit.engine import encode_prompts, left_pad, response_logits, sample, sequence_scores, token_values, truncate_at_eos
+from rlhfkit.ppo.rollout import Rollout
+from rlhfkit.ppo.trainer import PolicyAndValue, batch_indices, ppo_update
 from rlhfkit.world.model import build_model, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_tokens_after_eos_are_pad_and_masked(world):
 
 
 # ---------------------------------------------------------------------------------------
-# 2. the reward is read at the last real token (pitfall 3)
+# 2. the reward is read at the last real token (docs/pitfalls.md#3)
 # ---------------------------------------------------------------------------------------
 def test_num_eos_tokens_counts_responses_that_ended_when_pad_is_eos():
     # pad = eos (most hub models): the padding after an EOS must not be counted as more EOS tokens
@@ -257,7 +258,7 @@ def test_sequence_scores_same_for_left_and_right_padding_and_match_hf_pooling(wo
 
 
 # ---------------------------------------------------------------------------------------
-# 3. gradient accumulation does not change the update (pitfall 8)
+# 3. gradient accumulation does not change the update (docs/pitfalls.md#8)
 # ---------------------------------------------------------------------------------------
 def _fixed_rollout(world, value_model):
     """16 episodes whose responses have lengths 1..8 (so token means != mean of means)."""
@@ -567,7 +568,7 @@ def test_cli_help_lists_keys_and_batch_arithmetic(capsys):
 
 
 # ---------------------------------------------------------------------------------------
-# 5. resume after SIGKILL equals the uninterrupted run (pitfalls 9, 10, 11)
+# 5. resume after SIGKILL equals the uninterrupted run (docs/pitfalls.md#9, #10, #11)
 # ---------------------------------------------------------------------------------------
 RUN_SCRIPT = """
 import json, os, sys, time

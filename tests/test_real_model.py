@@ -99,8 +99,8 @@ def test_every_stage_loader_loads_the_imported_folder(smollm2):
 
 
 def test_prompts_have_one_system_prompt_and_one_bos_and_rewards_end_at_eos(tokenizer):
-    from rlhfkit.ppo.trainer import Demonstrations, encode_prompts
-    from rlhfkit.reward import conversation_ids
+    from rlhfkit.engine import conversation_ids, encode_prompts
+    from rlhfkit.ppo.trainer import Demonstrations
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     [default] = encode_prompts(tokenizer, [CHAT], 10_000)
@@ -126,7 +126,7 @@ def test_prompts_have_one_system_prompt_and_one_bos_and_rewards_end_at_eos(token
 def test_sft_trains_on_the_prompt_ids_ppo_samples_from(smollm2, oasst_sample, tmp_path, tokenizer):
     from rlhfkit.config import load_config
     from rlhfkit.data import DataBuildConfig, build_data
-    from rlhfkit.ppo.trainer import encode_prompts
+    from rlhfkit.engine import encode_prompts
     from rlhfkit.sft import SFTStageConfig, build_sft_trainer
 
     data = build_data(DataBuildConfig(sources=[str(oasst_sample)], out=str(tmp_path / "data"))).output_dir
@@ -143,7 +143,7 @@ def test_sft_trains_on_the_prompt_ids_ppo_samples_from(smollm2, oasst_sample, tm
         assert all(x == -100 for x in labels[:len(prompt)]) and labels[len(prompt):] == ids[len(prompt):]
         reply = tokenizer.decode(ids[len(prompt):])
         assert reply.endswith("<|im_end|>\n") and reply.count("<|im_end|>") == 1
-    # pad = eos, yet the reply's EOS stays a trained label after collation (pitfall 1): labels come
+    # pad = eos, yet the reply's EOS stays a trained label after collation (docs/pitfalls.md#1): labels come
     # from the rows, not from comparing with the pad id; the padding itself is ignored
     batch = prepared.trainer.data_collator([rows[i] for i in range(4)])
     for row, labels in zip(range(4), batch["labels"]):
@@ -157,29 +157,29 @@ def test_sft_trains_on_the_prompt_ids_ppo_samples_from(smollm2, oasst_sample, tm
 
 
 def test_fast_decode_equals_the_generic_path_and_a_full_forward(policy, tokenizer, monkeypatch):
-    from rlhfkit.ppo import rollout
-    from rlhfkit.ppo.core import logprobs_from_logits
-    from rlhfkit.ppo.trainer import encode_prompts
+    from rlhfkit.engine import fast_cpu, forward, sampling
+    from rlhfkit.core import logprobs_from_logits
+    from rlhfkit.engine import encode_prompts
 
-    assert rollout._LlamaDecoder.for_model(policy) is not None  # the fast path takes this model
+    assert fast_cpu.LlamaDecoder.for_model(policy) is not None  # the fast path takes this model
     prompts = [CHAT, [{"role": "user", "content": "Name three colours."}],
                [{"role": "user", "content": "Write one sentence about the sea, please, in plain words."}]]
-    ids, mask = rollout.left_pad(encode_prompts(tokenizer, prompts, 10_000), tokenizer.pad_token_id)
+    ids, mask = sampling.left_pad(encode_prompts(tokenizer, prompts, 10_000), tokenizer.pad_token_id)
     assert not bool(mask.all())  # rows of different lengths: left padding is exercised
     eos, pad, temperature = tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7
 
     def draw():
-        return rollout.sample(policy, ids, mask, 16, temperature, eos, pad, torch.Generator().manual_seed(3))
+        return sampling.sample(policy, ids, mask, 16, temperature, eos, pad, torch.Generator().manual_seed(3))
 
     fast_tokens, fast_logprobs = draw()
-    monkeypatch.setattr(rollout._LlamaDecoder, "for_model", classmethod(lambda cls, model: None))
+    monkeypatch.setattr(fast_cpu.LlamaDecoder, "for_model", classmethod(lambda cls, model: None))
     generic_tokens, generic_logprobs = draw()
     assert torch.equal(fast_tokens, generic_tokens)
     # float32 logits through two orders of the same sums: ~1e-6 apart; 1e-4 is far below any real difference
     torch.testing.assert_close(fast_logprobs, generic_logprobs, atol=1e-4, rtol=0)
-    response, response_mask, _ = rollout.truncate_at_eos(fast_tokens, eos, pad)
+    response, response_mask, _ = sampling.truncate_at_eos(fast_tokens, eos, pad)
     with torch.no_grad():
-        logits = rollout.response_logits(policy, torch.cat([ids, response], 1),
+        logits = forward.response_logits(policy, torch.cat([ids, response], 1),
                                          torch.cat([mask, response_mask], 1), response.shape[1])
     full = logprobs_from_logits(logits, response, temperature) * response_mask
     torch.testing.assert_close(fast_logprobs * response_mask, full, atol=1e-4, rtol=0)
@@ -192,8 +192,7 @@ def test_fast_decode_equals_the_generic_path_and_a_full_forward(policy, tokenize
 def test_reward_is_read_at_the_last_real_token_with_pad_equal_eos(smollm2, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhfkit.ppo.rollout import left_pad, sequence_scores
-    from rlhfkit.reward import conversation_ids, reward_scores
+    from rlhfkit.engine import conversation_ids, left_pad, reward_scores, sequence_scores
     from rlhfkit.training import load_model
 
     torch.manual_seed(0)
@@ -281,8 +280,8 @@ def test_minilm_reward_model_scores_ppo_responses_through_decode_and_re_encode(c
     from rlhfkit.artifacts import load_pretrained, load_tokenizer
     from rlhfkit.config import load_config
     from rlhfkit.ppo import PPOStageConfig, train_ppo
-    from rlhfkit.ppo.trainer import Scorer
-    from rlhfkit.reward import RewardStageConfig, conversation_ids, reward_scores, train_reward
+    from rlhfkit.engine import Scorer, conversation_ids, reward_scores
+    from rlhfkit.reward import RewardStageConfig, train_reward
 
     run, _ = chain
     template = ROOT / "configs" / "templates" / "encoder_plain.jinja"

@@ -66,7 +66,8 @@ def rm_model(micro_model_dir):  # noqa: F811
 def test_reward_on_real_sample_from_sft_folder(oasst_data, micro_model_dir, tmp_path):  # noqa: F811
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhfkit.reward import reward_scores, train_reward
+    from rlhfkit.engine import reward_scores
+    from rlhfkit.reward import train_reward
     from rlhfkit.sft import train_sft
 
     sft_out = tmp_path / "sft"
@@ -108,7 +109,7 @@ def test_reward_is_read_at_the_last_non_pad_token(rm_model):
     import torch
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    from rlhfkit.reward import reward_scores
+    from rlhfkit.engine import reward_scores
 
     model, tok = rm_model
     convs = [
@@ -152,7 +153,7 @@ def test_margin_column_only_when_margin_scale_is_positive(rm_model, oasst_data):
     grouped = trainer_columns(plain, with_length=True)
     assert grouped.column_names == ["chosen_ids", "rejected_ids", "length"]
     assert grouped["length"] == [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in plain]
-    # one BOS, eos last, and chosen != rejected after tokenization (pitfalls 2, 5)
+    # one BOS, eos last, and chosen != rejected after tokenization (docs/pitfalls.md#2, #5)
     for row in plain:
         for ids in (row["chosen_ids"], row["rejected_ids"]):
             assert ids.count(tok.bos_token_id) == 1 and ids[-1] == tok.eos_token_id

@@ -206,13 +206,13 @@ def test_labels_are_exactly_the_reply_and_its_eos(oasst_data, micro_model_dir, t
     assert len(rows) == len(prepared.train_dataset)  # nothing truncated away at 512
     for row, source in zip(rows, prepared.train_dataset):
         ids, labels = row["input_ids"], row["labels"]
-        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # one BOS (pitfall 2)
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # one BOS (docs/pitfalls.md#2)
         assert tok.pad_token_id not in ids
         start = len(ids) - ids[::-1].index(assistant_id)  # first token after the last <|assistant|>
         trained = [i for i, label in enumerate(labels) if label != -100]
         assert trained == list(range(start, len(ids)))  # exactly the reply + eos, nothing before
         assert [labels[i] for i in trained] == ids[start:]
-        assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # eos is a label (pitfall 1)
+        assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # eos is a label (docs/pitfalls.md#1)
         reply = source["completion"][0]["content"]
         assert tok.decode(ids[start:-1]) == reply
     # padding in a batch keeps the eos label and masks only the padding

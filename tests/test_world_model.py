@@ -1,4 +1,4 @@
-"""The embedded tokenizer and model: round trip, chat template, pitfalls 1 and 2, offline load."""
+"""The embedded tokenizer and model: round trip, chat template, docs/pitfalls.md#1 and #2, offline load."""
 
 import json
 
@@ -32,7 +32,7 @@ def test_tokenizer_round_trip_and_distinct_specials(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     for text in ["reverse: apple banana cherry", "Sorry, I can't help with that.", "Umlaute: äöü ß 😀", "  spaced  "]:
         assert tok.decode(tok(text)["input_ids"]) == text
-    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3  # pitfall 1: pad != eos
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3  # docs/pitfalls.md#1: pad != eos
     assert tok("hello")["input_ids"][0] != tok.bos_token_id  # BOS comes only from the template
 
 
@@ -46,11 +46,11 @@ def test_chat_template_assistant_mask_covers_exactly_assistant_tokens(model_dir)
     ]
     out = tok.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = out["input_ids"], out["assistant_masks"]
-    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # pitfall 2
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # docs/pitfalls.md#2
     masked = [i for i, m in zip(ids, mask) if m]
     expected = (tok("banana apple")["input_ids"] + [tok.eos_token_id]
                 + tok("BANANA APPLE")["input_ids"] + [tok.eos_token_id])
-    assert masked == expected  # the eos closing each assistant turn is a trained label (pitfall 1)
+    assert masked == expected  # the eos closing each assistant turn is a trained label (docs/pitfalls.md#1)
     prompt = tok.apply_chat_template(conversation[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
     assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]  # prompt + reply = conversation
 

@@ -29,7 +29,7 @@ from rlhfkit.data.split import split_corpus
 from rlhfkit.data.sources import RowStream, dataset_streams, open_source
 from rlhfkit.errors import ConfigError, DataError
 
-# Bump when the same inputs and options would give different output (cache keys, pitfall 7).
+# Bump when the same inputs and options would give different output (cache keys, docs/pitfalls.md#7).
 OUTPUT_VERSION = 1
 
 

@@ -57,7 +57,7 @@ class Corpus:
     (split stats) and ``tree_order``, the sort key that makes the output independent of
     the input's row order (oasst trees by id, other rows in input order). ``dropped``
     counts removed messages by reason, plus ``no_reply`` (instruction rows without an
-    assistant turn) and ``degenerate_pairs`` (pitfall 5).
+    assistant turn) and ``degenerate_pairs`` (docs/pitfalls.md#5).
     """
 
     def __init__(self) -> None:
@@ -108,7 +108,7 @@ class Corpus:
         self.sft_message_id.append(message_id)
 
     def drop_degenerate(self, chosen: str, rejected: str) -> bool:
-        """Count and report a pair whose answers are equal or empty (pitfall 5: zero gradient or NaN)."""
+        """Count and report a pair whose answers are equal or empty (docs/pitfalls.md#5: zero gradient or NaN)."""
         a, b = chosen.strip(), rejected.strip()
         if a and b and a != b:
             return False

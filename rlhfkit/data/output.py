@@ -3,7 +3,7 @@
 ``DIR/sft`` and ``DIR/pairs`` are ``datasets.DatasetDict`` folders with splits ``train``
 and ``validation`` in TRL's conversational formats; ``DIR/stats.json`` holds the counts;
 ``DIR/manifest.json`` holds the fingerprint later stages put in their cache keys
-(pitfall 7: a cache built from other data must never be reused).
+(docs/pitfalls.md#7: a cache built from other data must never be reused).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from ``rlhfkit.ppo`` (``compute_gae``, ``whiten``, ``kl_per_token``, ``policy_lo
 """
 
 from rlhfkit.ppo.config import PPOStageConfig
-from rlhfkit.ppo.core import (
+from rlhfkit.core import (
     AdaptiveKLController,
     FixedKLController,
     approx_kl,

@@ -4,7 +4,7 @@ A checkpoint ``checkpoints/update-000010/`` holds the policy and value weights
 (safetensors), the optimizer state (tensors; loaded with ``weights_only=True``), the
 random generators of every process (safetensors) and ``state.json`` (update counter,
 elapsed time, scheduler, KL controller, config). It is written to a temp sibling and
-renamed, so a folder named ``update-*`` is always complete (pitfall 9); older ones are
+renamed, so a folder named ``update-*`` is always complete (docs/pitfalls.md#9); older ones are
 removed only after the new one is in place. ``state.json`` records each file's SHA-256: a
 resume takes the newest checkpoint whose files still match (``latest_verified``) and sets
 a damaged one aside as ``corrupt-update-*`` (kept for inspection, never loaded). The data

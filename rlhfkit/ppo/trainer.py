@@ -8,8 +8,8 @@ One update, top to bottom:
      policy loss + vf_coef x clipped value loss, each a global token mean over the minibatch;
   5. adapt beta (adaptive KL), log one metrics row (TRL's keys), checkpoint every N updates.
 
-The math lives in ``rlhfkit.ppo.core``; sampling and scoring in ``rlhfkit.ppo.rollout``;
-checkpoints in ``rlhfkit.ppo.checkpoint``.
+The math lives in ``rlhfkit.core``; sampling and scoring in the rollout engine
+(``rlhfkit.engine``); checkpoints in ``rlhfkit.ppo.checkpoint``.
 """
 
 from __future__ import annotations
@@ -28,32 +28,25 @@ from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, claim_
 from rlhfkit.errors import ConfigError, RlhfkitError, first_line
 from rlhfkit.ppo import checkpoint as ckpt
 from rlhfkit.ppo.config import PPOStageConfig
-from rlhfkit.ppo.core import (
+from rlhfkit.core import (
     AdaptiveKLController,
     FixedKLController,
     approx_kl,
     compute_gae,
-    ensemble_reward,
     kl_per_token,
     logprobs_from_logits,
     masked_mean,
     policy_loss,
     rewards_with_kl,
+    shaped_scores,
     value_loss,
     whiten,
 )
-from rlhfkit.ppo.rollout import (
-    RewardFn,
-    Rollout,
-    left_pad,
-    response_logits,
-    sample,
-    sequence_scores,
-    token_values,
-    truncate_at_eos,
-)
+from rlhfkit.engine.forward import left_pad, response_logits, token_values
+from rlhfkit.engine.sampling import encode_prompts, generate
+from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, shares_tokenizer
+from rlhfkit.ppo.rollout import Rollout
 from rlhfkit.reward.ensemble import held_out_norm
-from rlhfkit.reward.train import conversation_ids, reward_scores
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 
@@ -70,94 +63,6 @@ class PolicyAndValue(torch.nn.Module):
         logits = response_logits(self.policy, input_ids, attention_mask, response_length)
         values = token_values(self.value, input_ids, attention_mask, response_length)
         return logits, values
-
-
-def shares_tokenizer(reward_tokenizer, policy_tokenizer) -> bool:
-    """Whether a reward model can score the policy's token ids as they are (else: decode and re-encode)."""
-    return (reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-            and reward_tokenizer.chat_template == policy_tokenizer.chat_template)
-
-
-@dataclass
-class Scorer:
-    """How a response gets its score: a reward model (maybe with its own tokenizer) or a function."""
-
-    model: torch.nn.Module | None = None
-    tokenizer: Any = None
-    same_tokenizer: bool = True
-    fn: RewardFn | None = None
-
-    @torch.no_grad()
-    def __call__(self, rollout_ids, rollout_mask, prompts: list[Any], responses: list[str]) -> torch.Tensor:
-        if self.fn is not None:
-            scores = [float(s) for s in self.fn(prompts, responses)]
-            if len(scores) != len(responses):
-                raise RlhfkitError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
-            return torch.tensor(scores, dtype=torch.float32, device=rollout_ids.device)
-        if self.same_tokenizer:
-            return sequence_scores(self.model, rollout_ids, rollout_mask)
-        # Different tokenizer: decode, re-encode as the reward model was trained (its own chat template).
-        # A conversation longer than the reward model's positions (BERT: 512) keeps its first token
-        # (BOS / [CLS], where an encoder's head reads) and its end, as the policy keeps its prompt's end.
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
-        encoded = [conversation_ids(self.tokenizer, as_messages(p) + [{"role": "assistant", "content": r}])
-                   for p, r in zip(prompts, responses)]
-        encoded = [ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:] for ids in encoded]
-        # scored as the reward stage scores its held-out pairs (a decoder at its last real token, an encoder
-        # such as BERT by its own pooled head)
-        return reward_scores(self.model, encoded, self.tokenizer.pad_token_id or 0).to(rollout_ids.device)
-
-
-@dataclass
-class EnsembleScorer:
-    """K scorers (reward models) combined into one conservative reward (``core.ensemble_reward``).
-
-    Each member's score is first standardised by its own held-out mean and std (``norms``):
-    Bradley-Terry rewards have an arbitrary offset and scale per model, so raw scores of two
-    models are not comparable. One member with norm (0, 1) is the plain reward model.
-    """
-
-    members: list[Scorer]
-    norms: list[tuple[float, float]]
-    reduction: str = "mean"
-    std_coef: float = 1.0
-
-    @torch.no_grad()
-    def __call__(self, rollout_ids, rollout_mask, prompts: list[Any], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(reward [B], disagreement [B])`` (disagreement 0 for one member)."""
-        scores = torch.stack([(member(rollout_ids, rollout_mask, prompts, responses) - mean) / std
-                              for member, (mean, std) in zip(self.members, self.norms)])
-        return ensemble_reward(scores, self.reduction, self.std_coef)
-
-    @property
-    def models(self) -> list[torch.nn.Module]:
-        return [m.model for m in self.members if m.model is not None]
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's weights live (accelerate moves them): new tensors for its forward go there."""
-    return next(model.parameters()).device
-
-
-def as_messages(prompt: Any) -> list[dict]:
-    """A prompt given as text becomes one user turn."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def encode_prompts(tokenizer, prompts: Sequence[Any], max_prompt_length: int) -> list[list[int]]:
-    """Chat-template each prompt with the generation prompt; keep its last max_prompt_length tokens.
-
-    Tokenizing through the template in one go avoids a second BOS (pitfall 2).
-    """
-    encoded = []
-    for prompt in prompts:
-        if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"])["input_ids"]
-        encoded.append(list(ids)[-max_prompt_length:])
-    return encoded
 
 
 @dataclass
@@ -219,7 +124,7 @@ def batch_indices(update: int, batch_size: int, num_prompts: int, seed: int) -> 
     """Prompt indices of an update: epochs over a seeded permutation, derived from the update index.
 
     Deriving the order from (seed, update) makes the data position part of the update counter,
-    so a resumed run draws exactly the prompts the uninterrupted run would have (pitfall 10).
+    so a resumed run draws exactly the prompts the uninterrupted run would have (docs/pitfalls.md#10).
     """
     start = update * batch_size
     out = []
@@ -248,21 +153,16 @@ def make_rollout(
     the same T (the adapter disabled in LoRA mode); (4) values V(s_t); (5) scores from the
     reward model or function, minus the penalty for a missing EOS, clipped if asked.
     """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chunks = []
     texts: list[str] = []
     step = config.rollout_forward_batch_size
-    device = model_device(module.policy)
     for start in range(0, len(prompts), step):
-        query_ids, query_mask = left_pad(prompt_ids[start:start + step], pad, device=device)
-        # (1) sample
-        response_ids, logprobs = sample(module.policy, query_ids, query_mask, config.response_length,
-                                        config.temperature, eos, pad, generator)
-        # (2) truncate at the stop token
-        response_ids, response_mask, has_eos = truncate_at_eos(response_ids, eos, pad)
-        logprobs = logprobs * response_mask
-        input_ids = torch.cat([query_ids, response_ids], 1)
-        attention_mask = torch.cat([query_mask, response_mask], 1)
+        # (1)-(2) sample, truncate after the first EOS
+        gen = generate(module.policy, tokenizer, prompt_ids[start:start + step], config.response_length,
+                       config.temperature, generator)
+        response_ids, response_mask = gen.response_ids, gen.response_mask
+        input_ids, attention_mask = gen.input_ids, gen.attention_mask
         width = response_ids.shape[1]
         # (3) reference log-probs
         if ref_policy is None:  # LoRA: the reference is the policy without its adapter
@@ -275,16 +175,11 @@ def make_rollout(
         # (4) values
         values = token_values(module.value, input_ids, attention_mask, width) * response_mask
         # (5) scores
-        responses = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, pad), skip_special_tokens=True)
-        raw, score_std = scorer(input_ids, attention_mask, prompts[start:start + step], responses)
-        scores = raw.clone()
-        if config.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
-        if config.score_clip is not None:
-            scores = scores.clamp(-config.score_clip, config.score_clip)
-        texts.extend(responses)
-        chunks.append(Rollout(query_ids, query_mask, response_ids, response_mask, logprobs, ref_logprobs,
-                              values, scores, raw, has_eos, score_std))
+        raw, score_std = scorer(input_ids, attention_mask, prompts[start:start + step], gen.texts)
+        scores = shaped_scores(raw, gen.has_eos, config.missing_eos_penalty, config.score_clip)
+        texts.extend(gen.texts)
+        chunks.append(Rollout(gen.query_ids, gen.query_mask, response_ids, response_mask, gen.logprobs, ref_logprobs,
+                              values, scores, raw, gen.has_eos, score_std))
     return concat_rollouts(chunks, pad), texts
 
 
@@ -336,7 +231,7 @@ def ppo_update(
     gradients, so AdamW (whose moments are still zero) leaves it unchanged.
 
     Each micro-batch's loss is weighted so that the accumulated gradient is the token mean over
-    the whole minibatch on all processes, whatever the split into micro-batches (pitfall 8).
+    the whole minibatch on all processes, whatever the split into micro-batches (docs/pitfalls.md#8).
     With ``demonstrations`` and ``ptx_coef`` > 0 (PPO-ptx), each micro-batch also adds
     ``ptx_coef`` x the NLL of ``per_device_train_batch_size`` random demonstrations, so each
     optimizer step's gradient gains ``ptx_coef`` x the mean NLL over its demonstration batches.
@@ -423,7 +318,7 @@ def micro_batch(rollout: Rollout, advantages: torch.Tensor, returns: torch.Tenso
 
     The columns cut are padding in every row of the micro-batch: the model is causal, so the
     outputs at the kept positions are unchanged, and the masked losses see the same tokens.
-    (Left padding is skipped inside the forwards: ``row_groups`` in rlhfkit.ppo.rollout.)
+    (Left padding is skipped inside the forwards: ``row_groups`` in rlhfkit.engine.forward.)
     """
     response = {
         "response_ids": rollout.response_ids, "mask": rollout.response_mask, "logprobs": rollout.logprobs,

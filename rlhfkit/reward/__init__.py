@@ -1,15 +1,13 @@
 """Reward-model stage: ``rlhfkit reward CONFIG.yaml`` or ``train_reward(config)``.
 
-``reward_scores`` (read at the last non-pad token, any padding side) is the one scoring
-function for later stages too.
+Its model scores a conversation as every later stage does: ``rlhfkit.engine.reward_scores``
+over ``rlhfkit.engine.conversation_ids``.
 """
 
 from rlhfkit.reward.train import (
     REWARD_TRL_DEFAULTS,
     RewardStageConfig,
-    conversation_ids,
     gold_agreement,
-    reward_scores,
     tokenize_pairs,
     train_reward,
 )
@@ -17,9 +15,7 @@ from rlhfkit.reward.train import (
 __all__ = [
     "REWARD_TRL_DEFAULTS",
     "RewardStageConfig",
-    "conversation_ids",
     "gold_agreement",
-    "reward_scores",
     "tokenize_pairs",
     "train_reward",
 ]

@@ -4,7 +4,7 @@ An ensemble is K reward-stage folders trained from the same SFT model with diffe
 (different head initialisation and data order). Bradley-Terry rewards have an arbitrary
 offset and scale per model, so every member's score is standardised by its own held-out
 mean and std (``metrics.json``) before the members are combined by
-``rlhfkit.ppo.core.ensemble_reward`` -- in PPO and in the figures below alike.
+``rlhfkit.core.ensemble_reward`` -- in PPO and in the figures below alike.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def ensemble_metrics(folders: Sequence[str | Path], reduction: str = "mean", std
     Reads each member's ``eval_scores.jsonl``; a pair counts for gold agreement when the gold
     judge scored its replies differently (as ``gold_agreement`` of one model).
     """
-    from rlhfkit.ppo.core import ensemble_reward
+    from rlhfkit.core import ensemble_reward
 
     rows = []
     for folder in folders:

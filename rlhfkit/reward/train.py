@@ -4,11 +4,11 @@ The model is the SFT model (or any causal LM folder) loaded as
 ``AutoModelForSequenceClassification(num_labels=1)``: a scalar head on the last hidden
 state, read at the last non-pad token. ``config.pad_token_id`` is set from a pad token
 distinct from eos (the unknown token when the model pads with eos), so the head never reads
-a padding or an earlier eos (pitfall 3).
+a padding or an earlier eos (docs/pitfalls.md#3).
 
 Pairs are tokenized here, as TRL would (``apply_chat_template(prompt + reply,
 tokenize=True)``) but cut after the reply's EOS (``conversation_ids``), so that pairs that are too long or identical after tokenization are
-dropped *and counted* (pitfall 5), and an optional margin column is added:
+dropped *and counted* (docs/pitfalls.md#5), and an optional margin column is added:
 ``margin = margin_scale * (rejected_rank - chosen_rank)`` (lower rank = better), used by
 TRL as ``-logsigmoid(r_c - r_r - margin)``. ``center_rewards_coefficient`` (TRL) adds the
 centring term.
@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only, write_text_atomic
 from rlhfkit.config import field
+from rlhfkit.engine.forward import reward_scores
+from rlhfkit.engine.sampling import conversation_ids
 from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.reward.ensemble import SCORES_FILE, agreement_with_gold
 from rlhfkit.training import (
@@ -116,21 +118,6 @@ def _check_pair(example: dict[str, Any], where: str) -> None:
             raise DataError(f"{where}: pair in tree {ident}: {name} must be a one-element list with an assistant message")
 
 
-def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """A conversation ending with a reply, as the reward model reads it: the chat template, cut after
-    the reply's EOS.
-
-    Templates such as ChatML write a newline after each turn's EOS (``<|im_end|>\\n``); a response
-    the policy samples ends at the EOS. Cut there, training and PPO read the score at the same token.
-    """
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in ids:
-        last = len(ids) - 1 - ids[::-1].index(eos)
-        ids = ids[:last + 1]
-    return ids
-
-
 def tokenize_pairs(dataset, tokenizer, *, margin_scale: float, max_length: int | None, num_proc: int | None, where: str):
     """Add ``chosen_ids`` / ``rejected_ids`` (and ``margin``); drop too-long and identical pairs.
 
@@ -185,64 +172,6 @@ def trainer_columns(dataset, with_length: bool = False):
                               input_columns=["chosen_ids", "rejected_ids"], batched=True)
         keep.append("length")
     return dataset.select_columns(keep)
-
-
-# -- scoring ----------------------------------------------------------------------------------
-
-
-def reward_scores(
-    model,
-    sequences: Sequence[Sequence[int]],
-    pad_token_id: int,
-    *,
-    batch_size: int = 32,
-    padding_side: str = "right",
-):
-    """Scalar reward of each token sequence, read at its last non-pad token.
-
-    The last real token is found from the attention mask (not by searching for a pad id),
-    and position ids follow the mask, so left and right padding give the same scores
-    (pitfall 3). Works for any Hugging Face ``*ForSequenceClassification`` with a ``score``
-    head; other models fall back to their own pooled logits. Returns a float tensor [N].
-    """
-    import torch
-
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = getattr(model, "score", None)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # little padding per batch
-    scores = torch.empty(len(sequences), dtype=torch.float32)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                seqs = [list(sequences[i]) for i in idx]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for row, s in enumerate(seqs):
-                    if padding_side == "right":
-                        ids[row, : len(s)] = torch.tensor(s)
-                        mask[row, : len(s)] = 1
-                    else:
-                        ids[row, width - len(s) :] = torch.tensor(s)
-                        mask[row, width - len(s) :] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                last = (torch.arange(width, device=device) * mask).argmax(-1)  # last attended index
-                if backbone is not None and isinstance(head, torch.nn.Module):
-                    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-                    values = head(hidden[torch.arange(len(seqs), device=device), last]).squeeze(-1)
-                else:
-                    values = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
-                scores[torch.tensor(idx)] = values.float().cpu()
-    finally:
-        model.train(was_training)
-    return scores
 
 
 def gold_agreement(mode: str, prompts, chosen_texts, rejected_texts, r_chosen, r_rejected):

@@ -10,7 +10,7 @@ message before the reply, completion = the reply), so:
   assistant turns are context; each of them is the last message of its own row. Set
   ``completion_only_loss=false`` to train on every assistant turn instead;
 - the eos is a label (the embedded template puts it inside the generation block; pad is a
-  distinct token), and there is one BOS, from the template (pitfalls 1, 2).
+  distinct token), and there is one BOS, from the template (docs/pitfalls.md#1, #2).
 
 With ``lora=true`` the adapters are merged into the saved model, so later stages load a
 plain model.

@@ -3,8 +3,8 @@
 A byte-level BPE tokenizer trained with ``tokenizers`` on a corpus, and an untrained
 Llama causal LM sized ``tiny`` (~3 M parameters) or ``small`` (~20 M), saved as a normal
 Hugging Face folder (safetensors) that ``AutoTokenizer`` / ``AutoModelForCausalLM`` load
-offline. Designed against the pitfalls: pad is distinct from eos (pitfall 1); BOS comes
-only from the chat template, never from ``add_special_tokens`` (pitfall 2); the
+offline. Designed against the pitfalls: pad is distinct from eos (docs/pitfalls.md#1); BOS comes
+only from the chat template, never from ``add_special_tokens`` (docs/pitfalls.md#2); the
 assistant's closing eos sits inside ``{% generation %}`` so it is a trained label.
 """
 

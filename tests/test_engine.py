@@ -1,17 +1,17 @@
-"""Sampling internals of rlhfkit.ppo.rollout that the trainer tests only see through their results."""
+"""Sampling internals of the rollout engine that the trainer tests only see through their results."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlhfkit.ppo import rollout
+from rlhfkit.engine import fast_cpu, sampling
 
 
 def test_fast_multinomial_draws_what_torch_multinomial_draws():
     """Same tokens and the same generator state afterwards, so a run's samples (and a resumed
     run's) do not depend on which of the two drew them."""
-    assert rollout._fast_multinomial_ok()
+    assert fast_cpu.fast_multinomial_ok()
     data = torch.Generator().manual_seed(7)
     for seed in range(20):
         logits = torch.randn((16, 4096), generator=data) * 4
@@ -19,7 +19,7 @@ def test_fast_multinomial_draws_what_torch_multinomial_draws():
         probs = torch.log_softmax(logits / 0.7, -1).exp()
         reference, fast = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         expected = torch.multinomial(probs, 1, generator=reference)[:, 0]
-        assert torch.equal(rollout._multinomial_one(probs, fast), expected)
+        assert torch.equal(fast_cpu.multinomial_one(probs, fast), expected)
         assert torch.equal(fast.get_state(), reference.get_state())
 
 
@@ -33,6 +33,6 @@ class _NanLogits(torch.nn.Module):
 
 
 def test_sampling_non_finite_logits_raises():
-    ids, mask = rollout.left_pad([[1, 2, 3], [4]], 0)
+    ids, mask = sampling.left_pad([[1, 2, 3], [4]], 0)
     with pytest.raises(RuntimeError, match="probability tensor"):
-        rollout.sample(_NanLogits(), ids, mask, 1, 0.7, eos_id=5, pad_id=0, generator=torch.Generator().manual_seed(0))
+        sampling.sample(_NanLogits(), ids, mask, 1, 0.7, eos_id=5, pad_id=0, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
-"""The PPO math: small, pure tensor functions, free of trainer imports.
+"""The RL math: small, pure tensor functions, free of trainer imports (PPO's losses and
+advantages, KL estimators, masked statistics, log-probs from logits), below every stage.
 
 In the style of cleanrl and torchtune (``torchtune/rlhf/rewards.py``,
 ``torchtune/rlhf/loss/ppo.py``): every function takes and returns tensors, names follow
@@ -11,7 +12,7 @@ Conventions
 * ``mask`` is ``[B, T]``, 1 (or ``True``) on response tokens and 0 on padding; it may be
   ``bool``, integer or floating with values in {0, 1}. Each row's ones are a prefix
   (``mask_after_eos`` builds exactly such masks).
-* Masks, never sentinels (guide pitfall 6): every function that takes a mask first
+* Masks, never sentinels (docs/pitfalls.md#6): every function that takes a mask first
   replaces masked positions of its inputs by 0 with ``torch.where``, so garbage there
   (NaN, ±inf, huge numbers) changes neither the outputs nor the gradients.
 * A "masked mean" is the mean over all unmasked positions of the whole batch: a global
@@ -40,6 +41,7 @@ __all__ = [
     "masked_var",
     "policy_loss",
     "rewards_with_kl",
+    "shaped_scores",
     "value_loss",
     "whiten",
 ]
@@ -275,6 +277,29 @@ def rewards_with_kl(
     at_last = torch.nn.functional.one_hot(last, T).to(torch.bool) & (lengths > 0).unsqueeze(1)
     rewards = rewards + torch.where(at_last, scores.to(rewards.dtype).unsqueeze(1), zero)
     return rewards, kl
+
+
+def shaped_scores(scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_penalty: float | None = None,
+                  score_clip: float | None = None) -> torch.Tensor:
+    """The sequence-level reward PPO trains on: a penalty for a response cut off without EOS, then clipping.
+
+    s'_b = clip(s_b − penalty · [no EOS in row b], −c, c)
+
+    Args:
+        scores: ``[B]`` reward-model (or function) scores.
+        has_eos: ``[B]`` bool, the response ended with EOS within the length limit.
+        missing_eos_penalty: subtracted where ``has_eos`` is False (TRL's ``missing_eos_penalty``); None = no penalty.
+        score_clip: c > 0, clip to [−c, c] after the penalty; None = no clipping.
+
+    Returns:
+        ``[B]``, a new tensor.
+    """
+    out = scores.clone()
+    if missing_eos_penalty is not None:
+        out = torch.where(has_eos, out, out - missing_eos_penalty)
+    if score_clip is not None:
+        out = out.clamp(-score_clip, score_clip)
+    return out
 
 
 def ensemble_reward(scores: torch.Tensor, reduction: str = "mean", std_coef: float = 1.0,
