@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 import msgspec
 
 from rlhfkit.data.oasst import TreeRow
+
+from machine import machine_line  # benchmarks/machine.py (scripts run from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared/data/oasst/oasst_en_100_trees.jsonl"
@@ -103,16 +104,6 @@ def build_once(config: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=135_000, help="approximate size of the export")
@@ -122,7 +113,7 @@ def main() -> None:
     if not SAMPLE.is_file():
         sys.exit(f"the real sample is needed and absent: {SAMPLE}")
 
-    print(f"machine: {platform.platform()}; CPU {cpu_model()}; {os.cpu_count()} cores; Python {platform.python_version()}")
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as tmp:
         export = Path(tmp) / ("oasst2_like.jsonl.gz" if args.gzip else "oasst2_like.jsonl")
         trees, messages = write_export(export, args.messages)

@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKLOAD = ROOT.parent / "shared/bench/ppo_workload.json"
 PEER_SCRIPT = ROOT.parent / "shared/bench/trl112_ppo.py"
@@ -59,16 +61,6 @@ PEER_SCRIPT = ROOT.parent / "shared/bench/trl112_ppo.py"
 # --------------------------------------------------------------------------------------
 # machine
 # --------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(threads: int) -> dict:
     import torch
 

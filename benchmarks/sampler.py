@@ -25,19 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from machine import cpu_model, machine_line  # benchmarks/machine.py (scripts run from benchmarks/)
 
 
 def world_model(size: str, vocab: int):
@@ -126,8 +117,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.platform()}; CPU {cpu_model()}; {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
+    print(f"{machine_line()}; torch {torch.__version__}, {args.threads} threads")
     print(f"method: sample() on {args.batch} random prompts of 8-40 tokens (left-padded), {args.response_length} "
           f"tokens at T=1, median of {args.repeats} calls after one warm-up; each way's tokens and log-probs "
           f"compared with the generic path's (same generator seeds; log-probs within 1e-4)")

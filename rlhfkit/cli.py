@@ -23,6 +23,8 @@ CONFIG_STAGES: dict[str, tuple[str, str, str, str]] = {
     "sft": ("rlhfkit.sft", "SFTStageConfig", "train_sft", "supervised fine-tuning on assistant turns (TRL SFTTrainer)"),
     "reward": ("rlhfkit.reward", "RewardStageConfig", "train_reward", "Bradley-Terry reward model (TRL RewardTrainer)"),
     "ppo": ("rlhfkit.ppo", "PPOStageConfig", "train_ppo", "RLHF-PPO of the SFT policy against the reward model"),
+    "eval": ("rlhfkit.evaluate", "EvalStageConfig", "evaluate_stage",
+             "held-out evaluation of a policy against a reference (sampled, greedy, KL, reward, gold)"),
     "run": ("rlhfkit.pipeline", "RunConfig", "run_chain", "the whole chain: data -> model -> SFT -> reward -> PPO -> eval -> report"),
 }
 

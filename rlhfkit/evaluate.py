@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhfkit.artifacts import StageResult, atomic_dir, check_output_dir, locks_output, write_json_atomic
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
 from rlhfkit.core import logprobs_from_logits
@@ -334,3 +336,143 @@ def verdict(metrics: dict[str, Any], z: float = 2.0) -> str:
     if reward > 0:
         return "Past the peak: the reward-model score rose while the true score did not" + figures + "."
     return "No significant change in the true score" + figures + "."
+
+
+# -- the evaluation stage: two model folders in, eval.json out --------------------------------------------
+
+
+@dataclass(kw_only=True)
+class EvalStageConfig(EvalConfig):
+    """The evaluation stage on any two model folders (``rlhfkit eval CONFIG.yaml`` or ``evaluate_stage``)."""
+
+    policy: str = field(help="the policy evaluated: the PPO stage's folder or any model folder")
+    reference: str = field(help="the policy it is compared with, and KL measured against: the SFT stage's folder")
+    reward_model: str | None = field(None, help="reward model folder (scores, reward gains); null = none")
+    data: str = field(help="held-out prompts: a data-build folder (its validation split's user turns)")
+    output_dir: str = field("runs/eval", help="artifact folder: eval.json, examples.json, scatter.json, curve.json")
+    gold: str = field("auto", help="the embedded world's gold judge: auto (when it knows every prompt), on, or off")
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.gold not in ("auto", "on", "off"):
+            problems.append(f"gold: must be auto, on or off, got {self.gold!r}")
+        for name in ("policy", "reference", "data"):
+            if not getattr(self, name):
+                problems.append(f"{name}: a folder is needed")
+        return problems
+
+
+def _load_eval_models(config: EvalStageConfig, device):
+    """(tokenizer, reference, policy, reward scorer | None), safetensors only, through the project's loaders."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
+    from rlhfkit.engine.scoring import shares_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_path(config.reference))
+    reference = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.reference)).to(device)
+    policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.policy)).to(device)
+    scorer = None
+    if config.reward_model:
+        model = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(config.reward_model), num_labels=1)
+        model.to(device).eval()
+        reward_tokenizer = load_tokenizer(resolve_model_path(config.reward_model))
+        same = shares_tokenizer(reward_tokenizer, tokenizer)  # else decode and re-encode, as PPO did
+        scorer = Scorer(model=model, tokenizer=reward_tokenizer, same_tokenizer=same)
+    return tokenizer, reference, policy, scorer
+
+
+def _gold_judge(mode: str, prompts: list[Any]) -> GoldFn | None:
+    if mode == "off":
+        return None
+    from rlhfkit.world.gold import gold_score, task_family
+
+    known = all(task_family(as_messages(p)) is not None for p in prompts)
+    if not known and mode == "on":
+        raise ConfigError("gold: 'on', but the gold judge does not know every held-out prompt (not the embedded world's)")
+    return gold_score if known else None
+
+
+@locks_output("output_dir")
+def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> StageResult:
+    """Held-out evaluation of ``config.policy`` against ``config.reference``, written to ``config.output_dir``.
+
+    Steps: (1) validate; (2) load the models and the held-out prompts; (3) ``evaluate``: both
+    policies sampled and greedy, reward and gold scores, KL; (4) the over-optimisation curve
+    when ``checkpoints`` or ``best_of_n`` is set; (5) write eval.json, examples.json,
+    scatter.json (and curve.json) in one atomic step. ``gold_fn`` replaces the gold judge.
+    Temperature and response length default to 1.0 and 64 when not given (the chain passes
+    the PPO stage's); prompts are not truncated unless ``max_prompt_length`` is set.
+    """
+    from accelerate import PartialState
+
+    from rlhfkit.data import prompts_from_data_dir
+
+    # (1) validate
+    problems = config.validate()
+    if problems:
+        raise ConfigError("eval: " + "; ".join(problems))
+    out = Path(config.output_dir)
+    check_output_dir(out)  # a folder of the user's own is refused before any work
+    # (2) models and prompts
+    prompts = prompts_from_data_dir(config.data, "validation")
+    if not prompts:
+        raise ConfigError(f"eval: {config.data} has no validation prompts; raise data.val_fraction")
+    prompts = prompts[: config.max_prompts]
+    gold_fn = gold_fn or _gold_judge(config.gold, prompts)
+    device = PartialState().device  # the GPU when there is one
+    tokenizer, reference, policy, scorer = _load_eval_models(config, device)
+    temperature = config.temperature if config.temperature is not None else 1.0
+    length = config.response_length or 64
+    # (3) the comparison
+    metrics, examples = evaluate(reference, policy, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
+    # (4) the curve
+    curve = None
+    if config.checkpoints or config.best_of_n:
+        curve = _curve(config, metrics, reference, scorer, tokenizer, prompts, temperature, length, gold_fn, device)
+    # (5) write
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "examples.json", examples)
+        write_json_atomic(tmp / "scatter.json", metrics.pop("scatter"))
+        write_json_atomic(tmp / "eval.json", metrics)
+        if curve is not None:
+            write_json_atomic(tmp / "curve.json", curve)
+    return StageResult(out, metrics)
+
+
+def _curve(config: EvalStageConfig, metrics: dict[str, Any], reference, scorer, tokenizer, prompts: list[Any],
+           temperature: float, length: int, gold_fn: GoldFn | None, device) -> dict[str, Any]:
+    """The over-optimisation curve: the reference (update 0), every kept PPO checkpoint of the policy
+    folder, the final policy -- same prompts and seed -- and the best-of-n baseline."""
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.artifacts import load_pretrained, read_json, resolve_model_path
+    from rlhfkit.ppo import checkpoint
+
+    fields = ("reward", "reward_se", "gold", "gold_se", "length", "kl", "kl_se")
+    points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:5]}, "kl": 0.0, "kl_se": 0.0}]
+    record = Path(config.policy) / "metrics.json"  # a PPO stage's: how many updates its final policy had
+    done = read_json(record).get("updates_done") if record.is_file() else None
+    if config.checkpoints:
+        from tqdm.auto import tqdm
+
+        for folder in tqdm(checkpoint.completed(Path(config.policy) / "checkpoints"), desc="eval checkpoints"):
+            update = checkpoint.update_of(folder)
+            if done is not None and update >= done:
+                continue  # the final policy, evaluated above
+            policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.reference))
+            load_model(policy, str(folder / "policy.safetensors"))
+            policy.to(device)
+            point = curve_point(policy, reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
+            points.append({"update": update, **{k: point[k] for k in fields}})
+    points.append({"update": done, **{k: metrics["ppo"].get(k) for k in fields}})
+    for point in points:
+        point["sqrt_kl"] = sqrt_kl(point["kl"])
+    curve: dict[str, Any] = {"ppo": points, "temperature": temperature, "prompts": metrics["prompts"],
+                             "samples_per_prompt": metrics["samples_per_prompt"]}
+    if config.best_of_n:
+        curve["best_of_n"] = best_of_n_curve(reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
+    if gold_fn is not None:
+        curve["best"] = max(points, key=lambda p: p["gold"])
+    return curve

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfkit.artifacts import (StageResult, atomic_dir, claim_dir, damage, file_digests, locks_output, read_json,
+from rlhfkit.artifacts import (StageResult, claim_dir, damage, file_digests, locks_output, read_json,
                                remove_ours, sha256_file, write_json_atomic)
 from rlhfkit.config import collect_errors, field
 from rlhfkit.errors import ConfigError
-from rlhfkit.evaluate import EvalConfig, evaluate
+from rlhfkit.evaluate import EvalConfig, EvalStageConfig, evaluate_stage
+from rlhfkit.summary import collect
 
 STAGES = ("world", "data", "model", "sft", "reward", "ppo", "eval")
 # Keys the chain fills in for each training stage; a section must not set them, except reward.model:
@@ -290,7 +291,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     ``store``: a folder shared by several runs (``rlhfkit sweep``); stages whose config and
     inputs are identical are computed once there and linked into each run.
     """
-    from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
+    from rlhfkit.data import DataBuildConfig, build_data
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.reward import RewardStageConfig, train_reward
     from rlhfkit.reward.ensemble import ensemble_metrics
@@ -377,17 +378,15 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
                 lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)))
 
     def run_eval(out: Path) -> dict[str, Any]:
-        paths = {name: chain.path(name) for name in ("sft", "reward", "ppo")}
-        metrics, examples, curve = _evaluate(paths, ppo_config(paths["ppo"]), c.eval,
-                                             prompts_from_data_dir(data_path, "validation"),
-                                             gold_score if synthetic else None)
-        with atomic_dir(out) as tmp:
-            write_json_atomic(tmp / "examples.json", examples)
-            write_json_atomic(tmp / "scatter.json", metrics.pop("scatter"))
-            write_json_atomic(tmp / "eval.json", metrics)
-            if curve is not None:
-                write_json_atomic(tmp / "curve.json", curve)
-        return metrics
+        ppo = ppo_config(chain.path("ppo"))
+        config = EvalStageConfig(  # scored by member 0 of an ensemble: the reward stage's own model
+            **dataclasses.asdict(c.eval), policy=str(chain.path("ppo")), reference=str(chain.path("sft")),
+            reward_model=str(chain.path("reward")), data=data_path, output_dir=str(out), gold="off")
+        # null = the PPO stage's sampling: the gain shows at the temperature and length PPO trained at
+        config.temperature = c.eval.temperature if c.eval.temperature is not None else ppo.temperature
+        config.response_length = c.eval.response_length or ppo.response_length
+        config.max_prompt_length = c.eval.max_prompt_length or ppo.max_prompt_length
+        return evaluate_stage(config, gold_fn=gold_score if synthetic else None).metrics
 
     chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)
     summary = build_summary(run, chain.manifest)
@@ -399,102 +398,12 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     return RunResult(run, summary, summary, chain.ran, chain.skipped)
 
 
-def _evaluate(paths: dict[str, Path], ppo_cfg, eval_cfg: EvalConfig, prompts: list,
-              gold_fn) -> tuple[dict, list, dict | None]:
-    """Held-out evaluation, plus the over-optimisation curve when ``eval.checkpoints`` or ``eval.best_of_n`` is set."""
-    from accelerate import PartialState
-    from safetensors.torch import load_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
-    from rlhfkit.evaluate import best_of_n_curve, curve_point, sqrt_kl
-    from rlhfkit.ppo import checkpoint
-    from rlhfkit.engine.scoring import Scorer, shares_tokenizer
-
-    if not prompts:
-        raise ConfigError("eval: the validation split has no prompts; raise data.val_fraction")
-    device = PartialState().device  # the GPU when there is one
-    tokenizer = load_tokenizer(resolve_model_path(paths["sft"]))
-    sft = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["sft"])).to(device)
-    ppo = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["ppo"])).to(device)
-    reward = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(paths["reward"]), num_labels=1)
-    reward.to(device).eval()
-    reward_tokenizer = load_tokenizer(resolve_model_path(paths["reward"]))
-    if not shares_tokenizer(reward_tokenizer, tokenizer):  # another backbone: decode and re-encode, as PPO did
-        reward = Scorer(model=reward, tokenizer=reward_tokenizer, same_tokenizer=False)
-    temperature = eval_cfg.temperature if eval_cfg.temperature is not None else ppo_cfg.temperature
-    length = eval_cfg.response_length or ppo_cfg.response_length
-    eval_cfg = dataclasses.replace(eval_cfg, max_prompt_length=eval_cfg.max_prompt_length or ppo_cfg.max_prompt_length)
-    metrics, examples = evaluate(sft, ppo, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
-    if not eval_cfg.checkpoints and not eval_cfg.best_of_n:
-        return metrics, examples, None
-    # The curve: SFT (update 0), every kept checkpoint, the final policy -- same prompts and seed.
-    fields = ("reward", "reward_se", "gold", "gold_se", "length", "kl", "kl_se")
-    points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:5]}, "kl": 0.0, "kl_se": 0.0}]
-    if eval_cfg.checkpoints:
-        from tqdm.auto import tqdm
-
-        for folder in tqdm(checkpoint.completed(paths["ppo"] / "checkpoints"), desc="eval checkpoints"):
-            update = checkpoint.update_of(folder)
-            if update >= ppo_cfg.num_updates:
-                continue  # the final policy, evaluated above
-            policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(paths["sft"]))
-            load_model(policy, str(folder / "policy.safetensors"))
-            policy.to(device)
-            point = curve_point(policy, sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
-            points.append({"update": update, **{k: point[k] for k in fields}})
-    done = read_json(paths["ppo"] / "metrics.json").get("updates_done", ppo_cfg.num_updates)  # < num_updates: KL budget
-    points.append({"update": done, **{k: metrics["ppo"].get(k) for k in fields}})
-    for point in points:
-        point["sqrt_kl"] = sqrt_kl(point["kl"])
-    curve: dict[str, Any] = {"ppo": points, "temperature": temperature, "prompts": metrics["prompts"],
-                             "samples_per_prompt": metrics["samples_per_prompt"]}
-    if eval_cfg.best_of_n:
-        curve["best_of_n"] = best_of_n_curve(sft, reward, tokenizer, prompts, eval_cfg, temperature, length, gold_fn)
-    if gold_fn is not None:
-        curve["best"] = max(points, key=lambda p: p["gold"])
-    return metrics, examples, curve
-
-
 def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:
-    """``summary.json``: the figures a person looks for first, plus each stage's wall time."""
+    """``summary.json``: the figures of ``rlhfkit.summary.FIGURES``, plus each stage's wall time."""
     stages = manifest.data["stages"]
     m = {name: stages.get(name, {}).get("metrics", {}) for name in STAGES}
     ev = read_json(run / "eval" / "eval.json") if (run / "eval" / "eval.json").is_file() else {}
-    sft_e, ppo_e = ev.get("sft", {}), ev.get("ppo", {})
     return {
-        "sft.eval_loss": m["sft"].get("eval_loss"),
-        "sft.eval_loss_start": m["sft"].get("eval_loss_start"),
-        "reward.eval_accuracy": m["reward"].get("eval_accuracy"),
-        "reward.eval_accuracy_se": m["reward"].get("eval_accuracy_se"),
-        "reward.gold_agreement": m["reward"].get("gold_agreement"),
-        "reward.ensemble_size": m["reward"].get("ensemble_size", 1),
-        "reward.ensemble_gold_agreement": m["reward"].get("ensemble_gold_agreement"),
-        "eval.sft.reward": sft_e.get("reward"),
-        "eval.sft.gold": sft_e.get("gold"),
-        "eval.sft.length": sft_e.get("length"),
-        "eval.ppo.reward": ppo_e.get("reward"),
-        "eval.ppo.gold": ppo_e.get("gold"),
-        "eval.ppo.length": ppo_e.get("length"),
-        "eval.ppo.kl": ppo_e.get("kl"),
-        "eval.win_rate_gold": ev.get("win_rate_gold"),
-        "eval.win_rate_reward": ev.get("win_rate_reward"),
-        "eval.gold_gain": ev.get("gold_gain"),
-        "eval.gold_gain_se": ev.get("gold_gain_se"),
-        "eval.reward_gain": ev.get("reward_gain"),
-        "eval.reward_gain_se": ev.get("reward_gain_se"),
-        "eval.greedy_reward_gain": ev.get("greedy_reward_gain"),
-        "eval.greedy_reward_gain_se": ev.get("greedy_reward_gain_se"),
-        "eval.sft.gold_se": sft_e.get("gold_se"),
-        "eval.ppo.gold_se": ppo_e.get("gold_se"),
-        "eval.win_rate_gold_se": ev.get("win_rate_gold_se"),
-        "eval.win_rate_reward_se": ev.get("win_rate_reward_se"),
-        "eval.sft.greedy_gold": sft_e.get("greedy", {}).get("gold"),
-        "eval.ppo.greedy_gold": ppo_e.get("greedy", {}).get("gold"),
-        "eval.greedy_gold_gain": ev.get("greedy_gold_gain"),
-        "eval.greedy_gold_gain_se": ev.get("greedy_gold_gain_se"),
-        "eval.verdict": ev.get("verdict"),
-        "eval.prompts": ev.get("prompts"),
-        "eval.samples_per_prompt": ev.get("samples_per_prompt"),
+        **collect(m, ev),
         "wall_time_s": {name: stages[name].get("wall_time_s") for name in STAGES if name in stages},
     }

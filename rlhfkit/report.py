@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.artifacts import read_json, write_text_atomic
+from rlhfkit.summary import BY_KEY, figure_text
+
+# The gains and win rates, in the order the summary text and the report's headline show them.
+GAIN_KEYS = ("eval.gold_gain", "eval.greedy_gold_gain", "eval.ppo.kl", "eval.win_rate_gold", "eval.reward_gain",
+             "eval.greedy_reward_gain", "eval.win_rate_reward")
 
 
 def _load_jsonl(path: Path) -> list[dict]:
@@ -52,29 +57,22 @@ def _sft_loss(summary: dict[str, Any]) -> str:
 
 def summary_text(run: Path, summary: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a run."""
-    def line(label: str, key: str, se_key: str | None = None) -> str:
-        return f"  {label:<34} {_fmt(summary.get(key), summary.get(se_key) if se_key else None)}"
+    def line(key: str) -> str:
+        return f"  {BY_KEY[key].label:<42} {figure_text(summary, key, _fmt)}"
+
+    def pair(label: str, sft_key: str, ppo_key: str) -> str:
+        return f"  {label:<42} {figure_text(summary, sft_key, _fmt):<18} {figure_text(summary, ppo_key, _fmt)}"
 
     walls = summary.get("wall_time_s") or {}
-    lines = [f"run {run}", f"  {'SFT eval loss':<34} {_sft_loss(summary)}",
-             line("reward model accuracy (held out)", "reward.eval_accuracy", "reward.eval_accuracy_se"),
-             line("reward model agreement with gold", "reward.gold_agreement"),
-             *([line(f"ensemble of {summary['reward.ensemble_size']}, agreement with gold",
-                     "reward.ensemble_gold_agreement")] if summary.get("reward.ensemble_size", 1) > 1 else []),
-             f"  {'':<34} {'SFT':<18} PPO",
-             f"  {'reward-model score':<34} {_fmt(summary.get('eval.sft.reward')):<18} {_fmt(summary.get('eval.ppo.reward'))}",
-             f"  {'gold score':<34} {_fmt(summary.get('eval.sft.gold'), summary.get('eval.sft.gold_se')):<18} "
-             f"{_fmt(summary.get('eval.ppo.gold'), summary.get('eval.ppo.gold_se'))}",
-             f"  {'response length':<34} {_fmt(summary.get('eval.sft.length')):<18} {_fmt(summary.get('eval.ppo.length'))}",
-             f"  {'gold score, greedy':<34} {_fmt(summary.get('eval.sft.greedy_gold')):<18} "
-             f"{_fmt(summary.get('eval.ppo.greedy_gold'))}",
-             line("KL(PPO || SFT), nats per response", "eval.ppo.kl"),
-             line("reward gain (paired)", "eval.reward_gain", "eval.reward_gain_se"),
-             line("reward gain, greedy (paired)", "eval.greedy_reward_gain", "eval.greedy_reward_gain_se"),
-             line("gold gain (paired)", "eval.gold_gain", "eval.gold_gain_se"),
-             line("gold gain, greedy (paired)", "eval.greedy_gold_gain", "eval.greedy_gold_gain_se"),
-             line("win rate over SFT, gold judge", "eval.win_rate_gold", "eval.win_rate_gold_se"),
-             line("win rate over SFT, reward model", "eval.win_rate_reward", "eval.win_rate_reward_se"),
+    lines = [f"run {run}", f"  {'SFT eval loss':<42} {_sft_loss(summary)}",
+             line("reward.eval_accuracy"), line("reward.gold_agreement"),
+             *([line("reward.ensemble_gold_agreement")] if summary.get("reward.ensemble_size", 1) > 1 else []),
+             f"  {'':<42} {'SFT':<18} PPO",
+             pair("reward-model score", "eval.sft.reward", "eval.ppo.reward"),
+             pair("gold score", "eval.sft.gold", "eval.ppo.gold"),
+             pair("response length", "eval.sft.length", "eval.ppo.length"),
+             pair("gold score, greedy", "eval.sft.greedy_gold", "eval.ppo.greedy_gold"),
+             *(line(key) for key in GAIN_KEYS),
              "  wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items() if v is not None)
              + f" (total {sum(v for v in walls.values() if v):.0f} s)",
              *([f"verdict: {summary['eval.verdict']}"] if summary.get("eval.verdict") else []),
@@ -243,12 +241,9 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else {}
     plots = _plots(run, scatter, curve)
 
-    headline = [
-        ("SFT eval loss", _sft_loss(summary)),
-        ("Reward model accuracy (held-out pairs)",
-         _fmt(summary.get("reward.eval_accuracy"), summary.get("reward.eval_accuracy_se"))),
-        ("Reward model agreement with gold", _fmt(summary.get("reward.gold_agreement"))),
-    ]
+    headline = [("SFT eval loss", _sft_loss(summary))]
+    headline += [(BY_KEY[key].label[:1].upper() + BY_KEY[key].label[1:], figure_text(summary, key, _fmt))
+                 for key in ("reward.eval_accuracy", "reward.gold_agreement")]
     if summary.get("reward.ensemble_size", 1) > 1:
         headline.append((f"Reward ensemble of {summary['reward.ensemble_size']}: agreement with gold",
                          _fmt(summary.get("reward.ensemble_gold_agreement"))))
@@ -259,15 +254,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
                             _fmt(e.get("greedy", {}).get("gold"), e.get("greedy", {}).get("gold_se")),
                             _fmt(e.get("length"), e.get("length_se")),
                             _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
-    gains = [
-        ("gold gain, sampled (PPO − SFT, paired)", _fmt(ev.get("gold_gain"), ev.get("gold_gain_se"))),
-        ("gold gain, greedy (PPO − SFT, paired)", _fmt(ev.get("greedy_gold_gain"), ev.get("greedy_gold_gain_se"))),
-        ("KL(PPO ‖ SFT), nats per response", _fmt(ev.get("ppo", {}).get("kl"), ev.get("ppo", {}).get("kl_se"))),
-        ("win rate of PPO over SFT, gold judge", _fmt(ev.get("win_rate_gold"), ev.get("win_rate_gold_se"))),
-        ("reward gain (PPO − SFT, paired)", _fmt(ev.get("reward_gain"), ev.get("reward_gain_se"))),
-        ("reward gain, greedy (PPO − SFT, paired)", _fmt(ev.get("greedy_reward_gain"), ev.get("greedy_reward_gain_se"))),
-        ("win rate of PPO over SFT, reward model", _fmt(ev.get("win_rate_reward"), ev.get("win_rate_reward_se"))),
-    ]
+    gains = [(BY_KEY[key].label, figure_text(summary, key, _fmt)) for key in GAIN_KEYS]
     stage_rows = []
     for name, entry in manifest.get("stages", {}).items():
         metrics = entry.get("metrics", {})

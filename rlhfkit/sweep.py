@@ -24,17 +24,7 @@ from rlhfkit.artifacts import StageResult, claim_dir, output_lock, read_json, wr
 from rlhfkit.config import load_config, parse_value, read_yaml
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import STAGES, RunConfig, run_chain
-
-# Summary figures copied into results.csv, in this order.
-RESULT_KEYS = (
-    "eval.ppo.gold", "eval.ppo.gold_se", "eval.sft.gold", "eval.gold_gain", "eval.gold_gain_se",
-    "eval.sft.greedy_gold", "eval.ppo.greedy_gold", "eval.greedy_gold_gain", "eval.greedy_gold_gain_se",
-    "eval.ppo.reward", "eval.sft.reward", "eval.reward_gain", "eval.reward_gain_se", "eval.greedy_reward_gain",
-    "eval.greedy_reward_gain_se", "eval.ppo.kl", "eval.win_rate_gold",
-    "eval.win_rate_reward", "eval.ppo.length", "eval.sft.length", "reward.eval_accuracy", "reward.gold_agreement",
-    "reward.ensemble_gold_agreement", "sft.eval_loss",
-)
-
+from rlhfkit.summary import RESULT_KEYS
 
 @dataclass
 class SweepResult(StageResult):

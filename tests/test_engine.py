@@ -36,3 +36,21 @@ def test_sampling_non_finite_logits_raises():
     ids, mask = sampling.left_pad([[1, 2, 3], [4]], 0)
     with pytest.raises(RuntimeError, match="probability tensor"):
         sampling.sample(_NanLogits(), ids, mask, 1, 0.7, eos_id=5, pad_id=0, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_sampler_benchmark_runs_and_finds_the_fast_path_equal():
+    """benchmarks/sampler.py on the micro model: every way (generic, fast decode step, fast
+    multinomial, both) gives the same tokens, and the fast path is taken."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sampler.py"
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "micro", "--batch", "6", "--response-length", "5",
+                           "--repeats", "1", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("machine: ")
+    [row] = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert row["fast_path_taken"] and row["same_tokens_and_logprobs"] and row["rows_with_other_tokens"] == 0
+    assert set(row["median_s"]) == {"generic", "fast_decoder", "fast_multinomial", "both (rlhfkit)"}

@@ -182,3 +182,41 @@ def test_a_damaged_output_of_a_finished_stage_is_noticed_and_the_stage_redone(fi
     assert any("world: trees.jsonl does not match its recorded SHA-256 (truncated or changed) since it finished; "
                "redoing the stage" in line for line in logs), logs
     assert trees.read_bytes() == original  # the world generator is deterministic
+
+
+def test_evaluation_is_a_stage_on_any_two_folders(finished_run, tmp_path, capsys):
+    """``rlhfkit eval`` (and ``evaluate_stage``) on the chain's SFT and PPO folders reproduces the
+    chain's own eval.json exactly: the chain runs the same stage function."""
+    out, _ = finished_run
+    chain_eval = json.loads((out / "eval" / "eval.json").read_text())
+    ppo = TINY["ppo"]
+    config = {"policy": str(out / "ppo"), "reference": str(out / "sft"), "reward_model": str(out / "reward"),
+              "data": str(out / "data"), "temperature": 1.0, "response_length": ppo["response_length"],
+              "max_prompt_length": 256, **TINY["eval"]}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    main(["eval", str(tmp_path / "eval.yaml"), "--out", str(tmp_path / "ev")])
+    assert "eval: done" in capsys.readouterr().out
+    got = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert got == chain_eval  # gold judged automatically: the world's prompts are all known to it
+    assert {p.name for p in (tmp_path / "ev").iterdir()} >= {"eval.json", "examples.json", "scatter.json"}
+    # the same from Python, without gold: no gold figures, the reward figures unchanged
+    from rlhfkit.evaluate import EvalStageConfig, evaluate_stage
+
+    result = evaluate_stage(EvalStageConfig(**{**config, "gold": "off", "output_dir": str(tmp_path / "ev2")}))
+    assert result.metrics["gold_gain"] is None and result.metrics["reward_gain"] == chain_eval["reward_gain"]
+
+
+def test_evaluation_refuses_a_users_folder_and_bad_config_in_one_line(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = [f"policy={out / 'ppo'}", f"reference={out / 'sft'}", f"data={out / 'data'}"]
+    (tmp_path / "e.yaml").write_text("max_prompts: 2\n")
+    assert main(["eval", str(tmp_path / "e.yaml"), *args, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "holds files rlhfkit did not write" in err and err.count("\n") == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    assert main(["eval", str(tmp_path / "e.yaml"), *args, "gold=maybe", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "gold: must be auto, on or off" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()

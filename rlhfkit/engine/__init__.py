@@ -13,11 +13,11 @@ The math (log-probs from logits, masks, KL) is in ``rlhfkit.core``.
 
 from rlhfkit.engine.forward import (left_pad, model_device, pad_rows, position_ids, response_logits, reward_scores,
                                     row_groups, sequence_scores, token_values)
-from rlhfkit.engine.sampling import Generation, as_messages, conversation_ids, encode_prompts, generate, sample, truncate_at_eos
+from rlhfkit.engine.sampling import Generation, Sequences, as_messages, conversation_ids, encode_prompts, generate, sample, truncate_at_eos
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, shares_tokenizer
 
 __all__ = [
-    "EnsembleScorer", "Generation", "RewardFn", "Scorer", "as_messages", "conversation_ids", "encode_prompts",
+    "EnsembleScorer", "Generation", "RewardFn", "Scorer", "Sequences", "as_messages", "conversation_ids", "encode_prompts",
     "generate", "left_pad", "model_device", "pad_rows", "position_ids", "response_logits", "reward_scores",
     "row_groups", "sample", "sequence_scores", "shares_tokenizer", "token_values", "truncate_at_eos",
 ]

@@ -147,16 +147,14 @@ def sample(
 
 
 @dataclass
-class Generation:
-    """Sampled responses to one batch of prompts. B = rows, P = query length, R = response length."""
+class Sequences:
+    """``[query | response]`` rows of one batch. B = rows, P = query length, R = response length."""
 
     query_ids: torch.Tensor  # [B, P] left-padded prompt tokens
     query_mask: torch.Tensor  # [B, P] 1 on prompt tokens
     response_ids: torch.Tensor  # [B, R] sampled tokens, pad after EOS
     response_mask: torch.Tensor  # [B, R] 1 up to and including EOS (a prefix)
-    logprobs: torch.Tensor  # [B, R] log pi(a_t | s_t) at the sampling temperature, 0 on padding
-    has_eos: torch.Tensor  # [B] bool: the response ended with EOS within R tokens
-    texts: list[str]  # the responses decoded without special tokens
+    logprobs: torch.Tensor  # [B, R] log pi(a_t | s_t) of the sampling policy at its temperature, 0 on padding
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -165,6 +163,14 @@ class Generation:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+@dataclass
+class Generation(Sequences):
+    """Sampled responses to one batch of prompts, as ``generate`` returns them."""
+
+    has_eos: torch.Tensor  # [B] bool: the response ended with EOS within R tokens
+    texts: list[str]  # the responses decoded without special tokens
 
 
 def generate(policy: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], response_length: int,

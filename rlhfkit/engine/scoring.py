@@ -8,6 +8,8 @@ one conservative reward (``core.ensemble_reward``).
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -19,6 +21,19 @@ from rlhfkit.engine.sampling import as_messages, conversation_ids
 from rlhfkit.errors import RlhfkitError
 
 RewardFn = Callable[[list[Any], list[str]], Sequence[float]]
+
+
+@contextmanager
+def _no_length_warning():
+    """Silence the tokenizer's "sequence length is longer than the specified maximum" while ``Scorer``
+    encodes: it cuts over-long conversations itself, right after encoding them."""
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def shares_tokenizer(reward_tokenizer, policy_tokenizer) -> bool:
@@ -51,8 +66,9 @@ class Scorer:
         # A conversation longer than the reward model's positions (BERT: 512) keeps its first token
         # (BOS / [CLS], where an encoder's head reads) and its end, as the policy keeps its prompt's end.
         limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
-        encoded = [conversation_ids(self.tokenizer, as_messages(p) + [{"role": "assistant", "content": r}])
-                   for p, r in zip(prompts, responses)]
+        with _no_length_warning():
+            encoded = [conversation_ids(self.tokenizer, as_messages(p) + [{"role": "assistant", "content": r}])
+                       for p, r in zip(prompts, responses)]
         encoded = [ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:] for ids in encoded]
         # scored as the reward stage scores its held-out pairs
         return reward_scores(self.model, encoded, self.tokenizer.pad_token_id or 0).to(rollout_ids.device)
