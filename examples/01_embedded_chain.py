@@ -4,12 +4,13 @@
 #   .venv/bin/python examples/01_embedded_chain.py --size tiny --out /tmp/ex01      # smoke run
 #
 # Tried on: 2-core x86_64 CPU, no GPU, torch 2.13.0+cpu, shared with other work.
-#   --size tiny (micro model, 240 trees, 4 PPO updates): 50-95 s. At this size the micro
+#   --size tiny (micro model, 240 trees, 4 PPO updates): ~10 s (AMD EPYC, 2026-12-05). The micro
 #     model does not yet answer any task (gold 0.0 before and after PPO): it checks the
 #     plumbing, not the learning.
-#   --size demo (the sizes of configs/demo.yaml: tiny model, 3000 trees, 6 SFT epochs,
-#     60 PPO updates): not run to the end here; its SFT stage (852 steps) ran at 3-5 s
-#     per step on the busy 2-core machine, i.e. an hour or more for SFT alone.
+#   --size demo (configs/demo.yaml itself, loaded and checked whole: tiny model, 3000 trees,
+#     3 SFT epochs, 60 PPO-ptx updates): the stages `make demo` runs, at its sizes; its
+#     evaluation samples but skips greedy answers. Not timed here; `make demo`'s chain took
+#     5-6 minutes on the 2-core machines (README).
 #
 # It does what `rlhfkit run configs/demo.yaml` does, but as plain Python calls, so each
 # stage's inputs and outputs are visible and any of them can be swapped for your own:
@@ -35,6 +36,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,33 +44,18 @@ import sys
 import time
 from pathlib import Path
 
-# Stage sizes. "demo" mirrors configs/demo.yaml; "tiny" mirrors the TINY run of tests/test_pipeline.py.
-SIZES = {
-    "demo": {
-        "world": {"trees": 3000, "annotator_noise": 0.5},
-        "data": {"val_fraction": 0.1},
-        "model": {"size": "tiny", "vocab_size": 4096},
-        "sft": {"learning_rate": 3e-3, "num_train_epochs": 6, "per_device_train_batch_size": 64,
-                "lr_scheduler_type": "cosine", "warmup_steps": 30},
-        "reward": {"learning_rate": 5e-4, "num_train_epochs": 2, "per_device_train_batch_size": 32},
-        "ppo": {"num_updates": 60, "rollout_batch_size": 64, "num_mini_batches": 2, "per_device_train_batch_size": 32,
-                "num_ppo_epochs": 2, "response_length": 24, "temperature": 1.0, "kl_coef": 0.02,
-                "learning_rate": 5e-5, "vf_coef": 0.1, "save_steps": 10, "sample_every": 10},
-        "eval": {"max_prompts": 200, "samples_per_prompt": 4},
-    },
-    "tiny": {
-        "world": {"trees": 240, "annotator_noise": 0.5},
-        "data": {"val_fraction": 0.2},
-        "model": {"size": "micro", "vocab_size": 512},
-        "sft": {"learning_rate": 3e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000},
-        "reward": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32,
-                   "save_steps": 1000},
-        "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 8,
-                "num_ppo_epochs": 1, "response_length": 12, "learning_rate": 1e-4, "save_steps": 2,
-                "sample_every": 2},
-        "eval": {"max_prompts": 16, "samples_per_prompt": 2},
-    },
-}
+REPO = Path(__file__).resolve().parents[1]
+# Stage sizes: "demo" is configs/demo.yaml itself (the config `make demo` runs); "tiny" is the same
+# file with these overrides (a 1-2 minute smoke run on the micro model).
+TINY_OVERRIDES = [
+    "world.trees=240", "data.val_fraction=0.2", "model.size=micro", "model.vocab_size=512",
+    "sft.num_train_epochs=1", "sft.warmup_steps=0", "sft.save_steps=1000",
+    "reward.learning_rate=1e-3", "reward.num_train_epochs=1", "reward.save_steps=1000",
+    "ppo.num_updates=4", "ppo.rollout_batch_size=16", "ppo.per_device_train_batch_size=8", "ppo.num_ppo_epochs=1",
+    "ppo.response_length=12", "ppo.learning_rate=1e-4", "ppo.save_steps=2", "ppo.sample_every=2",
+    "eval.max_prompts=16", "eval.samples_per_prompt=2",
+]
+SIZES = {"demo": [], "tiny": TINY_OVERRIDES}
 
 
 def fmt(value) -> str:
@@ -92,7 +79,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SFT -> reward model -> PPO on the embedded world, as Python calls.")
     p.add_argument("--size", choices=sorted(SIZES), default="demo",
-                   help="demo = the sizes of configs/demo.yaml (default); tiny = a 1-2 minute smoke run")
+                   help="demo = configs/demo.yaml as shipped (default); tiny = it with TINY_OVERRIDES, a 1-2 minute "
+                        "smoke run")
     p.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
     p.add_argument("--out", default=None, help="run folder (default runs/example01-SIZE)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
@@ -108,13 +96,15 @@ def main(argv=None) -> int:
     from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
     from rlhfkit.config import load_config
     from rlhfkit.data import DataBuildConfig, build_data, prompts_from_data_dir
-    from rlhfkit.evaluate import EvalConfig, evaluate
+    from rlhfkit.evaluate import evaluate
+    from rlhfkit.pipeline import RunConfig
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.reward import RewardStageConfig, train_reward
     from rlhfkit.sft import SFTStageConfig, train_sft
     from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
 
-    size = SIZES[args.size]
+    # The shipped config, checked whole (every section, every key) before anything runs
+    run = load_config(RunConfig, REPO / "configs" / "demo.yaml", SIZES[args.size])
     out = Path(args.out or f"runs/example01-{args.size}")
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed
@@ -124,13 +114,14 @@ def main(argv=None) -> int:
     # 1. world: synthetic Open Assistant-style trees whose replies the gold judge can score
     trees = out / "world" / "trees.jsonl"
     if not trees.is_file():
-        world = synth_data(SynthConfig(out=str(trees), seed=seed, **size["world"]))
+        world = synth_data(SynthConfig(out=str(trees), seed=seed, **dataclasses.asdict(run.world)))
         say("WORLD", trees=world.metrics["trees"], messages=world.metrics["messages"], pairs=world.metrics["pairs"])
 
     # 2. data: trees -> SFT conversations and preference pairs, split by tree
     data = out / "data"
     if not (data / "manifest.json").is_file():
-        build_data(DataBuildConfig(sources=[str(trees)], out=str(data), seed=seed, **size["data"]))
+        fields = {k: v for k, v in dataclasses.asdict(run.data).items() if k != "source"}
+        build_data(DataBuildConfig(sources=[str(trees)], out=str(data), seed=seed, **fields))
     stats = json.loads((data / "stats.json").read_text())["splits"]
     train_prompts = prompts_from_data_dir(data, "train")
     val_prompts = prompts_from_data_dir(data, "validation")
@@ -140,19 +131,20 @@ def main(argv=None) -> int:
     # 3. model: a byte-level BPE tokenizer trained on the world, and an untrained Llama
     model_dir = out / "model"
     if not (model_dir / "config.json").is_file():
-        m = init_model(ModelInitConfig(out=str(model_dir), corpus=str(trees), seed=seed, **size["model"])).metrics
+        fields = {k: v for k, v in dataclasses.asdict(run.model).items() if k != "name"}
+        m = init_model(ModelInitConfig(out=str(model_dir), corpus=str(trees), seed=seed, **fields)).metrics
         say("MODEL", parameters=m["parameters"], vocab_size=m["vocab_size"])
 
     # 4. SFT. load_config routes TRL keys (learning_rate, num_train_epochs, ...) to trl_args
     #    and checks every key before anything loads; SFTStageConfig(...) works as well.
-    sft_cfg = load_config(SFTStageConfig, {**size["sft"], "model": str(model_dir), "data": str(data),
+    sft_cfg = load_config(SFTStageConfig, {**run.sft, "model": str(model_dir), "data": str(data),
                                            "output_dir": str(out / "sft"), "seed": seed})
     sft = train_sft(sft_cfg).metrics
     say("SFT", eval_loss=sft["eval_loss"], train_loss=sft["train_loss"], train_loss_first=sft["train_loss_first"],
         steps=sft["steps"], time_s=sft["wall_time_s"])
 
     # 5. reward model: Bradley-Terry on the annotators' ranks, starting from the SFT model
-    reward_cfg = load_config(RewardStageConfig, {**size["reward"], "model": str(out / "sft"), "data": str(data),
+    reward_cfg = load_config(RewardStageConfig, {**run.reward, "model": str(out / "sft"), "data": str(data),
                                                  "output_dir": str(out / "reward"), "seed": seed})
     rm = train_reward(reward_cfg).metrics
     say("REWARD", eval_accuracy=rm["eval_accuracy"], gold_agreement=rm["gold_agreement"], eval_loss=rm["eval_loss"],
@@ -162,8 +154,8 @@ def main(argv=None) -> int:
     def gold_fn(prompts, responses):
         return [gold_score(p, r) for p, r in zip(prompts, responses)]
 
-    ppo_cfg = PPOStageConfig(model=str(out / "sft"), reward_model=str(out / "reward"), data=str(data),
-                             output_dir=str(out / "ppo"), seed=seed, **size["ppo"])
+    ppo_cfg = load_config(PPOStageConfig, {**run.ppo, "model": str(out / "sft"), "reward_model": str(out / "reward"),
+                                           "data": str(data), "output_dir": str(out / "ppo"), "seed": seed})
     ppo = train_ppo(ppo_cfg, gold_fn=gold_fn).metrics
     rows = read_jsonl(out / "ppo" / "metrics.jsonl")
     say("PPO_TRAIN", updates=ppo["updates"], gold_first=rows[0].get("objective/gold") if rows else None,
@@ -175,7 +167,7 @@ def main(argv=None) -> int:
     sft_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "sft"))
     ppo_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "ppo"))
     reward_model = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(out / "reward"), num_labels=1)
-    eval_cfg = EvalConfig(num_examples=3, greedy=False, seed=seed, **size["eval"])
+    eval_cfg = dataclasses.replace(run.eval, num_examples=3, greedy=False, seed=seed)
     ev, examples = evaluate(sft_policy, ppo_policy, reward_model.eval(), tokenizer, val_prompts, eval_cfg,
                             ppo_cfg.temperature, ppo_cfg.response_length, gold_score)
     (out / "eval.json").write_text(json.dumps({k: v for k, v in ev.items() if k != "scatter"}, indent=2))

@@ -9,6 +9,7 @@ and says so, with its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import os
@@ -37,21 +38,25 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The config fields given on the command line (flags left out keep the dataclass's default)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _field_flag(parser: argparse.ArgumentParser, cls: type, name: str, *flags: str, **kwargs: Any) -> None:
+    """A flag for the config field ``name`` of ``cls``: its help and default come from the dataclass only."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"
+    lead = f"{name} = false: " if kwargs.get("action") == "store_false" else ""
+    parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=lead + f.metadata.get("help", "") + default,
+                        **kwargs)
+
+
 def _data_build(args: argparse.Namespace) -> None:
     from rlhfkit.data import DataBuildConfig, build_data
 
-    config = DataBuildConfig(
-        sources=args.sources,
-        out=args.out,
-        lang=_csv(args.lang) if args.lang else None,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        top_k=args.top_k,
-        include_synthetic=not args.no_synthetic,
-        drop_orphans=args.drop_orphans,
-        format=args.format,
-    )
-    result = build_data(config)
+    result = build_data(DataBuildConfig(**_given(args, DataBuildConfig)))
     s = result.metrics
     print(
         f"wrote {result.output_dir}: {s['trees']} trees, {s['messages']} messages, "
@@ -62,14 +67,7 @@ def _data_build(args: argparse.Namespace) -> None:
 def _data_synth(args: argparse.Namespace) -> None:
     from rlhfkit.world import SynthConfig, synth_data
 
-    config = SynthConfig(
-        out=args.out,
-        trees=args.trees,
-        seed=args.seed,
-        annotator_noise=args.annotator_noise,
-        lang_mix=args.lang_mix,
-    )
-    result = synth_data(config)
+    result = synth_data(SynthConfig(**_given(args, SynthConfig)))
     s = result.metrics
     print(f"wrote {result.output_dir}: {s['trees']} trees, {s['messages']} messages, {s['pairs']} ranked pairs")
 
@@ -77,8 +75,7 @@ def _data_synth(args: argparse.Namespace) -> None:
 def _model_init(args: argparse.Namespace) -> None:
     from rlhfkit.world import ModelInitConfig, init_model
 
-    config = ModelInitConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size, size=args.size, seed=args.seed)
-    result = init_model(config)
+    result = init_model(ModelInitConfig(**_given(args, ModelInitConfig)))
     m = result.metrics
     print(f"wrote {result.output_dir}: vocab {m['vocab_size']}, {m['parameters'] / 1e6:.2f} M parameters")
 
@@ -143,34 +140,38 @@ def make_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build training data; synthesise the embedded world")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    from rlhfkit.data import DataBuildConfig
+    from rlhfkit.world import ModelInitConfig, SynthConfig
+
     build = data_sub.add_parser("build", help="Open Assistant / TRL data -> SFT conversations and preference pairs")
-    build.add_argument("sources", nargs="+", metavar="SOURCE", help="export file, message table, saved dataset folder or hub id")
-    build.add_argument("--out", required=True, help="output folder (appears only when complete)")
-    build.add_argument("--lang", help="keep only these languages, comma-separated (e.g. en,de)")
-    build.add_argument("--val-fraction", type=float, default=0.05, help="fraction of trees in validation (default 0.05)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the split by tree")
-    build.add_argument("--top-k", type=int, help="SFT: keep only replies ranked below K among ranked siblings")
-    build.add_argument("--no-synthetic", action="store_true", help="drop synthetic messages (and their subtrees)")
-    build.add_argument("--drop-orphans", action="store_true", help="drop subtrees whose parent_id is unknown instead of failing")
-    build.add_argument("--format", help="force the input format instead of detecting it")
+    _field_flag(build, DataBuildConfig, "sources", nargs="+", metavar="SOURCE")
+    _field_flag(build, DataBuildConfig, "out", "--out", required=True)
+    _field_flag(build, DataBuildConfig, "lang", "--lang", type=_csv, metavar="LANG,...")
+    _field_flag(build, DataBuildConfig, "val_fraction", "--val-fraction", type=float)
+    _field_flag(build, DataBuildConfig, "seed", "--seed", type=int)
+    _field_flag(build, DataBuildConfig, "top_k", "--top-k", type=int)
+    _field_flag(build, DataBuildConfig, "include_synthetic", "--no-synthetic", action="store_false")
+    _field_flag(build, DataBuildConfig, "drop_orphans", "--drop-orphans", action="store_true")
+    _field_flag(build, DataBuildConfig, "format", "--format")
     build.set_defaults(func=_data_build)
 
     synth = data_sub.add_parser("synth", help="write the embedded world's synthetic conversation trees")
-    synth.add_argument("--out", required=True, help="output JSONL file (nested export format)")
-    synth.add_argument("--trees", type=int, default=3000, help="number of trees")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--annotator-noise", type=float, default=0.5, help="annotator noise; 0 ranks in gold order")
-    synth.add_argument("--lang-mix", default="en=0.9,de=0.05,es=0.05", help="language shares, e.g. en=0.9,de=0.1")
+    _field_flag(synth, SynthConfig, "out", "--out", required=True)
+    _field_flag(synth, SynthConfig, "trees", "--trees", type=int)
+    _field_flag(synth, SynthConfig, "seed", "--seed", type=int)
+    _field_flag(synth, SynthConfig, "annotator_noise", "--annotator-noise", type=float)
+    _field_flag(synth, SynthConfig, "lang_mix", "--lang-mix")
     synth.set_defaults(func=_data_synth)
 
     model = sub.add_parser("model", help="create the embedded tokenizer and model; import a GGUF checkpoint")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     init = model_sub.add_parser("init", help="train a byte-level BPE tokenizer and create an untrained Llama model")
-    init.add_argument("--out", required=True, help="output folder (Hugging Face format)")
-    init.add_argument("--corpus", required=True, help="JSONL data to train the tokenizer on (data synth output or any export)")
-    init.add_argument("--vocab-size", type=int, default=4096)
-    init.add_argument("--size", choices=["micro", "tiny", "small"], default="tiny", help="tiny ~3M parameters, small ~20M")
-    init.add_argument("--seed", type=int, default=0)
+    _field_flag(init, ModelInitConfig, "out", "--out", required=True)
+    _field_flag(init, ModelInitConfig, "corpus", "--corpus", required=True)
+    _field_flag(init, ModelInitConfig, "vocab_size", "--vocab-size", type=int)
+    _field_flag(init, ModelInitConfig, "size", "--size", choices=["micro", "tiny", "small"])
+    _field_flag(init, ModelInitConfig, "seed", "--seed", type=int)
+    _field_flag(init, ModelInitConfig, "max_position_embeddings", "--max-position-embeddings", type=int)
     init.set_defaults(func=_model_init)
     imp = model_sub.add_parser("import", help="a GGUF checkpoint (llama.cpp) -> a model folder every stage accepts",
                                description="Dequantises a GGUF checkpoint to float32 and writes a Hugging Face folder: "

@@ -308,6 +308,31 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def section_of(name: str, cls: type, drop: Sequence[str], extra: Sequence[tuple[str, Any, Any]] = (),
+               namespace: Mapping[str, Any] | None = None) -> type:
+    """A dataclass with the fields of the stage config ``cls`` (types, defaults, help) minus ``drop``.
+
+    The chain's sections are built this way so that each field is declared, with its one
+    default, in its stage's config only; ``extra`` adds ``(name, type, dataclasses.field(...))``
+    fields in front (the chain's own, e.g. a source that may be null), and ``namespace`` the
+    section's methods (its ``validate``).
+    """
+    hints = typing.get_type_hints(cls)
+    fields: list[tuple[str, Any, Any]] = list(extra)
+    for f in dataclasses.fields(cls):
+        if f.name in drop or not f.init:
+            continue
+        spec: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            spec["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            spec["default_factory"] = f.default_factory
+        fields.append((f.name, hints[f.name], dataclasses.field(**spec)))
+    section = dataclasses.make_dataclass(name, fields, namespace=dict(namespace or {}))
+    section.__module__ = cls.__module__ if namespace is None else namespace.get("__module__", cls.__module__)
+    return section
+
+
 def describe(cls: type, indent: str = "  ") -> str:
     """Field list with types, defaults and help, for ``--help`` and the docs."""
     lines = []

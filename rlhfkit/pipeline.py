@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from rlhfkit.artifacts import (StageResult, claim_dir, damage, file_digests, locks_output, read_json,
                                remove_ours, sha256_file, write_json_atomic)
-from rlhfkit.config import collect_errors, field
+from rlhfkit.config import collect_errors, field, section_of
 from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig, EvalStageConfig, evaluate_stage
 from rlhfkit.summary import collect
@@ -30,48 +30,50 @@ STAGES = ("world", "data", "model", "sft", "reward", "ppo", "eval")
 WIRED_KEYS = ("model", "data", "output_dir", "reward_model")
 
 
-@dataclass
-class WorldSection:
-    trees: int = field(3000, help="synthetic conversation trees")
-    annotator_noise: float = field(0.5, help="annotator noise of the simulated preference ranks")
-    lang_mix: str = field("en=0.9,de=0.05,es=0.05", help="language shares of the trees")
-
-    def validate(self) -> list[str]:
-        from rlhfkit.world import SynthConfig
-
-        return SynthConfig(out="<chain>", trees=self.trees, annotator_noise=self.annotator_noise,
-                           lang_mix=self.lang_mix).validate()
+# The chain's world, data and model sections are their stages' configs minus what the chain fills in
+# (output paths, the run's seed, the data's sources): one declaration and one default per field.
 
 
-@dataclass
-class DataSection:
-    source: list[str] | None = field(None, help="Open Assistant export(s) or dataset(s); null = the embedded synthetic world")
-    lang: list[str] | None = field(None, help="keep only these languages")
-    val_fraction: float = field(0.1, help="fraction of trees held out for validation and evaluation")
-    top_k: int | None = field(None, help="SFT: keep only replies ranked below K")
-    include_synthetic: bool = field(True, help="keep synthetic messages")
-    drop_orphans: bool = field(False, help="drop subtrees with unknown parents instead of failing")
-    format: str | None = field(None, help="force the input format")
+def _validate_world(self) -> list[str]:
+    from rlhfkit.world import SynthConfig
 
-    def validate(self) -> list[str]:
-        from rlhfkit.data import DataBuildConfig
-
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
-        return DataBuildConfig(sources=self.source or ["<world>"], out="<chain>", **fields).validate()
+    return SynthConfig(out="<chain>", **dataclasses.asdict(self)).validate()
 
 
-@dataclass
-class ModelSection:
-    name: str | None = field(None, help="policy to start from (hub id or folder); null = build the embedded tiny model")
-    size: str = field("tiny", help="embedded model size: micro, tiny or small")
-    vocab_size: int = field(4096, help="embedded tokenizer vocabulary asked for")
+def _validate_data(self) -> list[str]:
+    from rlhfkit.data import DataBuildConfig
 
-    def validate(self) -> list[str]:
-        from rlhfkit.world import ModelInitConfig
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+    return DataBuildConfig(sources=self.source or ["<world>"], out="<chain>", **fields).validate()
 
-        if self.name is not None:
-            return [] if self.name.strip() else ["name: empty; give a hub id or a folder, or null for the embedded model"]
-        return ModelInitConfig(out="<chain>", corpus="<world>", vocab_size=self.vocab_size, size=self.size).validate()
+
+def _validate_model(self) -> list[str]:
+    from rlhfkit.world import ModelInitConfig
+
+    if self.name is not None:
+        return [] if self.name.strip() else ["name: empty; give a hub id or a folder, or null for the embedded model"]
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+    return ModelInitConfig(out="<chain>", corpus="<world>", **fields).validate()
+
+
+def _sections():
+    from rlhfkit.data import DataBuildConfig
+    from rlhfkit.world import ModelInitConfig, SynthConfig
+
+    world = section_of("WorldSection", SynthConfig, ("out", "seed"),
+                       namespace={"validate": _validate_world, "__module__": __name__})
+    data = section_of("DataSection", DataBuildConfig, ("sources", "out", "seed"), extra=[
+        ("source", list[str] | None, field(None, help="Open Assistant export(s) or dataset(s); null = the embedded "
+                                                      "synthetic world"))],
+        namespace={"validate": _validate_data, "__module__": __name__})
+    model = section_of("ModelSection", ModelInitConfig, ("out", "corpus", "seed"), extra=[
+        ("name", str | None, field(None, help="policy to start from (hub id or folder); null = build the embedded "
+                                              "tokenizer and model"))],
+        namespace={"validate": _validate_model, "__module__": __name__})
+    return world, data, model
+
+
+WorldSection, DataSection, ModelSection = _sections()
 
 
 @dataclass
@@ -314,25 +316,23 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     if synthetic:
         world_spec = dataclasses.asdict(c.world) | {"seed": c.seed}
         chain.stage("world", [], world_spec, lambda out: _metrics_only(synth_data(SynthConfig(
-            out=str(out / "trees.jsonl"), trees=c.world.trees, seed=c.seed,
-            annotator_noise=c.world.annotator_noise, lang_mix=c.world.lang_mix))))
+            out=str(out / "trees.jsonl"), seed=c.seed, **dataclasses.asdict(c.world)))))
         sources = [str(chain.path("world") / "trees.jsonl")]
     else:
         sources = list(c.data.source)
         chain.hashes["world"] = _hash([_file_digest(s) for s in sources])
     # data
     data_spec = dataclasses.asdict(c.data) | {"seed": c.seed}
+    data_fields = {k: v for k, v in dataclasses.asdict(c.data).items() if k != "source"}
     chain.stage("data", ["world"], data_spec, lambda out: _metrics_only(build_data(DataBuildConfig(
-        sources=sources, out=str(out), lang=c.data.lang, val_fraction=c.data.val_fraction, seed=c.seed,
-        top_k=c.data.top_k, include_synthetic=c.data.include_synthetic, drop_orphans=c.data.drop_orphans,
-        format=c.data.format))))
+        sources=sources, out=str(out), seed=c.seed, **data_fields))))
     data_path = str(chain.path("data"))
     # model: the embedded tokenizer + untrained model, or the user's model as is
     if c.model.name is None:
         corpus = next(s for s in sources if Path(s).is_file())
         chain.stage("model", ["world"], dataclasses.asdict(c.model) | {"seed": c.seed}, lambda out: _metrics_only(
-            init_model(ModelInitConfig(out=str(out), corpus=corpus, vocab_size=c.model.vocab_size,
-                                       size=c.model.size, seed=c.seed))))
+            init_model(ModelInitConfig(out=str(out), corpus=corpus, seed=c.seed,
+                                       **{k: v for k, v in dataclasses.asdict(c.model).items() if k != "name"}))))
         model_path = str(chain.path("model"))
     else:
         chain.hashes["model"] = _hash(c.model.name)

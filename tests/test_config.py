@@ -113,3 +113,35 @@ def test_yaml_scalars_are_what_users_mean(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("eval_strategy: no\nlearning_rate: 5e-5\nbf16: true\n")
     assert read_yaml(path) == {"eval_strategy": "no", "learning_rate": 5e-5, "bf16": True}
+
+
+def test_cli_flags_come_from_the_stage_configs():
+    """`data build`, `data synth` and `model init` declare no default of their own: a flag left out
+    keeps the dataclass's default, every field has a flag, and each flag sets its field."""
+    import dataclasses
+
+    from rlhfkit.cli import _given, make_parser
+    from rlhfkit.data import DataBuildConfig
+    from rlhfkit.world import ModelInitConfig, SynthConfig
+
+    parser = make_parser()
+    bare = {("data", "build"): (["data", "build", "x.jsonl", "--out", "o"], DataBuildConfig),
+            ("data", "synth"): (["data", "synth", "--out", "t.jsonl"], SynthConfig),
+            ("model", "init"): (["model", "init", "--out", "m", "--corpus", "c.jsonl"], ModelInitConfig)}
+    for argv, cls in bare.values():
+        given = _given(parser.parse_args(argv), cls)
+        config = cls(**given)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        assert set(given) == required  # nothing else given: the rest are the dataclass's defaults
+        assert config == cls(**{k: getattr(config, k) for k in required})
+    args = parser.parse_args(["data", "build", "a.jsonl", "b.jsonl", "--out", "o", "--lang", "en,de", "--val-fraction",
+                              "0.2", "--seed", "3", "--top-k", "2", "--no-synthetic", "--drop-orphans", "--format",
+                              "oasst-trees"])
+    assert DataBuildConfig(**_given(args, DataBuildConfig)) == DataBuildConfig(
+        sources=["a.jsonl", "b.jsonl"], out="o", lang=["en", "de"], val_fraction=0.2, seed=3, top_k=2,
+        include_synthetic=False, drop_orphans=True, format="oasst-trees")
+    for command, cls in (("data synth", SynthConfig), ("model init", ModelInitConfig), ("data build", DataBuildConfig)):
+        sub = parser._subparsers._group_actions[0].choices[command.split()[0]]
+        action = sub._subparsers._group_actions[0].choices[command.split()[1]]
+        dests = {a.dest for a in action._actions}
+        assert {f.name for f in dataclasses.fields(cls)} <= dests, command
