@@ -378,6 +378,60 @@ def load_demonstrations(config: PPOStageConfig, demonstrations: Any = None) -> l
     return [list(m) for m in demonstrations]
 
 
+def load_scorer(config: PPOStageConfig, tokenizer, reward_model=None, reward_tokenizer=None,
+                reward_fn: RewardFn | None = None, value_from_reward: bool = False) -> tuple[EnsembleScorer, str | None]:
+    """The reward: ``reward_fn``, an in-memory model, or the folder(s) of ``config.reward_model`` (an ensemble
+    standardised by each member's held-out scores). Returns it and member 0's folder (the value model's start)."""
+    from transformers import AutoModelForSequenceClassification
+
+    scorer = EnsembleScorer([Scorer(fn=reward_fn)], [(0.0, 1.0)])
+    folders = [config.reward_model] if isinstance(config.reward_model, str) else list(config.reward_model or [])
+    reward_path = resolve_model_path(folders[0]) if folders else None  # member 0: the value model's start
+    if reward_fn is None:
+        if reward_model is not None:  # in memory: one model, its tokenizer the given one (or the policy's)
+            loaded, norms = [(reward_model, reward_tokenizer)], [(0.0, 1.0)]
+        else:  # folders: each with its own tokenizer (member 0 may take the given one)
+            paths = [resolve_model_path(f) for f in folders]
+            loaded = [(load_pretrained(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1),
+                       reward_tokenizer if i == 0 and reward_tokenizer is not None
+                       else load_tokenizer(path, config.trust_remote_code)) for i, path in enumerate(paths)]
+            norms = [held_out_norm(f) for f in folders] if len(folders) > 1 else [(0.0, 1.0)]
+        members = []
+        for i, (model, member_tokenizer) in enumerate(loaded):
+            member_tokenizer = member_tokenizer or tokenizer
+            same = shares_tokenizer(member_tokenizer, tokenizer)
+            if i == 0 and not same and value_from_reward:
+                # the value model reads the policy's token ids: initialised from a reward model with
+                # another vocabulary it would embed the wrong tokens (or index past its table)
+                raise ConfigError("value_model: 'reward' needs a reward model with the policy's tokenizer; this one has "
+                                  "another, so set value_model=policy (or a folder that shares the policy's tokenizer)")
+            members.append(Scorer(model=model.eval().requires_grad_(False), tokenizer=member_tokenizer,
+                                  same_tokenizer=same))
+        scorer = EnsembleScorer(members, norms, config.ensemble_reduction, config.ensemble_std_coef)
+    return scorer, reward_path
+
+
+def load_value_model(config: PPOStageConfig, tokenizer, policy, policy_path: str | None, reward_path: str | None,
+                     value_model=None):
+    """V(s): given, or initialised from the reward model, the policy, or a folder (``config.value_model``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if value_model is None and config.value_model == "policy" and policy_path is None:
+        # an in-memory policy: a value model of the same architecture, its backbone copied, a fresh head
+        value_config = copy.deepcopy(policy.config)
+        value_config.num_labels = 1
+        value_model = AutoModelForSequenceClassification.from_config(value_config)
+        value_model.load_state_dict(policy.state_dict(), strict=False)
+    if value_model is None:
+        value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)
+        if value_source is None:
+            raise ConfigError("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
+        value_model = load_pretrained(AutoModelForSequenceClassification, value_source, config.trust_remote_code, num_labels=1)
+    if value_model.config.pad_token_id is None:
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+    return value_model
+
+
 def _scheduler_problems(config: PPOStageConfig) -> list[str]:
     """Build the scheduler once on a dummy optimizer, so a bad name fails before any model loads."""
     from transformers import get_scheduler
@@ -412,6 +466,86 @@ def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PP
         out["objective/ensemble_std"] = rollout.score_std.mean().item()
     out["val/num_eos_tokens"], out["val/response_length"] = means[-2:]
     return out
+
+
+def metrics_row(update: int, rollout_batch_size: int, episode_stats: dict[str, float], train_stats: dict[str, float],
+                lr: float, elapsed: float) -> dict[str, Any]:
+    """One row of metrics.jsonl under TRL's PPO log keys; a non-finite figure stops the run with one line."""
+    episodes = update * rollout_batch_size
+    row = {
+        "update": update,
+        "episode": episodes,
+        **episode_stats,
+        "policy/approxkl_avg": train_stats["approxkl"],
+        "policy/clipfrac_avg": train_stats["clipfrac"],
+        "loss/policy_avg": train_stats["pg_loss"],
+        "loss/value_avg": train_stats["vf_loss"],
+        "val/clipfrac_avg": train_stats["vf_clipfrac"],
+        "policy/early_stopped": train_stats["early_stopped"],
+        **({"loss/ptx_avg": train_stats["ptx_loss"]} if "ptx_loss" in train_stats else {}),
+        "lr": lr,
+        "eps": episodes / elapsed if elapsed > 0 else 0.0,
+        "elapsed_s": elapsed,
+    }
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RlhfkitError(f"update {update}: {key} is {value}; stopping (lower learning_rate or check rewards)")
+    return row
+
+
+def save_final_policy(policy: torch.nn.Module, tokenizer, folder: Path, merge_lora: bool) -> None:
+    """The final policy as an ordinary safetensors folder (a LoRA adapter merged into a copy), atomically."""
+    final = copy.deepcopy(policy).merge_and_unload() if merge_lora else policy
+    with atomic_dir(folder) as tmp:
+        final.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def make_accelerator(config: PPOStageConfig, out: Path):
+    """accelerate's Accelerator for this run, refused when the launcher disagrees with the batch arithmetic."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == ["none"] else config.report_to,
+        project_dir=str(out),
+    )
+    if (accelerator.num_processes, accelerator.gradient_accumulation_steps) != (config.num_processes,
+                                                                             config.gradient_accumulation_steps):
+        # `accelerate launch --gradient_accumulation_steps N` overrides the accumulation through the
+        # environment (the loss weights in ppo_update and the optimizer-step cadence would disagree);
+        # WORLD_SIZE without a working process group (e.g. `--multi_gpu` on a CPU-only machine without
+        # ACCELERATE_USE_CPU) gives N independent single-process runs writing the same output_dir
+        raise ConfigError(
+            f"the launcher gives {accelerator.num_processes} process(es) and gradient accumulation "
+            f"{accelerator.gradient_accumulation_steps}, but the batch arithmetic (WORLD_SIZE={config.num_processes}) "
+            f"expects {config.num_processes} and {config.gradient_accumulation_steps}; do not set gradient "
+            "accumulation in the launcher, and on CPU launch with ACCELERATE_USE_CPU=true"
+        )
+    return accelerator
+
+
+def resume(config: PPOStageConfig, out: Path, accelerator, module, optimizer, scheduler, kl_ctl,
+           generators) -> tuple[int, float]:
+    """Load the newest verified checkpoint, if any (the main process picks it, all load it): (first update, elapsed s)."""
+    start_update, elapsed_before = 0, 0.0
+    main = accelerator.is_main_process
+    state = ckpt.latest_verified(out / "checkpoints", log=lambda line: print(line, flush=True)) if main else None
+    if accelerator.num_processes > 1:  # every process resumes from the checkpoint the main one verified
+        from accelerate.utils import broadcast_object_list
+
+        state = broadcast_object_list([state])[0]
+    if state is not None:
+        ckpt.check_config(state, config)
+        try:
+            start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
+                                                     kl_ctl, generators, accelerator.process_index)
+        except Exception as e:  # noqa: BLE001 - safetensors/torch errors of a damaged file without recorded digests
+            raise RlhfkitError(f"checkpoint {state} cannot be loaded ({first_line(e)}); move it out of "
+                               f"{state.parent} to resume from an older one or start over") from None
+        if main:
+            print(f"resuming from {state} (update {start_update} of {config.updates})", flush=True)
+    return start_update, elapsed_before
 
 
 def _finished_run(out: Path, config: PPOStageConfig) -> StageResult | None:
@@ -454,8 +588,7 @@ def train_ppo(
     update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint,
     and does nothing once the run has finished.
     """
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
+    from transformers import AutoModelForCausalLM, get_scheduler
     from transformers.utils import logging as hf_logging
 
     problems = config.validate()
@@ -478,23 +611,7 @@ def train_ppo(
     hf_logging.disable_progress_bar()
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if config.report_to == ["none"] else config.report_to,
-        project_dir=str(out),
-    )
-    if (accelerator.num_processes, accelerator.gradient_accumulation_steps) != (config.num_processes,
-                                                                             config.gradient_accumulation_steps):
-        # `accelerate launch --gradient_accumulation_steps N` overrides the accumulation through the
-        # environment (the loss weights in ppo_update and the optimizer-step cadence would disagree);
-        # WORLD_SIZE without a working process group (e.g. `--multi_gpu` on a CPU-only machine without
-        # ACCELERATE_USE_CPU) gives N independent single-process runs writing the same output_dir
-        raise ConfigError(
-            f"the launcher gives {accelerator.num_processes} process(es) and gradient accumulation "
-            f"{accelerator.gradient_accumulation_steps}, but the batch arithmetic (WORLD_SIZE={config.num_processes}) "
-            f"expects {config.num_processes} and {config.gradient_accumulation_steps}; do not set gradient "
-            "accumulation in the launcher, and on CPU launch with ACCELERATE_USE_CPU=true"
-        )
+    accelerator = make_accelerator(config, out)
     main = accelerator.is_main_process
     if main:
         claim_dir(out)
@@ -513,43 +630,9 @@ def train_ppo(
     prompt_ids = encode_prompts(tokenizer, prompt_list, config.max_prompt_length)
     ptx_data = None if conversations is None else Demonstrations.encode(
         tokenizer, conversations, config.max_prompt_length, config.response_length)
-    scorer = EnsembleScorer([Scorer(fn=reward_fn)], [(0.0, 1.0)])
-    folders = [config.reward_model] if isinstance(config.reward_model, str) else list(config.reward_model or [])
-    reward_path = resolve_model_path(folders[0]) if folders else None  # member 0: the value model's start
-    if reward_fn is None:
-        if reward_model is not None:  # in memory: one model, its tokenizer the given one (or the policy's)
-            loaded, norms = [(reward_model, reward_tokenizer)], [(0.0, 1.0)]
-        else:  # folders: each with its own tokenizer (member 0 may take the given one)
-            paths = [resolve_model_path(f) for f in folders]
-            loaded = [(load_pretrained(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1),
-                       reward_tokenizer if i == 0 and reward_tokenizer is not None
-                       else load_tokenizer(path, config.trust_remote_code)) for i, path in enumerate(paths)]
-            norms = [held_out_norm(f) for f in folders] if len(folders) > 1 else [(0.0, 1.0)]
-        members = []
-        for i, (model, member_tokenizer) in enumerate(loaded):
-            member_tokenizer = member_tokenizer or tokenizer
-            same = shares_tokenizer(member_tokenizer, tokenizer)
-            if i == 0 and not same and value_model is None and config.value_model == "reward":
-                # the value model reads the policy's token ids: initialised from a reward model with
-                # another vocabulary it would embed the wrong tokens (or index past its table)
-                raise ConfigError("value_model: 'reward' needs a reward model with the policy's tokenizer; this one has "
-                                  "another, so set value_model=policy (or a folder that shares the policy's tokenizer)")
-            members.append(Scorer(model=model.eval().requires_grad_(False), tokenizer=member_tokenizer,
-                                  same_tokenizer=same))
-        scorer = EnsembleScorer(members, norms, config.ensemble_reduction, config.ensemble_std_coef)
-    if value_model is None and config.value_model == "policy" and policy_path is None:
-        # an in-memory policy: a value model of the same architecture, its backbone copied, a fresh head
-        value_config = copy.deepcopy(policy.config)
-        value_config.num_labels = 1
-        value_model = AutoModelForSequenceClassification.from_config(value_config)
-        value_model.load_state_dict(policy.state_dict(), strict=False)
-    if value_model is None:
-        value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)
-        if value_source is None:
-            raise ConfigError("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
-        value_model = load_pretrained(AutoModelForSequenceClassification, value_source, config.trust_remote_code, num_labels=1)
-    if value_model.config.pad_token_id is None:
-        value_model.config.pad_token_id = tokenizer.pad_token_id
+    scorer, reward_path = load_scorer(config, tokenizer, reward_model, reward_tokenizer, reward_fn,
+                                      value_from_reward=value_model is None and config.value_model == "reward")
+    value_model = load_value_model(config, tokenizer, policy, policy_path, reward_path, value_model)
     ref_policy = None
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -581,22 +664,8 @@ def train_ppo(
     shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)  # CPU: the minibatch order is bookkeeping
 
     # --- resume
-    start_update, elapsed_before = 0, 0.0
-    state = ckpt.latest_verified(out / "checkpoints", log=lambda line: print(line, flush=True)) if main else None
-    if accelerator.num_processes > 1:  # every process resumes from the checkpoint the main one verified
-        from accelerate.utils import broadcast_object_list
-
-        state = broadcast_object_list([state])[0]
-    if state is not None:
-        ckpt.check_config(state, config)
-        try:
-            start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
-                                                     kl_ctl, (sample_gen, shuffle_gen), accelerator.process_index)
-        except Exception as e:  # noqa: BLE001 - safetensors/torch errors of a damaged file without recorded digests
-            raise RlhfkitError(f"checkpoint {state} cannot be loaded ({first_line(e)}); move it out of "
-                               f"{state.parent} to resume from an older one or start over") from None
-        if main:
-            print(f"resuming from {state} (update {start_update} of {config.updates})", flush=True)
+    start_update, elapsed_before = resume(config, out, accelerator, module, optimizer, scheduler, kl_ctl,
+                                          (sample_gen, shuffle_gen))
     if main:
         ckpt.truncate_log(out / "metrics.jsonl", start_update)
         ckpt.truncate_log(out / "samples.jsonl", start_update)
@@ -651,25 +720,8 @@ def train_ppo(
         mean_kl = episode_stats["objective/kl"]
         kl_ctl.update(mean_kl, config.rollout_batch_size)
         elapsed = elapsed_before + time.perf_counter() - started
-        episodes = (update + 1) * config.rollout_batch_size
-        row = {
-            "update": update + 1,
-            "episode": episodes,
-            **episode_stats,
-            "policy/approxkl_avg": train_stats["approxkl"],
-            "policy/clipfrac_avg": train_stats["clipfrac"],
-            "loss/policy_avg": train_stats["pg_loss"],
-            "loss/value_avg": train_stats["vf_loss"],
-            "val/clipfrac_avg": train_stats["vf_clipfrac"],
-            "policy/early_stopped": train_stats["early_stopped"],
-            **({"loss/ptx_avg": train_stats["ptx_loss"]} if "ptx_loss" in train_stats else {}),
-            "lr": scheduler.get_last_lr()[0],
-            "eps": episodes / elapsed if elapsed > 0 else 0.0,
-            "elapsed_s": elapsed,
-        }
-        for key, value in row.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise RlhfkitError(f"update {update + 1}: {key} is {value}; stopping (lower learning_rate or check rewards)")
+        row = metrics_row(update + 1, config.rollout_batch_size, episode_stats, train_stats,
+                          scheduler.get_last_lr()[0], elapsed)
         last_row = row
         if main and ((update + 1) % config.logging_steps == 0 or update + 1 == config.updates):
             ckpt.append_jsonl(out / "metrics.jsonl", row)
@@ -706,12 +758,7 @@ def train_ppo(
                "stopped_at_kl_budget": stopped_at is not None,
                "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
     if main:
-        final = unwrapped.policy
-        if config.lora:
-            final = copy.deepcopy(final).merge_and_unload()
-        with atomic_dir(out / "model") as tmp:
-            final.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        save_final_policy(unwrapped.policy, tokenizer, out / "model", merge_lora=config.lora)
         write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return StageResult(out, metrics)
