@@ -444,7 +444,6 @@ def _curve(config: EvalStageConfig, metrics: dict[str, Any], reference, scorer, 
            temperature: float, length: int, gold_fn: GoldFn | None, device) -> dict[str, Any]:
     """The over-optimisation curve: the reference (update 0), every kept PPO checkpoint of the policy
     folder, the final policy -- same prompts and seed -- and the best-of-n baseline."""
-    from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.artifacts import load_pretrained, read_json, resolve_model_path
@@ -462,7 +461,7 @@ def _curve(config: EvalStageConfig, metrics: dict[str, Any], reference, scorer, 
             if done is not None and update >= done:
                 continue  # the final policy, evaluated above
             policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.reference))
-            load_model(policy, str(folder / "policy.safetensors"))
+            checkpoint.load_policy(folder, policy)
             policy.to(device)
             point = curve_point(policy, reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
             points.append({"update": update, **{k: point[k] for k in fields}})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import statistics
 from pathlib import Path
@@ -147,12 +146,13 @@ def best_budget_sentence(curve: dict) -> str:
     return text
 
 
-def html_table(head: list[str], rows: list[list[Any]]) -> str:
-    """An HTML table of escaped cells."""
-    e = html.escape
-    return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
-            + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-            + "</tbody></table>")
+def render_page(template: str, **context: Any) -> str:
+    """An HTML page from ``rlhfkit/templates`` (Jinja2; every value is escaped)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("rlhfkit", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template(template).render(**context)
 
 
 def _plots(run: Path, scatter: list[dict], curve: dict) -> dict[str, str]:
@@ -242,7 +242,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     plots = _plots(run, scatter, curve)
 
     headline = [("SFT eval loss", _sft_loss(summary))]
-    headline += [(BY_KEY[key].label[:1].upper() + BY_KEY[key].label[1:], figure_text(summary, key, _fmt))
+    headline += [(BY_KEY[key].label, figure_text(summary, key, _fmt))
                  for key in ("reward.eval_accuracy", "reward.gold_agreement")]
     if summary.get("reward.ensemble_size", 1) > 1:
         headline.append((f"Reward ensemble of {summary['reward.ensemble_size']}: agreement with gold",
@@ -284,37 +284,12 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     md += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     write_text_atomic(run / "report.md", "\n".join(md))
 
-    e = html.escape
-
-    sample_rows = "".join(
-        f"<tr><td>{e(ex['prompt'])}</td><td>{e(ex['sft'])}<div class=s>reward {_fmt(ex['sft_reward'])} · gold "
-        f"{_fmt(ex['sft_gold'])}</div></td><td>{e(ex['ppo'])}<div class=s>reward {_fmt(ex['ppo_reward'])} · gold "
-        f"{_fmt(ex['ppo_gold'])}</div></td></tr>" for ex in examples)
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>rlhfkit report</title>
-<style>
-body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}}
-h1{{margin-bottom:.2em}} h2{{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}}
-table{{border-collapse:collapse;width:100%;margin:.6em 0;font-size:.92em}}
-th,td{{border:1px solid #ddd;padding:.35em .55em;text-align:left;vertical-align:top}}
-th{{background:#f4f4f4}} .cards{{display:flex;flex-wrap:wrap;gap:.8em}}
-.card{{border:1px solid #ddd;border-radius:6px;padding:.6em .9em;min-width:200px;flex:1}}
-.card b{{display:block;font-size:1.35em}} .s{{color:#777;font-size:.85em;margin-top:.2em}}
-img{{max-width:100%;border:1px solid #eee;margin:.4em 0}} pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}}
-.muted{{color:#666}} .verdict{{font-size:1.15em;font-weight:600;border-left:4px solid #3465a4;padding:.3em .7em;background:#f4f7fb}}
-</style></head><body>
-<h1>rlhfkit run report</h1><p class=muted>{e(str(run))}</p>
-<h2>Headline</h2>{f'<p class=verdict>{e(verdict_text)}</p>' if verdict_text else ""}<div class=cards>
-{"".join(f'<div class=card>{e(k)}<b>{e(v)}</b></div>' for k, v in gains + headline)}
-</div>
-<h2>Policies on held-out prompts</h2><p class=muted>{e(eval_note)}</p>
-{html_table(["policy", "reward", "gold", "gold (greedy)", "length", "KL to SFT"], policy_rows)}
-{f"<h2>KL budget</h2><p>{e(budget)}</p>" if budget else ""}
-<h2>Plots</h2>
-{"".join(f'<figure><img src="plots/{n}.png" alt="{e(t)}"><figcaption class=muted>{e(t)}</figcaption></figure>' for n, t in plots.items())}
-<h2>Samples</h2><p class=muted>First sample per prompt, same held-out prompts, same seed.</p>
-<table><thead><tr><th>prompt</th><th>SFT</th><th>PPO</th></tr></thead><tbody>{sample_rows}</tbody></table>
-<h2>Stages</h2>{html_table(["stage", "status", "wall s", "metrics"], stage_rows)}
-<h2>Configuration</h2><pre>{e(json.dumps(config, indent=2))}</pre>
-</body></html>"""
+    samples = [{**ex, **{k: _fmt(ex[k]) for k in ("sft_reward", "sft_gold", "ppo_reward", "ppo_gold")}}
+               for ex in examples]
+    page = render_page("run_report.html.j2", run=str(run), verdict=verdict_text,
+                       cards=[(k, v) for k, v in gains + headline if v != _fmt(None)],  # no gold judge: no gold cards
+                       eval_note=eval_note, policy_rows=policy_rows, budget=budget,
+                       plots=[(f"plots/{n}.png", t) for n, t in plots.items()], examples=samples,
+                       stage_rows=stage_rows, config=json.dumps(config, indent=2))
     write_text_atomic(run / "report.html", page)
     return {"plots": list(plots)}

@@ -210,16 +210,13 @@ def _result_row(name: str, point: Mapping[str, Any], run_dir: Path, summary: Map
 
 def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str]) -> None:
     """``report.html``: the results table, gold vs each varied key, overlaid over-optimisation curves."""
-    import html
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlhfkit.report import best_budget_sentence, html_table, plot_overoptimization
+    from rlhfkit.report import best_budget_sentence, plot_overoptimization, render_page
 
-    e = html.escape
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     figures: list[tuple[str, str]] = []
@@ -263,23 +260,7 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v))
 
-    table = html_table(columns, [[cell(r.get(c)) for c in columns] for r in rows])
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>rlhfkit sweep</title>
-<style>
-body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;font-size:.8em;display:block;overflow-x:auto}}
-th,td{{border:1px solid #ddd;padding:.3em .45em;text-align:left;white-space:nowrap}} th{{background:#f4f4f4}}
-img{{max-width:100%;border:1px solid #eee}} .muted{{color:#666}}
-</style></head><body>
-<h1>rlhfkit sweep</h1><p class=muted>{e(str(out))} · {len(rows)} runs · varied: {e(", ".join(varied))}</p>
-{f"<h2>KL budget</h2><p><b>{e(best_line)}</b></p><ul>" + "".join(f"<li>{e(s)}</li>" for s in sentences) + "</ul>"
- if best_line else ""}
-<h2>Plots</h2>
-{"".join(f'<figure><img src="plots/{n}" alt="{e(t)}"><figcaption class=muted>{e(t)}</figcaption></figure>'
-         for n, t in figures)}
-<h2>Results</h2><p class=muted>One row per run (also results.csv); ± columns are standard errors across
-held-out prompts. Each run's own report: runs/NAME/report.html.</p>
-{table}
-<h2>Runs</h2><ul>{"".join(f'<li><a href="runs/{e(r["run"])}/report.html">{e(r["run"])}</a></li>' for r in rows)}</ul>
-</body></html>"""
+    page = render_page("sweep_report.html.j2", out=str(out), varied=varied, best_line=best_line, sentences=sentences,
+                       plots=[(f"plots/{n}", t) for n, t in figures], columns=columns,
+                       rows=[[cell(r.get(c)) for c in columns] for r in rows], runs=[r["run"] for r in rows])
     write_text_atomic(out / "report.html", page)

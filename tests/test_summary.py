@@ -24,3 +24,29 @@ def test_collect_reads_stage_metrics_and_eval_json():
     assert figure_text(s, "eval.gold_gain", lambda v, se: f"{v} ± {se}") == "0.125 ± 0.03125"
     assert figure_text(s, "eval.ppo.kl", lambda v, se: f"{v} ± {se}") == "0.5 ± 0.125"
     assert figure_text(s, "sft.eval_loss", lambda v, se: f"{v} ± {se}") == "1.25 ± None"
+
+
+def test_report_page_escapes_text_and_shows_only_measured_cards(tmp_path):
+    """report.html comes from the Jinja2 template with every value escaped; without a gold judge it
+    shows no gold cards (they would all read "–")."""
+    import json
+
+    from rlhfkit.report import write_report
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    ev = {"prompts": 2, "samples_per_prompt": 1, "temperature": 1.0,
+          "sft": {"reward": 0.5, "length": 3.0}, "ppo": {"reward": 0.75, "length": 4.0, "kl": 0.25, "kl_se": 0.05},
+          "reward_gain": 0.25, "reward_gain_se": 0.125, "verdict": "No gold judge: <b>read</b> the samples."}
+    (run / "eval" / "eval.json").write_text(json.dumps(ev))
+    (run / "eval" / "examples.json").write_text(json.dumps([{
+        "prompt": "<script>alert(1)</script>", "sft": "a & b", "sft_reward": 0.5, "sft_gold": None,
+        "ppo": "x < y", "ppo_reward": 0.75, "ppo_gold": None}]))
+    summary = collect({"sft": {"eval_loss": 1.5}}, ev)
+    write_report(run, summary)
+    page = (run / "report.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "a &amp; b" in page and "x &lt; y" in page and "&lt;b&gt;read&lt;/b&gt;" in page
+    assert "Reward gain, sampled (PPO − SFT, paired)<b>0.25 ± 0.12</b>" in page
+    assert "Gold gain" not in page and "gold judge<b>" not in page  # no gold judge: no gold cards
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")

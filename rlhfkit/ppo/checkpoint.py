@@ -31,6 +31,8 @@ PREFIX = "update-"
 RESUMABLE_CHANGES = {"output_dir", "report_to", "logging_steps", "sample_every", "num_samples", "save_steps",
                      "save_total_limit", "torch_threads", "rollout_forward_batch_size"}
 
+POLICY_FILE = "policy.safetensors"  # the policy weights of a checkpoint (with full fine-tuning)
+
 
 def completed(folder: Path) -> list[Path]:
     """The complete checkpoints, oldest first (temp folders of a killed save are ignored)."""
@@ -93,7 +95,7 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     rng = gather_object([[g.get_state() for g in generators]])
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
-            save_model(module.policy, str(tmp / "policy.safetensors"))
+            save_model(module.policy, str(tmp / POLICY_FILE))
             save_model(module.value, str(tmp / "value.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
@@ -116,7 +118,7 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
 def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int) -> tuple[int, float]:
     """Restore every piece of state; returns (updates done, seconds spent so far)."""
     state = read_json(path / "state.json")
-    load_model(module.policy, str(path / "policy.safetensors"))
+    load_model(module.policy, str(path / POLICY_FILE))
     load_model(module.value, str(path / "value.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
@@ -125,6 +127,11 @@ def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int
     for i, generator in enumerate(generators):
         generator.set_state(rng[f"rank{rank}_gen{i}"])
     return int(state["update"]), float(state["elapsed_s"])
+
+
+def load_policy(path: Path, policy) -> None:
+    """The policy weights of checkpoint ``path`` into ``policy`` (a model of the checkpoint's architecture)."""
+    load_model(policy, str(path / POLICY_FILE))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
