@@ -497,6 +497,33 @@ def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
     return resume_from
 
 
+def already_finished(config: StageConfig) -> Any:
+    """The ``StageResult`` of an earlier completed run of exactly this config in its folder (said once), else None."""
+    from rlhfkit.artifacts import StageResult
+
+    done = completed_result(config)
+    if done is None:
+        return None
+    logger.warning("%s: %s already holds a completed run of this config", config.stage_name, config.output_dir)
+    return StageResult(Path(config.output_dir), done)
+
+
+def trained_metrics(config: StageConfig, state, session: "TrainSession", started: float) -> dict[str, Any]:
+    """The figures every Trainer-based stage reports, in its metrics.json: losses, steps, times, resume."""
+    first_loss, last_loss = train_losses(state.log_history)
+    return {
+        "train_loss": last_loss,
+        "train_loss_first": first_loss,
+        "train_time_s": session.train_time_s,
+        "wall_time_s": time.perf_counter() - started,
+        "steps": state.global_step,
+        "steps_this_run": state.global_step - session.start_step,
+        "epochs": state.epoch,
+        "lora": config.lora,
+        "resumed_from": session.resumed_from,
+    }
+
+
 def completed_result(config: StageConfig) -> dict[str, Any] | None:
     """Metrics of an earlier completed run of exactly this config, else None."""
     out = Path(config.output_dir)

@@ -40,7 +40,7 @@ from rlhfkit.reward.ensemble import SCORES_FILE, agreement_with_gold
 from rlhfkit.training import (
     StageConfig,
     build_trl_args,
-    completed_result,
+    already_finished,
     defaults_note,
     ensure_chat_template,
     finish_stage,
@@ -56,6 +56,7 @@ from rlhfkit.training import (
     run_training,
     save_final_model,
     train_losses,
+    trained_metrics,
     unwrap_for_saving,
 )
 
@@ -235,10 +236,9 @@ def train_reward(
     stage = config.stage_name
     in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
     if not in_memory:
-        done = completed_result(config)
+        done = already_finished(config)
         if done is not None:
-            logger.warning("%s: %s already holds a completed run of this config", stage, config.output_dir)
-            return StageResult(Path(config.output_dir), done)
+            return done
 
     # 1. data and TRL arguments, before any model loads
     required = list(PAIR_COLUMNS) + (["chosen_rank", "rejected_rank"] if config.margin_scale > 0 else [])
@@ -336,8 +336,7 @@ def train_reward(
     # 5. train (resuming from the last complete checkpoint, if any)
     session = run_training(trainer, resume_from, config.trl_args.get("resume_from_checkpoint"))
     state = trainer.state
-    first_loss, last_loss = train_losses(state.log_history)
-    require_finite(stage, train_loss=last_loss)
+    require_finite(stage, train_loss=train_losses(state.log_history)[1])
 
     # 6. final model (LoRA merged), saved; then held-out pairs scored by exactly that model
     out = Path(config.output_dir)
@@ -377,22 +376,14 @@ def train_reward(
         metrics.update(eval_accuracy=None, eval_accuracy_se=None, eval_loss=None, eval_pairs=0, gold_agreement=None, gold_pairs=0)
     pairs_done = (float(state.epoch or 0.0) - session.start_epoch) * len(train_tok)
     metrics.update(
-        train_loss=last_loss,
-        train_loss_first=first_loss,
+        **trained_metrics(config, state, session, t_start),
         pairs_per_s=pairs_done / session.train_time_s if session.train_time_s else None,
-        train_time_s=session.train_time_s,
-        wall_time_s=time.perf_counter() - t_start,
-        steps=state.global_step,
-        steps_this_run=state.global_step - session.start_step,
         train_pairs=len(train_tok),
         train_pairs_dropped=train_dropped,
         eval_pairs_dropped=eval_dropped,
-        epochs=state.epoch,
         max_length=max_length,
         margin_scale=config.margin_scale,
         center_rewards_coefficient=args.center_rewards_coefficient,
-        lora=config.lora,
-        resumed_from=session.resumed_from,
     )
     finish_stage(trainer, out, metrics)
     return StageResult(out, metrics)

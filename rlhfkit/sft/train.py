@@ -28,7 +28,7 @@ from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.training import (
     StageConfig,
     build_trl_args,
-    completed_result,
+    already_finished,
     defaults_note,
     ensure_chat_template,
     finish_stage,
@@ -44,6 +44,7 @@ from rlhfkit.training import (
     run_training,
     save_final_model,
     train_losses,
+    trained_metrics,
     unwrap_for_saving,
 )
 
@@ -202,10 +203,9 @@ def train_sft(
     stage = config.stage_name
     in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
     if not in_memory and not config.validate():
-        done = completed_result(config)
+        done = already_finished(config)
         if done is not None:
-            logger.warning("%s: %s already holds a completed run of this config", stage, config.output_dir)
-            return StageResult(Path(config.output_dir), done)
+            return done
     prepared = build_sft_trainer(
         config, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
         callbacks=callbacks,
@@ -227,8 +227,7 @@ def train_sft(
             eval_loss = trainer.evaluate()["eval_loss"]
     # with eval_on_start: the loss of the model before this stage trained it
     eval_loss_start = next((e["eval_loss"] for e in state.log_history if "eval_loss" in e and e.get("step") == 0), None)
-    first_loss, last_loss = train_losses(state.log_history)
-    require_finite(stage, train_loss=last_loss, eval_loss=eval_loss)
+    require_finite(stage, train_loss=train_losses(state.log_history)[1], eval_loss=eval_loss)
 
     # 7. final model (LoRA merged), then metrics.json last
     out = Path(config.output_dir)
@@ -241,25 +240,17 @@ def train_sft(
         tokens = int(state.num_input_tokens_seen - session.start_tokens)
     metrics = {
         "stage": stage,
-        "train_loss": last_loss,
-        "train_loss_first": first_loss,
+        **trained_metrics(config, state, session, t_start),
         "eval_loss": eval_loss,
         "eval_loss_start": eval_loss_start,
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / session.train_time_s if tokens is not None and session.train_time_s else None,
-        "train_time_s": session.train_time_s,
-        "wall_time_s": time.perf_counter() - t_start,
-        "steps": state.global_step,
-        "steps_this_run": state.global_step - session.start_step,
         "examples": len(train_dataset),
         "examples_dropped": dropped,
         "train_sequences": len(trainer.train_dataset),
         "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
-        "epochs": state.epoch,
         "max_length": args.max_length,
         "packing": bool(args.packing),
-        "lora": config.lora,
-        "resumed_from": session.resumed_from,
     }
     finish_stage(trainer, out, metrics)
     return StageResult(out, metrics)
