@@ -40,7 +40,9 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "policy_loss",
+    "grpo_advantages",
     "rewards_with_kl",
+    "rloo_advantages",
     "shaped_scores",
     "value_loss",
     "whiten",
@@ -277,6 +279,58 @@ def rewards_with_kl(
     at_last = torch.nn.functional.one_hot(last, T).to(torch.bool) & (lengths > 0).unsqueeze(1)
     rewards = rewards + torch.where(at_last, scores.to(rewards.dtype).unsqueeze(1), zero)
     return rewards, kl
+
+
+def _groups(rewards: torch.Tensor, who: str) -> torch.Tensor:
+    if rewards.dim() != 2:
+        raise ValueError(f"{who}: rewards must be [prompts, k] (k samples of each prompt), got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"{who}: needs at least 2 samples per prompt (k >= 2), got k = {rewards.shape[1]}; "
+                         "with one sample the baseline is the sample itself and every advantage is 0")
+    return rewards.float() if not rewards.is_floating_point() else rewards
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to Basics"; TRL's RLOOTrainer).
+
+    Each sample's baseline is the mean reward of the *other* k − 1 samples of its prompt, so it
+    never contains the sample itself (the estimator stays unbiased):
+
+        A_i = r_i − 1/(k−1) · Σ_{j≠i} r_j  =  k/(k−1) · (r_i − mean_j r_j)
+
+    Args:
+        rewards: ``[P, k]`` sequence rewards, k ≥ 2 samples for each of P prompts (for RLHF:
+            the score minus β·KL of each sample, as in TRL).
+
+    Returns:
+        ``[P, k]`` advantages; each row sums to 0.
+    """
+    rewards = _groups(rewards, "rloo_advantages")
+    k = rewards.shape[1]
+    baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return rewards - baseline
+
+
+def grpo_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer).
+
+        A_i = (r_i − mean_j r_j) / (std_j r_j + eps)      (scale=True: GRPO)
+        A_i =  r_i − mean_j r_j                            (scale=False: Dr. GRPO, Liu et al. 2025)
+
+    ``std`` is the sample standard deviation over the k samples (unbiased, as ``torch.std`` and
+    TRL); ``eps`` keeps a group of equal rewards at 0 instead of 0/0. Dividing by the std
+    weights prompts whose samples barely differ as much as any other: Dr. GRPO drops it to
+    remove that difficulty bias.
+
+    Args:
+        rewards: ``[P, k]``, k ≥ 2.
+
+    Returns:
+        ``[P, k]``.
+    """
+    rewards = _groups(rewards, "grpo_advantages")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
 
 
 def shaped_scores(scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_penalty: float | None = None,

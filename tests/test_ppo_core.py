@@ -26,7 +26,9 @@ from rlhfkit.core import (
     masked_mean,
     masked_var,
     policy_loss,
+    grpo_advantages,
     rewards_with_kl,
+    rloo_advantages,
     shaped_scores,
     value_loss,
     whiten,
@@ -538,6 +540,36 @@ def test_mask_after_eos_first_middle_absent_repeated():
 
 
 # --------------------------------------------------------------------------- reward ensembles
+def test_rloo_baseline_leaves_the_sample_out_by_hand():
+    # k = 3. Row 0: r = 1, 2, 3 -> baselines (2+3)/2, (1+3)/2, (1+2)/2 = 2.5, 2, 1.5 -> A = -1.5, 0, 1.5
+    # Row 1: r = 0, 0, 6 -> baselines 3, 3, 0 -> A = -3, -3, 6 (= 3/2 x (r - mean 2))
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    a = rloo_advantages(rewards)
+    close(a, [[-1.5, 0.0, 1.5], [-3.0, -3.0, 6.0]])
+    close(a.sum(1), [0.0, 0.0])
+    # the sample itself is not in its baseline: raising r_i by d raises A_i by exactly d
+    bumped = rewards.clone()
+    bumped[1, 2] += 10.0
+    close(rloo_advantages(bumped)[1, 2] - a[1, 2], 10.0)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        rloo_advantages(torch.ones(4, 1))
+    with pytest.raises(ValueError, match=r"\[prompts, k\]"):
+        rloo_advantages(torch.ones(6))
+
+
+def test_grpo_group_normalised_and_dr_grpo_by_hand():
+    # Row 0: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + 1e-4)
+    # Row 1: r = 0, 0, 6: mean 2, deviations -2, -2, 4; var = (4 + 4 + 16) / 2 = 12, std = 2 sqrt 3 = 3.4641
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    s = 2 * math.sqrt(3)
+    close(grpo_advantages(rewards), [[-1 / 1.0001, 0.0, 1 / 1.0001],
+                                     [-2 / (s + 1e-4), -2 / (s + 1e-4), 4 / (s + 1e-4)]])
+    close(grpo_advantages(rewards, scale=False), [[-1.0, 0.0, 1.0], [-2.0, -2.0, 4.0]])  # Dr. GRPO
+    assert torch.equal(grpo_advantages(torch.full((2, 4), 0.7)), torch.zeros(2, 4))  # equal rewards: 0, not NaN
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        grpo_advantages(torch.ones(3, 1))
+
+
 def test_shaped_scores_by_hand():
     # scores 3, -0.5, 1.2, -4; rows 1 and 3 stopped without EOS; penalty 1, clip 2:
     # 3 -> clip 2;  -0.5 - 1 = -1.5;  1.2;  -4 - 1 = -5 -> clip -2
