@@ -33,7 +33,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from rlhfkit.artifacts import (atomic_dir, check_output_dir, claim_dir, read_json, refuse_other_stage, refuse_pickle_only,
                                resolve_model_path, write_json_atomic)
@@ -522,6 +522,47 @@ def trained_metrics(config: StageConfig, state, session: "TrainSession", started
         "lora": config.lora,
         "resumed_from": session.resumed_from,
     }
+
+
+@dataclasses.dataclass
+class PreparedTrainer:
+    """A Trainer built by a stage (config checked, data and model loaded), ready for ``run_trainer_stage``."""
+
+    trainer: Any
+    args: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    resume_from: Path | None
+
+
+def run_trainer_stage(config: StageConfig, prepared: PreparedTrainer, started: float, *,
+                      before_save: Callable[[Any, "TrainSession"], dict[str, Any]] | None = None,
+                      after_save: Callable[[Any, "TrainSession"], dict[str, Any]] | None = None):
+    """The steps every Trainer stage ends with, after its own validate -> finished? -> load -> build:
+
+    5. train, resuming from the last complete checkpoint; a non-finite final loss stops the stage;
+    6. ``before_save(trainer, session)``: the stage's figures of the trained model (SFT: eval loss);
+    7. the final model saved (LoRA merged) into ``output_dir/model``;
+    8. ``after_save(final_model, session)``: figures of exactly the saved model (reward: held-out pairs);
+    9. metrics.json written last (its presence marks the stage complete).
+    """
+    from rlhfkit.artifacts import StageResult
+
+    trainer, stage = prepared.trainer, config.stage_name
+    session = run_training(trainer, prepared.resume_from, config.trl_args.get("resume_from_checkpoint"))
+    require_finite(stage, train_loss=train_losses(trainer.state.log_history)[1])
+    metrics: dict[str, Any] = {"stage": stage}
+    if before_save is not None:
+        metrics.update(before_save(trainer, session))
+    out = Path(config.output_dir)
+    final_model = unwrap_for_saving(trainer)
+    save_final_model(trainer, final_model, prepared.tokenizer, out / "model")
+    if after_save is not None:
+        metrics.update(after_save(final_model, session))
+    metrics.update(trained_metrics(config, trainer.state, session, started))
+    finish_stage(trainer, out, metrics)
+    return StageResult(out, metrics)
 
 
 def completed_result(config: StageConfig) -> dict[str, Any] | None:

@@ -38,12 +38,12 @@ from rlhfkit.engine.sampling import conversation_ids
 from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.reward.ensemble import SCORES_FILE, agreement_with_gold
 from rlhfkit.training import (
+    PreparedTrainer,
     StageConfig,
     build_trl_args,
     already_finished,
     defaults_note,
     ensure_chat_template,
-    finish_stage,
     load_model,
     load_split_dict,
     logger,
@@ -53,11 +53,7 @@ from rlhfkit.training import (
     prepare_output_dir,
     require_finite,
     resolve_trl_kwargs,
-    run_training,
-    save_final_model,
-    train_losses,
-    trained_metrics,
-    unwrap_for_saving,
+    run_trainer_stage,
 )
 
 REWARD_TRL_DEFAULTS: dict[str, Any] = {
@@ -333,60 +329,58 @@ def train_reward(
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"{stage}: {first_line(e)}") from None
 
-    # 5. train (resuming from the last complete checkpoint, if any)
-    session = run_training(trainer, resume_from, config.trl_args.get("resume_from_checkpoint"))
-    state = trainer.state
-    require_finite(stage, train_loss=train_losses(state.log_history)[1])
-
-    # 6. final model (LoRA merged), saved; then held-out pairs scored by exactly that model
     out = Path(config.output_dir)
-    final_model = unwrap_for_saving(trainer)
-    save_final_model(trainer, final_model, tokenizer, out / "model")
-    metrics: dict[str, Any] = {"stage": stage}
-    if eval_tok is not None:  # every rank scores (no collective to wait on); the main one writes
-        batch = args.per_device_eval_batch_size
-        r_c = reward_scores(final_model, eval_tok["chosen_ids"], tokenizer.pad_token_id, batch_size=batch)
-        r_r = reward_scores(final_model, eval_tok["rejected_ids"], tokenizer.pad_token_id, batch_size=batch)
-        diff = r_c - r_r
-        eval_loss = float(-F.logsigmoid(diff).mean())
-        eval_accuracy = float((diff > 0).float().mean())
-        require_finite(stage, eval_loss=eval_loss)
-        agreement, gold_pairs, golds = gold_agreement(
-            config.gold_agreement,
-            eval_tok["prompt"],
-            [c[0]["content"] for c in eval_tok["chosen"]],
-            [r[0]["content"] for r in eval_tok["rejected"]],
-            r_c.tolist(),
-            r_r.tolist(),
-        )
-        all_r = torch.cat([r_c, r_r])
+
+    def held_out(final_model, session) -> dict[str, Any]:
+        """Every held-out pair scored by exactly the saved model (every rank scores: no collective to
+        wait on; the main one writes the scores), and what was trained on."""
+        metrics: dict[str, Any] = {}
+        if eval_tok is not None:
+            batch = args.per_device_eval_batch_size
+            r_c = reward_scores(final_model, eval_tok["chosen_ids"], tokenizer.pad_token_id, batch_size=batch)
+            r_r = reward_scores(final_model, eval_tok["rejected_ids"], tokenizer.pad_token_id, batch_size=batch)
+            diff = r_c - r_r
+            eval_loss = float(-F.logsigmoid(diff).mean())
+            eval_accuracy = float((diff > 0).float().mean())
+            require_finite(stage, eval_loss=eval_loss)
+            agreement, gold_pairs, golds = gold_agreement(
+                config.gold_agreement,
+                eval_tok["prompt"],
+                [c[0]["content"] for c in eval_tok["chosen"]],
+                [r[0]["content"] for r in eval_tok["rejected"]],
+                r_c.tolist(),
+                r_r.tolist(),
+            )
+            all_r = torch.cat([r_c, r_r])
+            metrics.update(
+                eval_accuracy=eval_accuracy,
+                eval_accuracy_se=math.sqrt(eval_accuracy * (1 - eval_accuracy) / len(diff)),  # binomial, pairs independent
+                eval_loss=eval_loss,
+                eval_pairs=len(eval_tok),
+                eval_reward_mean=float(all_r.mean()),
+                eval_reward_std=float(all_r.std()) if len(all_r) > 1 else 0.0,
+                gold_agreement=agreement,
+                gold_pairs=gold_pairs,
+            )
+            if trainer.accelerator.is_main_process:
+                _write_scores(out / SCORES_FILE, eval_tok, r_c.tolist(), r_r.tolist(), golds)
+        else:
+            metrics.update(eval_accuracy=None, eval_accuracy_se=None, eval_loss=None, eval_pairs=0, gold_agreement=None,
+                           gold_pairs=0)
+        pairs_done = (float(trainer.state.epoch or 0.0) - session.start_epoch) * len(train_tok)
         metrics.update(
-            eval_accuracy=eval_accuracy,
-            eval_accuracy_se=math.sqrt(eval_accuracy * (1 - eval_accuracy) / len(diff)),  # binomial, pairs independent
-            eval_loss=eval_loss,
-            eval_pairs=len(eval_tok),
-            eval_reward_mean=float(all_r.mean()),
-            eval_reward_std=float(all_r.std()) if len(all_r) > 1 else 0.0,
-            gold_agreement=agreement,
-            gold_pairs=gold_pairs,
+            pairs_per_s=pairs_done / session.train_time_s if session.train_time_s else None,
+            train_pairs=len(train_tok),
+            train_pairs_dropped=train_dropped,
+            eval_pairs_dropped=eval_dropped,
+            max_length=max_length,
+            margin_scale=config.margin_scale,
+            center_rewards_coefficient=args.center_rewards_coefficient,
         )
-        if trainer.accelerator.is_main_process:
-            _write_scores(out / SCORES_FILE, eval_tok, r_c.tolist(), r_r.tolist(), golds)
-    else:
-        metrics.update(eval_accuracy=None, eval_accuracy_se=None, eval_loss=None, eval_pairs=0, gold_agreement=None, gold_pairs=0)
-    pairs_done = (float(state.epoch or 0.0) - session.start_epoch) * len(train_tok)
-    metrics.update(
-        **trained_metrics(config, state, session, t_start),
-        pairs_per_s=pairs_done / session.train_time_s if session.train_time_s else None,
-        train_pairs=len(train_tok),
-        train_pairs_dropped=train_dropped,
-        eval_pairs_dropped=eval_dropped,
-        max_length=max_length,
-        margin_scale=config.margin_scale,
-        center_rewards_coefficient=args.center_rewards_coefficient,
-    )
-    finish_stage(trainer, out, metrics)
-    return StageResult(out, metrics)
+        return metrics
+
+    prepared = PreparedTrainer(trainer, args, tokenizer, train_tok, eval_tok, resume_from)
+    return run_trainer_stage(config, prepared, t_start, after_save=held_out)
 
 
 def _write_scores(path: Path, pairs, r_c: list[float], r_r: list[float], golds) -> None:

@@ -2,11 +2,10 @@
 
 from rlhfkit.sft.train import (
     SFT_TRL_DEFAULTS,
-    PreparedSFT,
     SFTStageConfig,
     build_sft_trainer,
     to_prompt_completion,
     train_sft,
 )
 
-__all__ = ["PreparedSFT", "SFTStageConfig", "SFT_TRL_DEFAULTS", "build_sft_trainer", "to_prompt_completion", "train_sft"]
+__all__ = ["SFTStageConfig", "SFT_TRL_DEFAULTS", "build_sft_trainer", "to_prompt_completion", "train_sft"]

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only
 from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.training import (
+    PreparedTrainer,
     StageConfig,
     build_trl_args,
     already_finished,
     defaults_note,
     ensure_chat_template,
-    finish_stage,
     load_model,
     load_split_dict,
     logger,
@@ -41,11 +40,7 @@ from rlhfkit.training import (
     prepare_output_dir,
     require_finite,
     resolve_trl_kwargs,
-    run_training,
-    save_final_model,
-    train_losses,
-    trained_metrics,
-    unwrap_for_saving,
+    run_trainer_stage,
 )
 
 # SFT-specific defaults (see rlhfkit.training.COMMON_TRL_DEFAULTS for the shared ones).
@@ -91,18 +86,6 @@ def to_prompt_completion(dataset, where: str = "sft"):
     return dataset.map(split, remove_columns=cols, desc=f"Preparing {where} conversations")
 
 
-@dataclasses.dataclass
-class PreparedSFT:
-    """A ready SFTTrainer and what ``train_sft`` needs to finish the stage."""
-
-    trainer: Any
-    args: Any
-    tokenizer: Any
-    train_dataset: Any
-    eval_dataset: Any
-    resume_from: Path | None
-
-
 def build_sft_trainer(
     config: SFTStageConfig,
     *,
@@ -111,7 +94,7 @@ def build_sft_trainer(
     train_dataset=None,
     eval_dataset=None,
     callbacks: Sequence[Any] = (),
-) -> PreparedSFT:
+) -> PreparedTrainer:
     """Validate, load data and model, and construct the SFTTrainer (nothing trained yet).
 
     Every config or data problem is raised before the model loads. Used by ``train_sft``;
@@ -180,7 +163,7 @@ def build_sft_trainer(
             "%s: %d of %d training examples have no reply token left within max_length=%s and were dropped",
             stage, lost, len(train_dataset), args.max_length,
         )
-    return PreparedSFT(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from)
+    return PreparedTrainer(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from)
 
 
 @locks_output("output_dir")
@@ -210,47 +193,37 @@ def train_sft(
         config, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
         callbacks=callbacks,
     )
-    trainer, args, tokenizer = prepared.trainer, prepared.args, prepared.tokenizer
-    train_dataset, eval_dataset = prepared.train_dataset, prepared.eval_dataset
+    args, train_dataset, eval_dataset = prepared.args, prepared.train_dataset, prepared.eval_dataset
 
-    # 5. train (resuming from the last complete checkpoint, if any)
-    session = run_training(trainer, prepared.resume_from, config.trl_args.get("resume_from_checkpoint"))
-    state = trainer.state
+    def figures(trainer, session) -> dict[str, Any]:
+        """The evaluation loss at the final step (the Trainer's, if it just evaluated), and what was trained on."""
+        state = trainer.state
+        eval_loss = None
+        if eval_dataset is not None:
+            last = [e for e in state.log_history if "eval_loss" in e]
+            if last and last[-1].get("step") == state.global_step:
+                eval_loss = last[-1]["eval_loss"]
+            else:
+                eval_loss = trainer.evaluate()["eval_loss"]
+        require_finite(stage, eval_loss=eval_loss)
+        tokens = None
+        if args.include_num_input_tokens_seen not in ("no", False):
+            tokens = int(state.num_input_tokens_seen - session.start_tokens)
+        return {
+            "eval_loss": eval_loss,
+            # with eval_on_start: the loss of the model before this stage trained it
+            "eval_loss_start": next((e["eval_loss"] for e in state.log_history
+                                     if "eval_loss" in e and e.get("step") == 0), None),
+            "train_tokens": tokens,
+            "train_tokens_per_s": tokens / session.train_time_s if tokens is not None and session.train_time_s else None,
+            "examples": len(train_dataset),
+            # TRL drops examples whose reply is truncated away entirely (max_length); count them
+            "examples_dropped": None if args.packing else len(train_dataset) - len(trainer.train_dataset),
+            "train_sequences": len(trainer.train_dataset),
+            "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
+            "max_length": args.max_length,
+            "packing": bool(args.packing),
+        }
 
-    # 6. evaluation loss at the final step (reuse the Trainer's if it just evaluated)
-    eval_loss = None
-    if eval_dataset is not None:
-        last = [e for e in state.log_history if "eval_loss" in e]
-        if last and last[-1].get("step") == state.global_step:
-            eval_loss = last[-1]["eval_loss"]
-        else:
-            eval_loss = trainer.evaluate()["eval_loss"]
-    # with eval_on_start: the loss of the model before this stage trained it
-    eval_loss_start = next((e["eval_loss"] for e in state.log_history if "eval_loss" in e and e.get("step") == 0), None)
-    require_finite(stage, train_loss=train_losses(state.log_history)[1], eval_loss=eval_loss)
+    return run_trainer_stage(config, prepared, t_start, before_save=figures)
 
-    # 7. final model (LoRA merged), then metrics.json last
-    out = Path(config.output_dir)
-    final_model = unwrap_for_saving(trainer)
-    save_final_model(trainer, final_model, tokenizer, out / "model")
-    # TRL drops examples whose reply is truncated away entirely (max_length); count them
-    dropped = None if args.packing else len(train_dataset) - len(trainer.train_dataset)
-    tokens = None
-    if args.include_num_input_tokens_seen not in ("no", False):
-        tokens = int(state.num_input_tokens_seen - session.start_tokens)
-    metrics = {
-        "stage": stage,
-        **trained_metrics(config, state, session, t_start),
-        "eval_loss": eval_loss,
-        "eval_loss_start": eval_loss_start,
-        "train_tokens": tokens,
-        "train_tokens_per_s": tokens / session.train_time_s if tokens is not None and session.train_time_s else None,
-        "examples": len(train_dataset),
-        "examples_dropped": dropped,
-        "train_sequences": len(trainer.train_dataset),
-        "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
-        "max_length": args.max_length,
-        "packing": bool(args.packing),
-    }
-    finish_stage(trainer, out, metrics)
-    return StageResult(out, metrics)
