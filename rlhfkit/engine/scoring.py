@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from rlhfkit.core import ensemble_reward
 from rlhfkit.engine.forward import model_device, reward_scores, sequence_scores
 from rlhfkit.engine.sampling import as_messages, conversation_ids
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.artifacts import read_json
+from rlhfkit.errors import ConfigError, RlhfkitError
 
 RewardFn = Callable[[list[Any], list[str]], Sequence[float]]
 
@@ -72,6 +74,18 @@ class Scorer:
         encoded = [ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:] for ids in encoded]
         # scored as the reward stage scores its held-out pairs
         return reward_scores(self.model, encoded, self.tokenizer.pad_token_id or 0).to(rollout_ids.device)
+
+
+def held_out_norm(folder: str | Path) -> tuple[float, float]:
+    """``(mean, std)`` of a reward stage's held-out scores, the scale its member is standardised by."""
+    path = Path(folder) / "metrics.json"
+    metrics = read_json(path) if path.is_file() else {}
+    mean, std = metrics.get("eval_reward_mean"), metrics.get("eval_reward_std")
+    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or not std > 0:
+        raise ConfigError(f"reward_model: ensemble member {folder} has no metrics.json with eval_reward_mean and a "
+                          "positive eval_reward_std (the reward stage writes them); an ensemble needs each member's "
+                          "held-out score scale")
+    return float(mean), float(std)
 
 
 @dataclass

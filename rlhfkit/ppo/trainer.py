@@ -44,9 +44,8 @@ from rlhfkit.core import (
 )
 from rlhfkit.engine.forward import left_pad, response_logits, token_values
 from rlhfkit.engine.sampling import encode_prompts, generate
-from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, shares_tokenizer
+from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
 from rlhfkit.ppo.rollout import Rollout
-from rlhfkit.reward.ensemble import held_out_norm
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 

@@ -15,22 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.artifacts import read_json
+from rlhfkit.engine.scoring import held_out_norm
 from rlhfkit.errors import ConfigError
 
 SCORES_FILE = "eval_scores.jsonl"  # the reward stage's per-pair held-out scores
-
-
-def held_out_norm(folder: str | Path) -> tuple[float, float]:
-    """``(mean, std)`` of a reward stage's held-out scores, the scale its member is standardised by."""
-    path = Path(folder) / "metrics.json"
-    metrics = read_json(path) if path.is_file() else {}
-    mean, std = metrics.get("eval_reward_mean"), metrics.get("eval_reward_std")
-    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or not std > 0:
-        raise ConfigError(f"reward_model: ensemble member {folder} has no metrics.json with eval_reward_mean and a "
-                          "positive eval_reward_std (the reward stage writes them); an ensemble needs each member's "
-                          "held-out score scale")
-    return float(mean), float(std)
 
 
 def agreement_with_gold(r_chosen: Sequence[float], r_rejected: Sequence[float],
