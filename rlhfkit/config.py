@@ -328,9 +328,7 @@ def section_of(name: str, cls: type, drop: Sequence[str], extra: Sequence[tuple[
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             spec["default_factory"] = f.default_factory
         fields.append((f.name, hints[f.name], dataclasses.field(**spec)))
-    section = dataclasses.make_dataclass(name, fields, namespace=dict(namespace or {}))
-    section.__module__ = cls.__module__ if namespace is None else namespace.get("__module__", cls.__module__)
-    return section
+    return dataclasses.make_dataclass(name, fields, namespace={"__module__": cls.__module__, **(namespace or {})})
 
 
 def describe(cls: type, indent: str = "  ") -> str:

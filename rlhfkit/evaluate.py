@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import StageResult, atomic_dir, check_output_dir, locks_output, write_json_atomic
+from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, locks_output, refuse_other_stage,
+                               write_json_atomic)
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
 from rlhfkit.core import logprobs_from_logits
@@ -413,6 +414,7 @@ def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> St
     if problems:
         raise ConfigError("eval: " + "; ".join(problems))
     out = Path(config.output_dir)
+    refuse_other_stage(out, "eval")  # e.g. the policy's own PPO folder: its model would be replaced
     check_output_dir(out)  # a folder of the user's own is refused before any work
     # (2) models and prompts
     prompts = prompts_from_data_dir(config.data, "validation")

@@ -379,13 +379,14 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 
     def run_eval(out: Path) -> dict[str, Any]:
         ppo = ppo_config(chain.path("ppo"))
-        config = EvalStageConfig(  # scored by member 0 of an ensemble: the reward stage's own model
-            **dataclasses.asdict(c.eval), policy=str(chain.path("ppo")), reference=str(chain.path("sft")),
-            reward_model=str(chain.path("reward")), data=data_path, output_dir=str(out), gold="off")
         # null = the PPO stage's sampling: the gain shows at the temperature and length PPO trained at
-        config.temperature = c.eval.temperature if c.eval.temperature is not None else ppo.temperature
-        config.response_length = c.eval.response_length or ppo.response_length
-        config.max_prompt_length = c.eval.max_prompt_length or ppo.max_prompt_length
+        sampling = {"temperature": c.eval.temperature if c.eval.temperature is not None else ppo.temperature,
+                    "response_length": c.eval.response_length or ppo.response_length,
+                    "max_prompt_length": c.eval.max_prompt_length or ppo.max_prompt_length}
+        config = EvalStageConfig(  # scored by member 0 of an ensemble: the reward stage's own model
+            **{**dataclasses.asdict(c.eval), **sampling}, policy=str(chain.path("ppo")),
+            reference=str(chain.path("sft")), reward_model=str(chain.path("reward")), data=data_path,
+            output_dir=str(out), gold="off")
         return evaluate_stage(config, gold_fn=gold_score if synthetic else None).metrics
 
     chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)

@@ -217,6 +217,12 @@ def test_evaluation_refuses_a_users_folder_and_bad_config_in_one_line(finished_r
     err = capsys.readouterr().err
     assert "holds files rlhfkit did not write" in err and err.count("\n") == 1
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    # the policy's own PPO folder: refused, its model and metrics left as they were
+    before = sorted(p.name for p in (out / "ppo").iterdir())
+    assert main(["eval", str(tmp_path / "e.yaml"), *args, "--out", str(out / "ppo")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the output of the ppo stage" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (out / "ppo").iterdir()) == before and (out / "ppo" / "model").is_dir()
     assert main(["eval", str(tmp_path / "e.yaml"), *args, "gold=maybe", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "gold: must be auto, on or off" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
