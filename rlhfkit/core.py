@@ -31,10 +31,13 @@ __all__ = [
     "KL_KINDS",
     "approx_kl",
     "compute_gae",
+    "critic_free_advantages",
     "ensemble_reward",
     "entropy_from_logits",
     "first_true_indices",
+    "kl_penalty_loss",
     "kl_per_token",
+    "loss_weight",
     "logprobs_from_logits",
     "mask_after_eos",
     "masked_mean",
@@ -49,9 +52,13 @@ __all__ = [
 ]
 
 KL_KINDS = ("k1", "k2", "k3")
+"""The per-token KL estimators accepted by :func:`kl_per_token` (Schulman 2020)."""
 ENSEMBLE_REDUCTIONS = ("mean", "min", "mean_minus_std")
 """How :func:`ensemble_reward` combines the members' scores into one reward."""
-"""The per-token KL estimators accepted by :func:`kl_per_token` (Schulman 2020)."""
+ALGORITHMS = ("ppo", "rloo", "grpo")
+"""The RL stage's estimators: PPO with a value model and GAE; RLOO and GRPO without one."""
+LOSS_TYPES = ("dapo", "dr_grpo")
+"""How token losses are aggregated (TRL's ``loss_type`` names), see :func:`loss_weight`."""
 
 _WHITEN_EPS = 1e-8
 
@@ -331,6 +338,80 @@ def grpo_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4
     rewards = _groups(rewards, "grpo_advantages")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
+
+
+def critic_free_advantages(algorithm: str, scores: torch.Tensor, kl_seq: torch.Tensor, num_generations: int,
+                           kl_coef: float, scale_rewards: bool = True) -> torch.Tensor:
+    """One advantage per episode for the estimators without a value model, as TRL computes them.
+
+    Episodes come in groups of k = ``num_generations`` consecutive samples of one prompt.
+
+        rloo:  r_i = s_i − β · KL_i,  A = :func:`rloo_advantages` (r)     (KL in the reward)
+        grpo:  A = :func:`grpo_advantages` (s, scale_rewards)           (KL in the loss: :func:`kl_penalty_loss`)
+
+    where s_i is the episode's score and KL_i its per-token KL summed over the response (with
+    k1, Σ_t log π_old − log π_ref, as TRL's RLOOTrainer). As a reward, the k1 sum is an unbiased estimate of the
+    sequence's KL(π ‖ π_ref), and the score-function gradient of s − β·KL is an unbiased gradient
+    of the KL-regularised objective (RLOO's derivation; the missing ∇ log π inside the reward has
+    expectation 0).
+
+    Args:
+        scores: ``[B]`` shaped scores, B = prompts × k.
+        kl_seq: ``[B]`` KL_i (used by rloo only).
+
+    Returns:
+        ``[B]``; every token of a response gets its episode's advantage.
+    """
+    if algorithm not in ("rloo", "grpo"):
+        raise ValueError(f"critic_free_advantages: algorithm must be 'rloo' or 'grpo', got {algorithm!r}")
+    if scores.numel() % num_generations:
+        raise ValueError(f"{scores.numel()} episodes do not form groups of num_generations={num_generations}")
+    if algorithm == "rloo":
+        return rloo_advantages((scores - kl_coef * kl_seq).reshape(-1, num_generations)).reshape(-1)
+    return grpo_advantages(scores.reshape(-1, num_generations), scale=scale_rewards).reshape(-1)
+
+
+def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term (Shao et al. 2024, eq. 4; TRL's ``beta`` term), added to the loss as β × this:
+
+        L_KL = masked_mean( exp(ref − logp) − (ref − logp) − 1 )      (k3, per token, with gradients)
+
+    Its bias, stated: on tokens sampled from π the value is an unbiased estimate of
+    KL(π ‖ π_ref), but its gradient is, in expectation,
+        E_π[(1 − π_ref/π) ∇ log π] = −Σ_a π_ref(a) ∇ log π(a) = ∇ KL(π_ref ‖ π),
+    the gradient of the *forward* KL, not of KL(π ‖ π_ref) that the objective names (Tang & Munos
+    2025). Both are 0 at π = π_ref and pull π back toward it; they differ away from it.
+
+    Args:
+        logprobs: ``[B, T]`` current policy (with gradients); ref_logprobs: ``[B, T]`` constants.
+
+    Returns:
+        scalar, the global token mean over ``mask``.
+    """
+    m = _as_bool_mask(logprobs, mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = kl_per_token(torch.where(m, logprobs, zero), torch.where(m, ref_logprobs.to(logprobs.dtype), zero), "k3")
+    return masked_mean(kl, m)
+
+
+def loss_weight(loss_type: str, micro_tokens: torch.Tensor, minibatch_tokens: torch.Tensor,
+                minibatch_episodes: int, response_length: int) -> torch.Tensor:
+    """The factor that turns a micro-batch's token-mean loss into its share of the minibatch's loss.
+
+        dapo:     w = n_micro / N          → Σ_minibatch ℓ_t / N, the global token mean over the
+                                             N response tokens of the minibatch (PPO's; DAPO's)
+        dr_grpo:  w = n_micro / (E · R)    → Σ_minibatch ℓ_t / (E · R), a constant divisor: no
+                                             length normalisation (Dr. GRPO, Liu et al. 2025)
+
+    with n_micro the micro-batch's response tokens, E the minibatch's episodes and R the
+    response length. Summing w × (the micro-batch's token mean) over the micro-batches gives
+    the minibatch loss, whatever the split.
+    """
+    if loss_type == "dapo":
+        return micro_tokens / minibatch_tokens
+    if loss_type == "dr_grpo":
+        return micro_tokens / (minibatch_episodes * response_length)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
 def shaped_scores(scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_penalty: float | None = None,

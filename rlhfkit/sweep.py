@@ -215,6 +215,7 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlhfkit import compare
     from rlhfkit.report import best_budget_sentence, plot_overoptimization, render_page
 
     plots = out / "plots"
@@ -234,13 +235,14 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
         fig.savefig(plots / f"gold_vs_{key}.png", dpi=110)
         plt.close(fig)
         figures.append((f"gold_vs_{key}.png", f"PPO gold score against {key} (one point per run, ± 1 SE)"))
-    curves, sentences = [], []
+    curves, sentences, seeded_curves = [], [], []
     for r in rows:
         path = out / "runs" / r["run"] / "eval" / "curve.json"
         if path.is_file():
             curve = read_json(path)
             label = ", ".join(f"{k}={r[k]}" for k in varied if k in r)
             curves.append((label, curve))
+            seeded_curves.append((r.get("seed"), curve))
             if curve.get("best"):
                 sentences.append(f"{label}: {best_budget_sentence(curve)}")
     if curves:
@@ -255,12 +257,29 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
         b = curve["best"]
         best_line = (f"Best KL budget over all runs: {label}, update {b['update']}: KL {b['kl']:.2f} nats "
                      f"(sqrt {b['sqrt_kl']:.2f}), gold {b['gold']:.3f} ± {b['gold_se']:.3f}.")
+    # configurations compared over seeds (e.g. one per RL algorithm), best-of-n on the same axes
+    groups = compare.group_runs(rows, varied)
+    bon = compare.best_of_n_gains(seeded_curves)
+    budget_lines = compare.winners(groups, bon)
+    write_text_atomic(out / "comparison.csv", _csv_text(groups))
+    if any(g.get("eval.gold_gain") is not None for g in groups):
+        compare.plot_gain_vs_kl(groups, bon, plots / "gain_vs_kl.png")
+        figures.insert(0, ("gain_vs_kl.png", "Gold gain over SFT against sqrt(KL to SFT): each configuration's mean "
+                                             "over seeds (± 1 SE across seeds); best-of-n from the same SFT samples"))
+
+    def pm(g: Mapping[str, Any], key: str) -> str:
+        value, se = g.get(key), g.get(key + "_se")
+        return "–" if value is None else f"{value:.3g}" + (f" ± {se:.2g}" if se is not None else "")
+
+    comparison = {"columns": ["configuration", "seeds"] + [label for _, label in compare.FIGURES],
+                  "rows": [[g["config"], str(g["seeds"])] + [pm(g, key) for key, _ in compare.FIGURES] for g in groups]}
     columns = _columns(rows)
 
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v))
 
     page = render_page("sweep_report.html.j2", out=str(out), varied=varied, best_line=best_line, sentences=sentences,
+                       comparison=comparison, budget_lines=budget_lines,
                        plots=[(f"plots/{n}", t) for n, t in figures], columns=columns,
                        rows=[[cell(r.get(c)) for c in columns] for r in rows], runs=[r["run"] for r in rows])
     write_text_atomic(out / "report.html", page)

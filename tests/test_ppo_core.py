@@ -26,7 +26,10 @@ from rlhfkit.core import (
     masked_mean,
     masked_var,
     policy_loss,
+    critic_free_advantages,
     grpo_advantages,
+    kl_penalty_loss,
+    loss_weight,
     rewards_with_kl,
     rloo_advantages,
     shaped_scores,
@@ -568,6 +571,65 @@ def test_grpo_group_normalised_and_dr_grpo_by_hand():
     assert torch.equal(grpo_advantages(torch.full((2, 4), 0.7)), torch.zeros(2, 4))  # equal rewards: 0, not NaN
     with pytest.raises(ValueError, match="at least 2 samples"):
         grpo_advantages(torch.ones(3, 1))
+
+
+def test_critic_free_advantages_by_hand():
+    # two prompts x k = 2: scores 1, 3 | 0, 0; KL of each response 2, 0 | 1, 3; beta 0.5
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    kl_seq = torch.tensor([2.0, 0.0, 1.0, 3.0])
+    # rloo: r = s - 0.5 KL = 0, 3 | -0.5, -1.5; k = 2 -> A_i = r_i - r_other = -3, 3 | 1, -1
+    close(critic_free_advantages("rloo", scores, kl_seq, 2, 0.5), [-3.0, 3.0, 1.0, -1.0])
+    # grpo: KL stays out of the advantage; group 0: mean 2, std sqrt(2) -> -/+ 1/sqrt2; group 1: equal -> 0
+    s2 = math.sqrt(2) + 1e-4
+    close(critic_free_advantages("grpo", scores, kl_seq, 2, 0.5), [-1 / s2, 1 / s2, 0.0, 0.0])
+    close(critic_free_advantages("grpo", scores, kl_seq, 2, 0.5, scale_rewards=False), [-1.0, 1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="groups of num_generations=3"):
+        critic_free_advantages("rloo", scores, kl_seq, 3, 0.5)
+    with pytest.raises(ValueError, match="'rloo' or 'grpo'"):
+        critic_free_advantages("ppo", scores, kl_seq, 2, 0.5)
+
+
+def test_kl_penalty_loss_value_and_its_gradient_by_hand():
+    # one row, tokens 1-2 real, token 3 padding (garbage there changes nothing)
+    logp = torch.tensor([[math.log(0.5), math.log(0.2), float("nan")]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.4), 7.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # k3 = r - 1 - log r with r = ref / p: token 1 r = 0.5 -> 0.5 - 1 + ln 2; token 2 r = 2 -> 1 - ln 2
+    loss = kl_penalty_loss(logp, ref, mask)
+    close(loss, ((0.5 - 1 + math.log(2)) + (1 - math.log(2))) / 2)
+    loss.backward()
+    # d k3 / d logp = 1 - r, over 2 tokens: (1 - 0.5) / 2, (1 - 2) / 2, padding 0
+    close(logp.grad, [[0.25, -0.5, 0.0]])
+
+
+def test_kl_penalty_loss_gradient_is_the_forward_kl_gradient_on_policy():
+    # the bias the docstring states: E_{a~pi}[grad k3(a)] = grad KL(ref || pi), not grad KL(pi || ref)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.4, -0.6]), 0)
+    logpi = torch.log_softmax(theta, 0)
+    pi = logpi.exp().detach()
+    # the exact expectation over the 3 actions of the per-sample loss's gradient
+    expected_k3 = sum(pi[a] * kl_per_token(logpi[a], ref[a], "k3") for a in range(3))
+    g_k3, = torch.autograd.grad(expected_k3, theta, retain_graph=True)
+    forward_kl = (ref.exp() * (ref - logpi)).sum()
+    g_fwd, = torch.autograd.grad(forward_kl, theta, retain_graph=True)
+    reverse_kl = (logpi.exp() * (logpi - ref)).sum()
+    g_rev, = torch.autograd.grad(reverse_kl, theta)
+    close(g_k3, g_fwd)
+    assert (g_k3 - g_rev).abs().max() > 1e-3
+
+
+def test_loss_weight_sums_micro_batches_to_the_minibatch_aggregate():
+    # per-token losses of 2 episodes (response length R = 4), split into 2 micro-batches of one episode
+    losses = [torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([4.0, 4.0, 4.0, 6.0])]
+    masks = [torch.tensor([1, 1, 0, 0]), torch.tensor([1, 1, 1, 1])]
+    total_tokens = torch.tensor(6.0)
+    parts = {t: sum(loss_weight(t, m.sum(), total_tokens, 2, 4) * masked_mean(l, m) for l, m in zip(losses, masks))
+             for t in ("dapo", "dr_grpo")}
+    close(parts["dapo"], (1 + 2 + 4 + 4 + 4 + 6) / 6)  # token mean over the minibatch
+    close(parts["dr_grpo"], (1 + 2 + 4 + 4 + 4 + 6) / (2 * 4))  # token sum over episodes x R
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        loss_weight("grpo", total_tokens, total_tokens, 2, 4)
 
 
 def test_shaped_scores_by_hand():

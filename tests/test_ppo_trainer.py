@@ -1219,3 +1219,93 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(world, tmp_path, capsys):
     wa, wb = _weights(tmp_path / "straight" / "model"), _weights(out / "model")
     for key in wa:  # the resumed run is the uninterrupted one
         torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# 12. the critic-free estimators: rloo and grpo on the same loop
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_critic_free_estimator_learns_the_toy_reward_without_a_value_model(world, tmp_path, algorithm):
+    out = tmp_path / algorithm
+    config = small_config(world, out, algorithm=algorithm, num_generations=4, num_updates=10, rollout_batch_size=16,
+                          per_device_train_batch_size=8, learning_rate=1e-2, save_steps=5)
+    result = train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    rows = read_rows(out / "metrics.jsonl")
+    scores = [r["objective/scores"] for r in rows]
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert last - first >= 0.25 and last >= 0.7, scores
+    assert all(r["objective/kl"] < 30 for r in rows)  # nats per 6-token response; log(V) x 6 is ~35
+    for row in rows:  # no value model: no value loss; grpo logs its KL loss term, rloo has none
+        assert "loss/value_avg" not in row and "val/clipfrac_avg" not in row
+        assert ("loss/kl_avg" in row) == (algorithm == "grpo")
+    assert not list((out / "checkpoints").glob("*/value.safetensors"))
+    # the memory it saves, counted: ppo holds policy + value + reference (+ no reward model with reward_fn)
+    ppo = train_ppo(small_config(world, tmp_path / "ppo", num_updates=1), prompts=world.prompts, reward_fn=has_digit)
+    n_policy = sum(p.numel() for p in world.policy.parameters())
+    assert result.metrics["params_held"] == 2 * n_policy  # policy + reference
+    assert ppo.metrics["params_held"] > result.metrics["params_held"] + 0.9 * n_policy  # + a value model
+    assert result.metrics["algorithm"] == algorithm
+
+
+def test_each_prompt_is_sampled_num_generations_times_in_a_row(world, tmp_path, monkeypatch):
+    records = _spy_rollouts(monkeypatch)
+    train_ppo(small_config(world, tmp_path / "groups", algorithm="rloo", num_generations=4, num_updates=2,
+                           rollout_batch_size=16, per_device_train_batch_size=8), prompts=world.prompts, reward_fn=has_digit)
+    for update, (prompts, rollout, texts) in enumerate(records.rollouts):
+        groups = [prompts[i:i + 4] for i in range(0, 16, 4)]
+        assert all(g == [g[0]] * 4 for g in groups)
+        expected = [world.prompts[i] for i in batch_indices(update, 4, len(world.prompts), 0)]
+        assert [g[0] for g in groups] == expected  # 16 / 4 = 4 prompts per update, the seeded order
+        assert len(set(texts)) > 4  # samples of one prompt differ
+
+
+def test_grpo_resume_without_a_value_model_equals_the_uninterrupted_run(world, tmp_path):
+    kwargs = dict(algorithm="grpo", num_generations=2, num_updates=4, save_steps=2, learning_rate=1e-2, kl_coef=0.1)
+    train_ppo(small_config(world, tmp_path / "straight", **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=_crash_at_call(3))
+    train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=has_digit)
+    rows_a, rows_b = read_rows(tmp_path / "straight" / "metrics.jsonl"), read_rows(out / "metrics.jsonl")
+    assert len(rows_a) == len(rows_b) == 4
+    for a, b in zip(rows_a, rows_b):
+        for key in set(a) - TIME_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"algorithm": "grpo", "num_generations": 1}, "num_generations: grpo needs at least 2 samples per prompt"),
+    ({"algorithm": "rloo", "num_generations": 1}, "num_generations: rloo needs at least 2 samples per prompt"),
+    ({"algorithm": "rloo", "num_generations": 3}, "rollout_batch_size=16 is not whole groups of num_generations=3"),
+    ({"algorithm": "rloo", "num_generations": 2, "value_warmup_updates": 1}, "value_warmup_updates: rloo has no value"),
+    ({"algorithm": "dpo"}, "algorithm: must be one of 'ppo', 'rloo', 'grpo', got 'dpo'"),
+    ({"loss_type": "grpo"}, "loss_type: must be one of 'dapo', 'dr_grpo', got 'grpo'"),
+])
+def test_critic_free_settings_that_cannot_work_are_refused_in_one_line(change, expected, monkeypatch):
+    from rlhfkit.config import load_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_config(PPOStageConfig, {**BASE, **change})
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_refuses_grpo_with_one_sample_per_prompt_in_one_line(world, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    config = tmp_path / "grpo.yaml"
+    config.write_text(f"model: {world.policy_dir}\nreward_model: {world.rm_dir}\noutput_dir: {tmp_path / 'o'}\n"
+                      "algorithm: grpo\nnum_generations: 1\nnum_updates: 1\n")
+    capsys.readouterr()
+    assert main(["ppo", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_generations: grpo needs at least 2 samples per prompt" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_num_generations_defaults_to_one_for_ppo_and_four_for_the_group_estimators():
+    sizes = {a: PPOStageConfig(model="x", num_updates=1, algorithm=a) for a in ("ppo", "rloo", "grpo")}
+    assert {a: (c.generations, c.prompts_per_update) for a, c in sizes.items()} == {
+        "ppo": (1, 64), "rloo": (4, 16), "grpo": (4, 16)}  # the same 64 episodes per update
+    assert all(c.validate() == [] for c in sizes.values())
+    assert "16 prompts x num_generations 4" in sizes["grpo"].batch_arithmetic()

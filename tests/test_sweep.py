@@ -165,3 +165,36 @@ def test_sweep_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "sw"), "--grid", "ppo.num_mini_batches=3"]) == 2
     assert "run 000-ppo.num_mini_batches=3-seed=0" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()  # nothing is started when any run's config is wrong
+
+
+def test_a_sweep_over_rl_methods_shares_sft_and_reward_and_compares_them_over_seeds(tmp_path):
+    """`--grid ppo.algorithm=ppo,rloo --seeds 2`: one SFT and reward model per seed, shared by both
+    methods; each method the same episodes; comparison.csv and the report average over the seeds."""
+    out = tmp_path / "methods"
+    result = run_sweep(TINY, {"ppo.algorithm": ["ppo", "rloo"]}, out, seeds=2, log=lambda _: None,
+                       overrides=["eval.best_of_n=[1,2]", "ppo.num_updates=2", "eval.max_prompts=8"])
+    assert result.stage_runs == {"world": 2, "data": 2, "model": 2, "sft": 2, "reward": 2, "ppo": 4, "eval": 4}
+    runs = {r.name: r for r in (out / "runs").iterdir()}
+    assert sorted(runs) == ["000-ppo.algorithm=ppo-seed=0", "001-ppo.algorithm=ppo-seed=1",
+                            "002-ppo.algorithm=rloo-seed=0", "003-ppo.algorithm=rloo-seed=1"]
+    for seed in (0, 1):
+        ppo, rloo = runs[f"00{seed}-ppo.algorithm=ppo-seed={seed}"], runs[f"00{seed + 2}-ppo.algorithm=rloo-seed={seed}"]
+        assert (ppo / "sft").resolve() == (rloo / "sft").resolve()
+        assert (ppo / "reward").resolve() == (rloo / "reward").resolve()
+        a, b = (json.loads((r / "ppo" / "metrics.json").read_text()) for r in (ppo, rloo))
+        assert (a["algorithm"], b["algorithm"]) == ("ppo", "rloo")
+        assert a["episode"] == b["episode"] == 2 * 16  # the same sampled episodes
+        assert b["params_held"] < a["params_held"]  # no value model
+    assert (runs["000-ppo.algorithm=ppo-seed=0"] / "sft").resolve() != (runs["001-ppo.algorithm=ppo-seed=1"] / "sft").resolve()
+    groups = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [g["config"] for g in groups] == ["ppo.algorithm=ppo", "ppo.algorithm=rloo"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for g in groups:
+        gains = [float(r["eval.gold_gain"]) for r in rows if f"ppo.algorithm={r['ppo.algorithm']}" == g["config"]]
+        assert g["seeds"] == "2" and float(g["eval.gold_gain"]) == pytest.approx(sum(gains) / 2)
+        assert float(g["eval.gold_gain_se"]) == pytest.approx(abs(gains[0] - gains[1]) / 2)
+        assert float(g["ppo.wall_time_s"]) > 0
+    html = (out / "report.html").read_text()
+    assert "Compared over seeds" in html and "Which wins at each KL budget" in html, html
+    assert html.count("KL ≤ ") == 3, html  # a budget at each method's KL and at best-of-2's
+    assert (out / "plots" / "gain_vs_kl.png").stat().st_size > 10_000

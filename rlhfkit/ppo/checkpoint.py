@@ -96,7 +96,8 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
             save_model(module.policy, str(tmp / POLICY_FILE))
-            save_model(module.value, str(tmp / "value.safetensors"))
+            if module.value is not None:  # rloo / grpo have none
+                save_model(module.value, str(tmp / "value.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
                       str(tmp / "rng.safetensors"))
@@ -119,7 +120,8 @@ def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int
     """Restore every piece of state; returns (updates done, seconds spent so far)."""
     state = read_json(path / "state.json")
     load_model(module.policy, str(path / POLICY_FILE))
-    load_model(module.value, str(path / "value.safetensors"))
+    if module.value is not None:
+        load_model(module.value, str(path / "value.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])

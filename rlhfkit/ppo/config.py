@@ -1,8 +1,9 @@
-"""The PPO stage's config, and its batch arithmetic said once.
+"""The RL stage's config (PPO, RLOO or GRPO: ``algorithm``), and its batch arithmetic said once.
 
 Sizes are counted in episodes (one prompt, one sampled response):
 
     rollout_batch_size        episodes sampled per update, across all processes
+                              = prompts per update x num_generations (samples of each prompt)
     mini_batch_size           = rollout_batch_size / num_mini_batches  (one optimizer step each)
     per_device_train_batch_size   episodes per forward/backward on one process
     gradient_accumulation_steps   = mini_batch_size / (per_device_train_batch_size x processes)
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import field
+from rlhfkit.core import ALGORITHMS, LOSS_TYPES
+
+
+DEFAULT_GROUP = 4  # rloo / grpo samples per prompt when num_generations is not set
 
 
 def world_size() -> int:
@@ -32,6 +37,10 @@ def world_size() -> int:
 class PPOStageConfig:
     # --- inputs and outputs
     model: str = field(help="policy to align: the SFT stage's folder, a Hugging Face folder or a hub id")
+    algorithm: Literal["ppo", "rloo", "grpo"] = field(
+        "ppo", help="ppo: clipped policy loss with a value model and GAE (KL in the per-token reward); rloo: "
+                    "leave-one-out baseline over num_generations samples per prompt (KL in the reward); grpo: "
+                    "group-normalised advantages (KL as a k3 loss term). rloo and grpo load no value model")
     reward_model: str | list[str] | None = field(None, help="reward model folder (the reward stage's output), or a list of "
                                                          "them: an ensemble (see ensemble_reduction); or pass reward_fn in Python")
     data: str | None = field(None, help="prompts: a data-build folder (its user turns) or a dataset folder with a 'prompt' column")
@@ -48,6 +57,9 @@ class PPOStageConfig:
     per_device_train_batch_size: int = field(16, help="episodes per forward/backward on one process (micro-batch)")
     rollout_forward_batch_size: int = field(64, help="episodes per forward while sampling and scoring, per process")
     num_ppo_epochs: int = field(4, help="passes over each rollout batch")
+    num_generations: int | None = field(None, help="samples of each prompt per update (TRL's name); null = 1 for ppo, "
+                                                   f"{DEFAULT_GROUP} for rloo and grpo (they compare a prompt's samples "
+                                                   "with each other, so they need at least 2)")
     # --- sampling
     response_length: int = field(48, help="most tokens sampled per response")
     temperature: float = field(1.0, help="sampling temperature; log-probs for the loss use the same temperature")
@@ -70,6 +82,10 @@ class PPOStageConfig:
     lam: float = field(0.95, help="GAE lambda")
     whiten_rewards: bool = field(False, help="whiten per-token rewards before GAE (mean kept)")
     score_clip: float | None = field(None, help="clip reward-model scores to [-score_clip, score_clip]; null = off")
+    scale_rewards: bool = field(True, help="grpo: divide each group's centred scores by their std (false = Dr. GRPO)")
+    loss_type: Literal["dapo", "dr_grpo"] = field(
+        "dapo", help="token losses aggregated as dapo: the minibatch's token mean; dr_grpo: their sum over "
+                     "episodes x response_length (no length normalisation, Dr. GRPO)")
     cliprange: float = field(0.2, help="policy ratio clip epsilon")
     cliprange_value: float = field(0.2, help="value clip epsilon")
     vf_coef: float = field(0.1, help="weight of the value loss")
@@ -107,8 +123,19 @@ class PPOStageConfig:
                      "rollout_forward_batch_size", "num_ppo_epochs", "response_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_generations is not None and self.num_generations < 1:
+            problems.append(f"num_generations must be at least 1, got {self.num_generations}")
         if problems:
             return problems
+        if self.algorithm not in ALGORITHMS:
+            problems.append(f"algorithm: {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        elif self.algorithm != "ppo" and self.generations < 2:
+            problems.append(f"num_generations: {self.algorithm} needs at least 2 samples per prompt (each sample's "
+                            f"baseline comes from the others), got {self.generations}")
+        elif self.algorithm != "ppo" and self.value_warmup_updates:
+            problems.append(f"value_warmup_updates: {self.algorithm} has no value model to warm up; set it to 0")
+        if self.loss_type not in LOSS_TYPES:
+            problems.append(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         if (self.total_episodes is None) == (self.num_updates is None):
             problems.append("set exactly one of total_episodes and num_updates")
         elif self.num_updates is not None and self.num_updates < 1:
@@ -133,6 +160,9 @@ class PPOStageConfig:
             )
         if self.rollout_batch_size % n:
             problems.append(f"rollout_batch_size={self.rollout_batch_size} does not split over {n} processes")
+        elif self.algorithm in ALGORITHMS and (self.rollout_batch_size // n) % self.generations:
+            problems.append(f"rollout_batch_size={self.rollout_batch_size} is not whole groups of num_generations="
+                            f"{self.generations} samples on each of {n} process(es) (a group is compared on one process)")
         if self.temperature <= 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.kl_coef < 0:
@@ -199,6 +229,21 @@ class PPOStageConfig:
         return self.num_updates if self.num_updates is not None else self.total_episodes // self.rollout_batch_size
 
     @property
+    def generations(self) -> int:
+        """Samples of each prompt per update: ``num_generations``, or the algorithm's default."""
+        if self.num_generations is not None:
+            return self.num_generations
+        return 1 if self.algorithm == "ppo" else DEFAULT_GROUP
+
+    @property
+    def prompts_per_update(self) -> int:
+        return self.rollout_batch_size // self.generations
+
+    @property
+    def uses_value_model(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
     def optimizer_steps_per_update(self) -> int:
         return self.num_ppo_epochs * self.num_mini_batches
 
@@ -206,8 +251,9 @@ class PPOStageConfig:
         """The derived sizes, in one block, printed at start."""
         n = self.num_processes
         return "\n".join([
-            f"PPO batch arithmetic ({n} process{'es' if n > 1 else ''}):",
-            f"  episodes per update (rollout_batch_size)    {self.rollout_batch_size}  ({self.local_rollout_batch_size} per process, one response per prompt)",
+            f"{self.algorithm.upper()} batch arithmetic ({n} process{'es' if n > 1 else ''}):",
+            f"  episodes per update (rollout_batch_size)    {self.rollout_batch_size}  ({self.local_rollout_batch_size} per process; "
+            f"{self.prompts_per_update} prompts x num_generations {self.generations})",
             f"  minibatch = rollout_batch_size / num_mini_batches = {self.rollout_batch_size} / {self.num_mini_batches} = {self.mini_batch_size}",
             f"  micro-batch per process (per_device_train_batch_size) {self.per_device_train_batch_size}",
             f"  gradient accumulation = {self.mini_batch_size} / ({self.per_device_train_batch_size} x {n}) = {self.gradient_accumulation_steps}",

@@ -1,11 +1,15 @@
-"""RLHF-PPO (Ziegler et al. 2019; Ouyang et al. 2022) on transformers + accelerate.
+"""RLHF with PPO (Ziegler et al. 2019; Ouyang et al. 2022), RLOO (Ahmadian et al. 2024) or GRPO
+(Shao et al. 2024) on transformers + accelerate: one loop, ``algorithm`` picks the advantages.
 
 One update, top to bottom:
-  1. take the next ``rollout_batch_size`` prompts (order fixed by seed and update index);
+  1. take the next ``rollout_batch_size / num_generations`` prompts (order fixed by seed and
+     update index), each ``num_generations`` times;
   2. ``make_rollout``: sample, truncate at EOS, score with reference / value / reward;
-  3. per-token rewards = -beta * KL + score at the last response token; GAE; whiten A;
+  3. advantages: ppo: per-token rewards = -beta * KL + score at the last response token; GAE;
+     whiten A.  rloo / grpo: one advantage per episode from its group (``critic_free_advantages``);
   4. ``ppo_update``: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps of the clipped
-     policy loss + vf_coef x clipped value loss, each a global token mean over the minibatch;
+     policy loss (+ vf_coef x clipped value loss for ppo; + beta x k3 KL for grpo), aggregated
+     as ``loss_type`` says over the minibatch;
   5. adapt beta (adaptive KL), log one metrics row (TRL's keys), checkpoint every N updates.
 
 The math lives in ``rlhfkit.core``; sampling and scoring in the rollout engine
@@ -33,8 +37,11 @@ from rlhfkit.core import (
     FixedKLController,
     approx_kl,
     compute_gae,
+    critic_free_advantages,
+    kl_penalty_loss,
     kl_per_token,
     logprobs_from_logits,
+    loss_weight,
     masked_mean,
     policy_loss,
     rewards_with_kl,
@@ -51,16 +58,18 @@ MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 
 
 class PolicyAndValue(torch.nn.Module):
-    """Policy and value model as one module, so accelerate wraps (DDP, FSDP, ...) and syncs both."""
+    """Policy and value model as one module, so accelerate wraps (DDP, FSDP, ...) and syncs both.
 
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+    ``value`` is None for the critic-free estimators (rloo, grpo): no value model is loaded."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None):
         super().__init__()
         self.policy = policy
         self.value = value
 
     def forward(self, input_ids, attention_mask, response_length: int):
         logits = response_logits(self.policy, input_ids, attention_mask, response_length)
-        values = token_values(self.value, input_ids, attention_mask, response_length)
+        values = None if self.value is None else token_values(self.value, input_ids, attention_mask, response_length)
         return logits, values
 
 
@@ -171,8 +180,9 @@ def make_rollout(
             ref_logits = response_logits(ref_policy, input_ids, attention_mask, width)
         ref_logprobs = logprobs_from_logits(ref_logits, response_ids, config.temperature) * response_mask
         del ref_logits
-        # (4) values
-        values = token_values(module.value, input_ids, attention_mask, width) * response_mask
+        # (4) values (none without a value model)
+        values = (torch.zeros_like(ref_logprobs) if module.value is None
+                  else token_values(module.value, input_ids, attention_mask, width) * response_mask)
         # (5) scores
         raw, score_std = scorer(input_ids, attention_mask, prompts[start:start + step], gen.texts)
         scores = shaped_scores(raw, gen.has_eos, config.missing_eos_penalty, config.score_clip)
@@ -223,14 +233,18 @@ def ppo_update(
     generator: torch.Generator,
     train_policy: bool = True,
     demonstrations: Demonstrations | None = None,
+    kl_coef: float = 0.0,
 ) -> dict[str, float]:
     """``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps over this process's episodes.
 
     ``train_policy=False`` (critic warm-up) drops the policy loss: the policy gets zero
     gradients, so AdamW (whose moments are still zero) leaves it unchanged.
 
-    Each micro-batch's loss is weighted so that the accumulated gradient is the token mean over
-    the whole minibatch on all processes, whatever the split into micro-batches (docs/pitfalls.md#8).
+    Each micro-batch's loss is weighted (``loss_weight``) so that the accumulated gradient is the
+    ``loss_type`` aggregate (dapo: the token mean) over the whole minibatch on all processes,
+    whatever the split into micro-batches (docs/pitfalls.md#8). Without a value model there is no
+    value loss; with grpo, ``kl_coef`` x the k3 KL to the reference joins the loss (``kl_coef`` is
+    the controller's beta of this update).
     With ``demonstrations`` and ``ptx_coef`` > 0 (PPO-ptx), each micro-batch also adds
     ``ptx_coef`` x the NLL of ``per_device_train_batch_size`` random demonstrations, so each
     optimizer step's gradient gains ``ptx_coef`` x the mean NLL over its demonstration batches.
@@ -246,13 +260,14 @@ def ppo_update(
     mb_stats_all: list[torch.Tensor] = []
     ptx = demonstrations is not None and config.ptx_coef > 0 and train_policy
     ptx_losses: list[torch.Tensor] = []
+    kl_term = config.algorithm == "grpo" and kl_coef > 0
     stop_early = False
     for _epoch in range(config.num_ppo_epochs):
         order = torch.randperm(local, generator=generator, device=generator.device)
         for mb_start in range(0, local, mini):
             mb = order[mb_start:mb_start + mini]
             minibatch_tokens = accelerator.reduce(rollout.response_mask[mb.to(device)].sum().float(), reduction="sum")
-            mb_stats = torch.zeros(5, device=device)
+            mb_stats = torch.zeros(6, device=device)
             for mc_start in range(0, mini, micro):
                 idx = mb[mc_start:mc_start + micro]
                 batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
@@ -271,18 +286,28 @@ def ppo_update(
                     del logits
                     pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
                                                        config.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
-                                                      config.cliprange_value)
-                    # masked means over this micro-batch -> its share of the minibatch token mean;
+                    loss = pg_loss if train_policy else 0.0 * pg_loss
+                    if new_values is not None:
+                        vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
+                                                          config.cliprange_value)
+                        loss = loss + config.vf_coef * vf_loss
+                    else:
+                        vf_loss = vf_clipfrac = torch.zeros((), device=device)
+                    kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m) if kl_term \
+                        else torch.zeros((), device=device)
+                    if kl_term:
+                        loss = loss + kl_coef * kl_loss
+                    # masked means over this micro-batch -> its share of the minibatch loss;
                     # accelerate divides by the accumulation steps and DDP averages over processes.
-                    share = m.sum() / minibatch_tokens * accumulation * accelerator.num_processes
-                    loss = ((pg_loss if train_policy else 0.0 * pg_loss) + config.vf_coef * vf_loss) * share
+                    share = loss_weight(config.loss_type, m.sum(), minibatch_tokens, config.mini_batch_size,
+                                        config.response_length) * accumulation * accelerator.num_processes
+                    loss = loss * share
                     if not torch.isfinite(loss):
                         raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         unwrapped = accelerator.unwrap_model(module)
-                        for part in (unwrapped.policy, unwrapped.value):
+                        for part in (p for p in (unwrapped.policy, unwrapped.value) if p is not None):
                             norm = accelerator.clip_grad_norm_(
                                 [p for p in part.parameters() if p.requires_grad], config.max_grad_norm)
                             if norm is not None and not math.isfinite(float(norm)):
@@ -294,7 +319,8 @@ def ppo_update(
                 with torch.no_grad():
                     weight = m.sum() / minibatch_tokens * accelerator.num_processes
                     kl = approx_kl(new_logprobs, batch["logprobs"], m)
-                    mb_stats += weight * torch.stack([kl, pg_clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac])
+                    mb_stats += weight * torch.stack([kl, pg_clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac,
+                                                      kl_loss.detach()])
             mb_stats = accelerator.reduce(mb_stats, reduction="mean") if accelerator.num_processes > 1 else mb_stats
             mb_stats_all.append(mb_stats)
             if config.target_kl is not None and mb_stats[0].item() > config.target_kl:
@@ -303,7 +329,11 @@ def ppo_update(
         if stop_early:
             break
     means = torch.stack(mb_stats_all).mean(0).tolist()
-    out = dict(zip(("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac"), means))
+    out = dict(zip(("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "kl_loss"), means))
+    if accelerator.unwrap_model(module).value is None:
+        del out["vf_loss"], out["vf_clipfrac"]
+    if not kl_term:
+        del out["kl_loss"]
     out["early_stopped"] = float(stop_early)
     if ptx_losses:
         ptx_mean = torch.stack(ptx_losses).mean()
@@ -321,7 +351,7 @@ def micro_batch(rollout: Rollout, advantages: torch.Tensor, returns: torch.Tenso
     """
     response = {
         "response_ids": rollout.response_ids, "mask": rollout.response_mask, "logprobs": rollout.logprobs,
-        "values": rollout.values, "advantages": advantages, "returns": returns,
+        "ref_logprobs": rollout.ref_logprobs, "values": rollout.values, "advantages": advantages, "returns": returns,
     }
     batch = {key: value[idx, :width] for key, value in response.items()}
     batch["input_ids"] = torch.cat([rollout.query_ids[idx], batch["response_ids"]], 1)
@@ -478,8 +508,9 @@ def metrics_row(update: int, rollout_batch_size: int, episode_stats: dict[str, f
         "policy/approxkl_avg": train_stats["approxkl"],
         "policy/clipfrac_avg": train_stats["clipfrac"],
         "loss/policy_avg": train_stats["pg_loss"],
-        "loss/value_avg": train_stats["vf_loss"],
-        "val/clipfrac_avg": train_stats["vf_clipfrac"],
+        **({"loss/value_avg": train_stats["vf_loss"], "val/clipfrac_avg": train_stats["vf_clipfrac"]}
+           if "vf_loss" in train_stats else {}),
+        **({"loss/kl_avg": train_stats["kl_loss"]} if "kl_loss" in train_stats else {}),
         "policy/early_stopped": train_stats["early_stopped"],
         **({"loss/ptx_avg": train_stats["ptx_loss"]} if "ptx_loss" in train_stats else {}),
         "lr": lr,
@@ -595,7 +626,8 @@ def train_ppo(
         problems.append("model: set the policy to align (the SFT stage's folder)")
     if reward_fn is None and reward_model is None and config.reward_model is None:
         problems.append("reward_model: set it (the reward stage's folder) or pass reward_fn")
-    elif value_model is None and config.value_model == "reward" and reward_model is None and config.reward_model is None:
+    elif (config.uses_value_model and value_model is None and config.value_model == "reward" and reward_model is None
+          and config.reward_model is None):
         problems.append("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
     problems.extend(_scheduler_problems(config))
     if problems:
@@ -630,8 +662,10 @@ def train_ppo(
     ptx_data = None if conversations is None else Demonstrations.encode(
         tokenizer, conversations, config.max_prompt_length, config.response_length)
     scorer, reward_path = load_scorer(config, tokenizer, reward_model, reward_tokenizer, reward_fn,
-                                      value_from_reward=value_model is None and config.value_model == "reward")
-    value_model = load_value_model(config, tokenizer, policy, policy_path, reward_path, value_model)
+                                      value_from_reward=config.uses_value_model and value_model is None
+                                      and config.value_model == "reward")
+    value_model = (load_value_model(config, tokenizer, policy, policy_path, reward_path, value_model)
+                   if config.uses_value_model else None)
     ref_policy = None
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -646,6 +680,8 @@ def train_ppo(
             disable_dropout(model)
     module = PolicyAndValue(policy, value_model)
     module.train()
+    # what the run holds in memory, in parameters (rloo and grpo save the value model's)
+    params_held = sum(p.numel() for m in (module, ref_policy, *scorer.models) if m is not None for p in m.parameters())
     trainable = [p for p in module.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (on CPU 4-5x faster than the default per-tensor loop)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
@@ -675,17 +711,19 @@ def train_ppo(
     from tqdm.auto import tqdm
 
     unwrapped = accelerator.unwrap_model(module)
-    local = config.local_rollout_batch_size
+    k = config.generations
+    local_prompts = config.local_rollout_batch_size // k
     started = time.perf_counter()
-    bar = tqdm(total=config.updates, initial=start_update, desc="ppo", unit="update", disable=not main, dynamic_ncols=True)
+    bar = tqdm(total=config.updates, initial=start_update, desc=config.algorithm, unit="update", disable=not main, dynamic_ncols=True)
     last_row: dict[str, float] = {}
     # the KL of the last kl_budget_window updates (after a resume, from the log the run kept)
     recent_kl = [r["objective/kl"] for r in ckpt.read_jsonl(out / "metrics.jsonl")][-config.kl_budget_window:]
     stopped_at = None
     for update in range(start_update, config.updates):
-        # 1. prompts of this update, this process's slice
-        indices = batch_indices(update, config.rollout_batch_size, len(prompt_list), config.seed)
-        indices = indices[accelerator.process_index * local:(accelerator.process_index + 1) * local]
+        # 1. prompts of this update, this process's slice, each k times in a row (a group)
+        indices = batch_indices(update, config.prompts_per_update, len(prompt_list), config.seed)
+        indices = indices[accelerator.process_index * local_prompts:(accelerator.process_index + 1) * local_prompts]
+        indices = [i for i in indices for _ in range(k)]
         batch_prompts = [prompt_list[i] for i in indices]
         # 2. rollout
         unwrapped.eval()
@@ -695,16 +733,20 @@ def train_ppo(
         # 3. rewards, advantages
         beta = kl_ctl.value
         kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * rollout.response_mask
-        rewards, _ = rewards_with_kl(rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
-                                     beta, config.kl_estimator)
-        if config.whiten_rewards:
-            rewards = whiten(rewards, rollout.response_mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, rollout.values, rollout.response_mask, config.gamma, config.lam)
-        advantages = whiten(advantages, rollout.response_mask)
+        if config.algorithm == "ppo":  # KL in the per-token reward, GAE with the value model
+            rewards, _ = rewards_with_kl(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                         rollout.response_mask, beta, config.kl_estimator)
+            if config.whiten_rewards:
+                rewards = whiten(rewards, rollout.response_mask, shift_mean=False)
+            advantages, returns = compute_gae(rewards, rollout.values, rollout.response_mask, config.gamma, config.lam)
+            advantages = whiten(advantages, rollout.response_mask)
+        else:  # rloo / grpo: one advantage per episode, from the other samples of its prompt
+            episode = critic_free_advantages(config.algorithm, rollout.scores, kl.sum(1), k, beta, config.scale_rewards)
+            advantages, returns = episode.unsqueeze(1) * rollout.response_mask, torch.zeros_like(rollout.values)
         # 4. optimise
         train_stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns,
                                  config, shuffle_gen, train_policy=update >= config.value_warmup_updates,
-                                 demonstrations=ptx_data)
+                                 demonstrations=ptx_data, kl_coef=beta)
         # 5. bookkeeping
         episode_stats = _episode_metrics(rollout, kl, beta, config)
         gold = None
@@ -753,7 +795,8 @@ def train_ppo(
         accelerator.end_training()
 
     # --- final artefacts: the policy (adapter merged) and the summary, written last
-    metrics = {"stage": "ppo", **last_row, "updates": config.updates, "updates_done": stopped_at or config.updates,
+    metrics = {"stage": "ppo", "algorithm": config.algorithm, "params_held": params_held, **last_row,
+               "updates": config.updates, "updates_done": stopped_at or config.updates,
                "stopped_at_kl_budget": stopped_at is not None,
                "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
     if main:
