@@ -354,10 +354,10 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
-# Files that mark a folder as a stage's output, and the stages that write them: the SFT and
-# reward stages write stage_config.json first (and metrics.json with its "stage" last); PPO
+# Files that mark a folder as a stage's output, and the stages that write them: the SFT, reward
+# and DPO stages write stage_config.json first (and metrics.json with its "stage" last); PPO
 # writes metrics.jsonl from its first update.
-STAGE_MARKERS = {"stage_config.json": ("sft", "reward"), "metrics.jsonl": ("ppo",)}
+STAGE_MARKERS = {"stage_config.json": ("sft", "reward", "dpo"), "metrics.jsonl": ("ppo",)}
 
 
 def other_stage(folder: str | os.PathLike, stage: str) -> str | None:

@@ -23,7 +23,9 @@ from rlhfkit.errors import RlhfkitError
 CONFIG_STAGES: dict[str, tuple[str, str, str, str]] = {
     "sft": ("rlhfkit.sft", "SFTStageConfig", "train_sft", "supervised fine-tuning on assistant turns (TRL SFTTrainer)"),
     "reward": ("rlhfkit.reward", "RewardStageConfig", "train_reward", "Bradley-Terry reward model (TRL RewardTrainer)"),
-    "ppo": ("rlhfkit.ppo", "PPOStageConfig", "train_ppo", "RLHF-PPO of the SFT policy against the reward model"),
+    "ppo": ("rlhfkit.ppo", "PPOStageConfig", "train_ppo",
+            "RL of the SFT policy against the reward model: PPO, RLOO or GRPO (algorithm)"),
+    "dpo": ("rlhfkit.dpo", "DPOStageConfig", "train_dpo", "DPO of the SFT policy on the preference pairs (TRL DPOTrainer)"),
     "eval": ("rlhfkit.evaluate", "EvalStageConfig", "evaluate_stage",
              "held-out evaluation of a policy against a reference (sampled, greedy, KL, reward, gold)"),
     "run": ("rlhfkit.pipeline", "RunConfig", "run_chain", "the whole chain: data -> model -> SFT -> reward -> PPO -> eval -> report"),

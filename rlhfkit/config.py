@@ -37,13 +37,19 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
 
 
 class Passthrough:
-    """Mixin: unknown keys that are fields of ``passthrough_class()`` go to ``trl_args``."""
+    """Mixin: unknown keys that are fields of ``passthrough_class()`` (the class ``passthrough_name``
+    names, e.g. ``trl.SFTConfig``, imported when first needed) go to ``trl_args``."""
 
     passthrough_name: ClassVar[str] = ""
 
     @classmethod
-    def passthrough_class(cls) -> type | None:  # pragma: no cover - overridden
-        return None
+    def passthrough_class(cls) -> type | None:
+        if not cls.passthrough_name:
+            return None
+        import importlib
+
+        module, _, name = cls.passthrough_name.rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
 
 class _Loader(yaml.SafeLoader):

@@ -85,7 +85,9 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection, help="starting model")
     sft: dict = field(default_factory=dict, help="SFT stage keys (see rlhfkit sft --help) without model/data/output_dir")
     reward: dict = field(default_factory=dict, help="reward stage keys (see rlhfkit reward --help)")
-    ppo: dict = field(default_factory=dict, help="PPO stage keys (see rlhfkit ppo --help)")
+    ppo: dict = field(default_factory=dict, help="RL stage keys (see rlhfkit ppo --help); ppo.algorithm: ppo, rloo or "
+                                                 "grpo, or dpo: the dpo section's stage in its place (sft -> dpo -> eval)")
+    dpo: dict = field(default_factory=dict, help="DPO stage keys (see rlhfkit dpo --help), used when ppo.algorithm is dpo")
     reward_ensemble: int = field(1, help="reward models to train (seeds seed, seed+1, ...; member 0 in reward/, the others "
                                          "in reward/members/N); with more than one, PPO optimises their combination "
                                          "(ppo.ensemble_reduction) and logs their disagreement (objective/ensemble_std)")
@@ -95,7 +97,7 @@ class RunConfig:
         """Build every stage config with placeholder paths, so all errors show before any work."""
         problems = []
         for name, cls in self.stage_classes().items():
-            section = getattr(self, name)
+            section = self.rl_section() if name == "ppo" else getattr(self, name)
             for key in WIRED_KEYS:
                 if key in section and not (name == "reward" and key == "model"):
                     problems.append(f"{name}.{key} is set by the chain; remove it")
@@ -116,12 +118,14 @@ class RunConfig:
     def _curve_problems(self, problems: list[str]) -> list[str]:
         """The over-optimisation curve needs every PPO checkpoint kept, with full weights."""
         out = [f"eval.best_of_n: n must be at least 1, got {n}" for n in self.eval.best_of_n or [] if n < 1]
+        if self.dpo_aligns and self.eval.checkpoints:
+            out.append("eval.checkpoints: the over-optimisation curve follows RL checkpoints; DPO has none (ppo.algorithm: dpo)")
         if problems or not self.eval.checkpoints:
             return out
         from rlhfkit.config import load_config
         from rlhfkit.ppo import PPOStageConfig
 
-        ppo = load_config(PPOStageConfig, {**self.ppo, **_placeholders(PPOStageConfig)})
+        ppo = load_config(PPOStageConfig, {**self.rl_section(), **_placeholders(PPOStageConfig)})
         if ppo.lora:
             out.append("eval.checkpoints needs full fine-tuning (ppo.lora: false)")
         needed = -(-ppo.num_updates // ppo.save_steps) if ppo.save_steps else 0
@@ -130,13 +134,24 @@ class RunConfig:
                        f"{needed} (num_updates {ppo.num_updates} / save_steps {ppo.save_steps}) to keep them all")
         return out
 
+    @property
+    def dpo_aligns(self) -> bool:
+        """``ppo.algorithm: dpo``: the third stage is DPO on the pairs instead of RL against the reward model."""
+        return self.ppo.get("algorithm") == "dpo"
+
+    def rl_section(self) -> dict:
+        """The ppo section as PPOStageConfig reads it. With DPO aligning, its other keys still set the
+        evaluation's sampling (temperature, response_length, max_prompt_length), as for RL."""
+        return {k: v for k, v in self.ppo.items() if k != "algorithm"} if self.dpo_aligns else self.ppo
+
     @staticmethod
     def stage_classes() -> dict[str, type]:
+        from rlhfkit.dpo import DPOStageConfig
         from rlhfkit.ppo import PPOStageConfig
         from rlhfkit.reward import RewardStageConfig
         from rlhfkit.sft import SFTStageConfig
 
-        return {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
+        return {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig, "dpo": DPOStageConfig}
 
 
 def _placeholders(cls) -> dict[str, str]:
@@ -294,6 +309,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     inputs are identical are computed once there and linked into each run.
     """
     from rlhfkit.data import DataBuildConfig, build_data
+    from rlhfkit.dpo import DPOStageConfig, train_dpo
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.reward import RewardStageConfig, train_reward
     from rlhfkit.reward.ensemble import ensemble_metrics
@@ -361,7 +377,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
             if i == 0:
                 metrics = _metrics_only(result)
         if len(members) > 1:
-            ppo_section = stage_config(PPOStageConfig, c.ppo, **_placeholders(PPOStageConfig))
+            ppo_section = stage_config(PPOStageConfig, c.rl_section(), **_placeholders(PPOStageConfig))
             metrics.update(ensemble_metrics(members, ppo_section.ensemble_reduction, ppo_section.ensemble_std_coef))
         return metrics
 
@@ -370,12 +386,16 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 
     def ppo_config(out: Path):
         members = [str(m) for m in reward_members(chain.path("reward"))]
-        return stage_config(PPOStageConfig, c.ppo, model=str(chain.path("sft")),
+        return stage_config(PPOStageConfig, c.rl_section(), model=str(chain.path("sft")),
                             reward_model=members[0] if len(members) == 1 else members, data=data_path, output_dir=str(out))
 
     gold_fn = (lambda prompts, responses: [gold_score(p, r) for p, r in zip(prompts, responses)]) if synthetic else None
-    chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
-                lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)))
+    if c.dpo_aligns:  # sft -> dpo: the pairs themselves, no reward model (it still scores the evaluation)
+        chain.stage("ppo", ["sft", "data"], {"algorithm": "dpo", **c.dpo}, lambda out: _metrics_only(train_dpo(
+            stage_config(DPOStageConfig, c.dpo, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))))
+    else:
+        chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
+                    lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)))
 
     def run_eval(out: Path) -> dict[str, Any]:
         ppo = ppo_config(chain.path("ppo"))

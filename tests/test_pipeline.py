@@ -2,6 +2,7 @@
 change, resume after SIGKILL during PPO, and config errors as one line."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -226,3 +227,46 @@ def test_evaluation_refuses_a_users_folder_and_bad_config_in_one_line(finished_r
     assert main(["eval", str(tmp_path / "e.yaml"), *args, "gold=maybe", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "gold: must be auto, on or off" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_dpo_in_place_of_reward_and_ppo_learns_the_small_worlds_preferences(tmp_path):
+    """`ppo.algorithm: dpo`: sft -> dpo -> eval; DPO's implicit reward ranks the held-out pairs above
+    chance (0.5), where it started at 0 (policy = reference: every implicit reward is 0). The
+    annotators are noiseless here, so the held-out labels are the gold judge's order."""
+    out = tmp_path / "run"
+    result = run_chain(tiny_config(out, **{"world.annotator_noise": 0.0, "ppo.algorithm": "dpo",
+                                           "dpo.learning_rate": 3e-3, "dpo.num_train_epochs": 2,
+                                           "dpo.per_device_train_batch_size": 16, "dpo.save_steps": 1000}),
+                       log=lambda _: None)
+    metrics = json.loads((out / "ppo" / "metrics.json").read_text())
+    assert metrics["stage"] == "dpo" and metrics["eval_reward_accuracy_start"] == 0.0
+    n = metrics["eval_pairs"]
+    se = math.sqrt(0.25 / n)  # binomial SE at chance
+    assert metrics["eval_reward_accuracy"] > 0.5 + 2 * se, (metrics["eval_reward_accuracy"], n)
+    summary = result.summary
+    assert summary["ppo.algorithm"] == "dpo" and summary["ppo.wall_time_s"] > 0
+    assert summary["eval.gold_gain"] is not None and summary["eval.ppo.kl"] > 0  # evaluated as any aligned policy
+    assert not (out / "ppo" / "metrics.jsonl").exists()  # no RL ran
+    assert (out / "reward" / "model").is_dir()  # the reward model still scores the evaluation
+
+
+def test_the_trl_peer_benchmark_runs_every_system_on_a_finished_chain(finished_run, tmp_path):
+    """benchmarks/trl_peers.py on the tiny chain, one update each: rlhfkit's rloo and grpo and TRL's
+    RLOOTrainer and GRPOTrainer train from the same SFT folder against the same reward model, and
+    rlhfkit's evaluation scores each policy."""
+    run, _ = finished_run
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "trl_peers.py"
+    proc = subprocess.run([sys.executable, str(script), str(run), "--updates", "1", "--prompts", "4", "--threads", "1",
+                           "--out", str(tmp_path / "peers")], capture_output=True, text=True, timeout=600,
+                          cwd=script.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ")
+    rows = json.loads(lines[-1])["rows"]
+    assert [r["system"] for r in rows] == ["rlhfkit-rloo", "trl-rloo", "rlhfkit-grpo", "trl-grpo"]
+    for r in rows:
+        assert r["train_s"] > 0 and math.isfinite(r["kl"]) and r["gold_gain"] is not None
+    assert "rloo: TRL / rlhfkit training time" in proc.stdout and "grpo: TRL / rlhfkit training time" in proc.stdout
+    # each TRL policy was saved and evaluated against the same SFT reference
+    for system in ("trl-rloo", "trl-grpo"):
+        assert (tmp_path / "peers" / f"{system}-seed0" / "train" / "model" / "model.safetensors").is_file()

@@ -81,12 +81,6 @@ class RewardStageConfig(StageConfig):
     passthrough_name: ClassVar[str] = "trl.RewardConfig"
 
     @classmethod
-    def passthrough_class(cls) -> type:
-        from trl import RewardConfig
-
-        return RewardConfig
-
-    @classmethod
     def help_notes(cls) -> str:
         return defaults_note(REWARD_TRL_DEFAULTS, [
             "max_length=min(1024, the model's max_position_embeddings) (longer pairs are dropped and counted)",

@@ -58,12 +58,6 @@ class SFTStageConfig(StageConfig):
     passthrough_name: ClassVar[str] = "trl.SFTConfig"
 
     @classmethod
-    def passthrough_class(cls) -> type:
-        from trl import SFTConfig
-
-        return SFTConfig
-
-    @classmethod
     def help_notes(cls) -> str:
         return defaults_note(SFT_TRL_DEFAULTS, ["max_length=min(1024, the model's max_position_embeddings)"])
 

@@ -1,0 +1,138 @@
+"""rlhfkit's ``rloo`` and ``grpo`` against TRL's own RLOOTrainer and GRPOTrainer, on the same work.
+
+From one finished chain (``rlhfkit run``: its ``sft/``, ``reward/`` and ``data/`` folders), each
+system trains the SFT policy against the same reward-model folder (TRL: ``reward_funcs=<the
+reward model's folder>``) on the same prompts, with the same sizes:
+
+    episodes per generation  64 = 16 prompts x num_generations 4    (TRL: generation_batch_size)
+    optimizer steps          2 minibatches of 32, 2 passes           (TRL: steps_per_generation 2,
+                             = 4 per generation                          num_iterations 2)
+    response length 24, temperature 1, KL coefficient beta 0.02, clip 0.2, AdamW lr 5e-5 linear,
+    loss dapo (token mean), GRPO's std scaling on, no EOS penalty, no PPO-ptx, no KL budget
+
+and each policy is then evaluated by rlhfkit's held-out evaluation against the SFT policy (gold
+gain sampled and greedy, KL; ± SE across prompts). Only training is timed (rlhfkit: the RL
+loop's ``wall_time_s``; TRL: ``trainer.train()``); model loading and evaluation are not.
+Systems alternate within each seed, on the same machine, in one process.
+
+    .venv/bin/python benchmarks/trl_peers.py RUN_DIR [--updates 60] [--seeds 0,1]
+        [--systems rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo] [--out runs/trl-peers]
+
+Stdout ends with ONE JSON line (every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from machine import machine_line  # benchmarks/machine.py (scripts run from benchmarks/)
+
+SIZES = dict(num_generations=4, rollout_batch_size=64, per_device_train_batch_size=32, num_mini_batches=2,
+             num_ppo_epochs=2, response_length=24, temperature=1.0, kl_coef=0.02, cliprange=0.2, learning_rate=5e-5)
+
+
+def train_rlhfkit(algorithm: str, run: Path, out: Path, updates: int, seed: int) -> float:
+    from rlhfkit.ppo import PPOStageConfig, train_ppo
+
+    config = PPOStageConfig(model=str(run / "sft"), reward_model=str(run / "reward"), data=str(run / "data"),
+                            output_dir=str(out), algorithm=algorithm, num_updates=updates, seed=seed,
+                            missing_eos_penalty=None, save_steps=0, sample_every=0, **SIZES)
+    return train_ppo(config).metrics["wall_time_s"]
+
+
+def train_trl(algorithm: str, run: Path, out: Path, updates: int, seed: int) -> float:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from rlhfkit.data import prompts_from_data_dir
+
+    config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    extra = {} if algorithm == "rloo" else {"scale_rewards": "group", "loss_type": "dapo"}
+    steps_per_update = SIZES["num_mini_batches"] * SIZES["num_ppo_epochs"]
+    args = config_cls(
+        output_dir=str(out), seed=seed, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10,
+        learning_rate=SIZES["learning_rate"], lr_scheduler_type="linear", max_steps=updates * steps_per_update,
+        per_device_train_batch_size=SIZES["per_device_train_batch_size"], gradient_accumulation_steps=1,
+        steps_per_generation=SIZES["num_mini_batches"], num_iterations=SIZES["num_ppo_epochs"],
+        num_generations=SIZES["num_generations"], max_completion_length=SIZES["response_length"],
+        temperature=SIZES["temperature"], beta=SIZES["kl_coef"], epsilon=SIZES["cliprange"], disable_dropout=True,
+        disable_tqdm=True, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(run / "sft" / "model", padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(run / "sft" / "model")
+    prompts = Dataset.from_dict({"prompt": prompts_from_data_dir(run / "data", "train")})
+    trainer = trainer_cls(model=policy, reward_funcs=str(run / "reward" / "model"), args=args, train_dataset=prompts,
+                          processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(out / "model"))
+    tokenizer.save_pretrained(out / "model")
+    return seconds
+
+
+def evaluate(run: Path, policy: Path, out: Path, prompts: int) -> dict:
+    from rlhfkit.evaluate import EvalStageConfig, evaluate_stage
+
+    config = EvalStageConfig(policy=str(policy), reference=str(run / "sft"), reward_model=str(run / "reward"),
+                             data=str(run / "data"), output_dir=str(out), max_prompts=prompts, samples_per_prompt=4,
+                             temperature=SIZES["temperature"], response_length=SIZES["response_length"])
+    return evaluate_stage(config).metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished `rlhfkit run` folder (sft/, reward/, data/)")
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--systems", default="rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo")
+    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts evaluated (x 4 samples)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/trl-peers"))
+    a = parser.parse_args()
+    import torch
+    import trl
+
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(machine_line())
+    print(f"torch {torch.__version__} ({a.threads} threads), trl {trl.__version__}; run {a.run}; "
+          f"{a.updates} updates x {SIZES['rollout_batch_size']} episodes; sizes {SIZES}")
+    rows = []
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for system in a.systems.split(","):
+            owner, algorithm = system.split("-")
+            out = a.out / f"{system}-seed{seed}"
+            if out.exists() and (out / ".rlhfkit-bench").is_file():
+                shutil.rmtree(out)  # this benchmark's own earlier output only
+            out.mkdir(parents=True)
+            (out / ".rlhfkit-bench").write_text("written by benchmarks/trl_peers.py\n")
+            seconds = (train_rlhfkit if owner == "rlhfkit" else train_trl)(algorithm, a.run, out / "train", a.updates, seed)
+            policy = out / "train" if owner == "rlhfkit" else out / "train" / "model"
+            m = evaluate(a.run, policy, out / "eval", a.prompts)
+            row = {"system": system, "seed": seed, "train_s": round(seconds, 1),
+                   **{k: m.get(k) for k in ("gold_gain", "gold_gain_se", "greedy_gold_gain", "greedy_gold_gain_se")},
+                   "kl": m["ppo"]["kl"], "kl_se": m["ppo"]["kl_se"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'system':14} {'train s':>8} {'gold gain, sampled':>20} {'gold gain, greedy':>19} {'KL':>12}")
+    for r in rows:
+        print(f"{r['system']:14} {r['train_s']:8.1f} {r['gold_gain']:+10.3f} ± {r['gold_gain_se']:.3f}      "
+              f"{r['greedy_gold_gain']:+9.3f} ± {r['greedy_gold_gain_se']:.3f} {r['kl']:7.2f} ± {r['kl_se']:.2f}")
+    for algorithm in ("rloo", "grpo"):
+        mine = [r["train_s"] for r in rows if r["system"] == f"rlhfkit-{algorithm}"]
+        theirs = [r["train_s"] for r in rows if r["system"] == f"trl-{algorithm}"]
+        if mine and theirs:
+            print(f"{algorithm}: TRL / rlhfkit training time, median over seeds: "
+                  f"{statistics.median(theirs) / statistics.median(mine):.2f}x")
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
