@@ -1238,6 +1238,10 @@ def test_critic_free_estimator_learns_the_toy_reward_without_a_value_model(world
     for row in rows:  # no value model: no value loss; grpo logs its KL loss term, rloo has none
         assert "loss/value_avg" not in row and "val/clipfrac_avg" not in row
         assert ("loss/kl_avg" in row) == (algorithm == "grpo")
+        # 0/1 rewards: a group of 4 has std 0 when all agree; TRL's keys for it
+        assert 0 <= row["frac_reward_zero_std"] <= 1 and 0 <= row["reward_std"] <= math.sqrt(1 / 3) + 1e-6
+    zero_std = [r["frac_reward_zero_std"] for r in rows]
+    assert sum(zero_std[-3:]) > sum(zero_std[:3]), zero_std  # more groups all-digit at the end
     assert not list((out / "checkpoints").glob("*/value.safetensors"))
     # the memory it saves, counted: ppo holds policy + value + reference (+ no reward model with reward_fn)
     ppo = train_ppo(small_config(world, tmp_path / "ppo", num_updates=1), prompts=world.prompts, reward_fn=has_digit)

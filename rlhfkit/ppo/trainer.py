@@ -493,6 +493,10 @@ def _episode_metrics(rollout: Rollout, kl: torch.Tensor, beta: float, config: PP
     out["objective/kl_coef"] = beta
     if isinstance(config.reward_model, list) and len(config.reward_model) > 1:
         out["objective/ensemble_std"] = rollout.score_std.mean().item()
+    if config.generations > 1:  # TRL's GRPO/RLOO keys: the spread of scores within each prompt's group;
+        # a group whose samples all score the same gives every sample advantage 0 (no learning signal)
+        group_std = rollout.scores.reshape(-1, config.generations).std(dim=1)
+        out["reward_std"], out["frac_reward_zero_std"] = group_std.mean().item(), (group_std == 0).float().mean().item()
     out["val/num_eos_tokens"], out["val/response_length"] = means[-2:]
     return out
 
