@@ -65,8 +65,9 @@ def group_runs(rows: Sequence[Mapping[str, Any]], varied: Sequence[str]) -> list
 
 
 def best_of_n_gains(curves: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """Best-of-n's gold gain over SFT (the curve's update-0 point) for each n, mean ± SE over
-    the distinct seeds in ``curves`` (``(seed, curve.json)`` pairs; runs of one seed share it)."""
+    """Best-of-n's gold gain over SFT for each n, mean ± SE over the distinct seeds in ``curves``
+    (``(seed, curve.json)`` pairs; runs of one seed share it). The SFT baseline is best-of-1 of
+    the same samples when the curve has it (paired: the same draws), else the curve's update-0 point."""
     by_seed = {}
     for seed, curve in curves:
         if curve.get("best_of_n") and curve.get("ppo") and curve["ppo"][0].get("gold") is not None:
@@ -74,7 +75,8 @@ def best_of_n_gains(curves: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[dic
     gains: dict[int, list[float]] = {}
     kls: dict[int, float] = {}
     for curve in by_seed.values():
-        sft_gold = curve["ppo"][0]["gold"]
+        one = [p["gold"] for p in curve["best_of_n"] if p["n"] == 1 and p.get("gold") is not None]
+        sft_gold = one[0] if one else curve["ppo"][0]["gold"]
         for point in curve["best_of_n"]:
             if point.get("gold") is not None:
                 gains.setdefault(point["n"], []).append(point["gold"] - sft_gold)

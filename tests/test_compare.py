@@ -40,10 +40,15 @@ def test_best_of_n_gains_are_over_sft_and_counted_once_per_seed():
 
     seed0 = curve(0.3, [(1, 0.0, 0.31), (4, 0.636, 0.45)])
     seed1 = curve(0.2, [(1, 0.0, 0.19), (4, 0.636, 0.29)])
-    # seed 0's curve twice (two methods of one seed share SFT and best-of-n): counted once
+    # seed 0's curve twice (two methods of one seed share SFT and best-of-n): counted once;
+    # the baseline is best-of-1 of the same samples: gains 0.45 - 0.31 = 0.14 and 0.29 - 0.19 = 0.10
     out = best_of_n_gains([(0, seed0), (0, seed0), (1, seed1)])
     assert [b["n"] for b in out] == [1, 4] and all(b["seeds"] == 2 for b in out)
-    assert out[1]["gain"] == pytest.approx((0.15 + 0.09) / 2) and out[1]["gain_se"] == pytest.approx(0.03)
+    assert out[0]["gain"] == 0.0
+    assert out[1]["gain"] == pytest.approx((0.14 + 0.10) / 2) and out[1]["gain_se"] == pytest.approx(0.02)
+    # without best-of-1, the curve's SFT point is the baseline: 0.45 - 0.3, 0.29 - 0.2
+    no_one = [(s, {**c, "best_of_n": c["best_of_n"][1:]}) for s, c in ((0, seed0), (1, seed1))]
+    assert best_of_n_gains(no_one)[0]["gain"] == pytest.approx((0.15 + 0.09) / 2)
 
 
 def test_winners_at_each_budget():
