@@ -109,6 +109,16 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def same_rows(straight: Path, resumed: Path, updates: int) -> list[dict]:
+    """The resumed run logged the uninterrupted run's rows (all but the timings); returns the latter."""
+    rows_a, rows_b = read_rows(straight / "metrics.jsonl"), read_rows(resumed / "metrics.jsonl")
+    assert len(rows_a) == len(rows_b) == updates
+    for a, b in zip(rows_a, rows_b):
+        for key in set(a) - TIME_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
+    return rows_a
+
+
 # ---------------------------------------------------------------------------------------
 # 1. log-probs of the sampled tokens
 # ---------------------------------------------------------------------------------------
@@ -225,7 +235,7 @@ def test_num_eos_tokens_counts_responses_that_ended_when_pad_is_eos():
     zeros = torch.zeros(3, 4)
     rollout = SimpleNamespace(response_ids=ids, response_mask=mask, logprobs=zeros, scores=torch.zeros(3),
                               raw_scores=torch.zeros(3), has_eos=has_eos)
-    config = SimpleNamespace(reward_model="rm")
+    config = PPOStageConfig(model="x", reward_model="rm", num_updates=1)
     out = trainer_mod._episode_metrics(rollout, zeros, 0.1, config)
     assert out["val/num_eos_tokens"] == 2 and out["val/response_length"] == pytest.approx((2 + 4 + 1) / 3)
 
@@ -829,11 +839,7 @@ def test_lora_resume_restores_the_trained_adapter(world, tmp_path):
         train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=_crash_at_call(3))
     assert [r["update"] for r in read_rows(out / "metrics.jsonl")] == [1, 2]
     train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=has_digit)
-    rows_a, rows_b = read_rows(tmp_path / "straight" / "metrics.jsonl"), read_rows(out / "metrics.jsonl")
-    assert len(rows_a) == len(rows_b) == 4
-    for a, b in zip(rows_a, rows_b):
-        for key in set(a) - TIME_KEYS:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
+    rows_a = same_rows(tmp_path / "straight", out, 4)
     assert abs(rows_a[2]["objective/kl"]) > 1e-3
     wa, wb = _weights(tmp_path / "straight" / "model"), _weights(out / "model")
     for key in wa:
@@ -1270,11 +1276,7 @@ def test_grpo_resume_without_a_value_model_equals_the_uninterrupted_run(world, t
     with pytest.raises(_Crash):
         train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=_crash_at_call(3))
     train_ppo(small_config(world, out, **kwargs), prompts=world.prompts, reward_fn=has_digit)
-    rows_a, rows_b = read_rows(tmp_path / "straight" / "metrics.jsonl"), read_rows(out / "metrics.jsonl")
-    assert len(rows_a) == len(rows_b) == 4
-    for a, b in zip(rows_a, rows_b):
-        for key in set(a) - TIME_KEYS:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
+    same_rows(tmp_path / "straight", out, 4)
 
 
 @pytest.mark.parametrize("change, expected", [
