@@ -54,10 +54,20 @@ def _sft_loss(summary: dict[str, Any]) -> str:
     return _fmt(summary.get("sft.eval_loss")) + (f" (before SFT {_fmt(start)})" if start is not None else "")
 
 
+def method_name(summary: dict[str, Any]) -> str:
+    """How the aligned policy is named: its method (PPO, RLOO, GRPO, DPO; ``ppo.algorithm``)."""
+    return str(summary.get("ppo.algorithm") or "ppo").upper()
+
+
+def label(summary: dict[str, Any], key: str) -> str:
+    """A figure's label with the run's method in place of the default's name (PPO)."""
+    return BY_KEY[key].label.replace("PPO", method_name(summary))
+
+
 def summary_text(run: Path, summary: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a run."""
     def line(key: str) -> str:
-        return f"  {BY_KEY[key].label:<42} {figure_text(summary, key, _fmt)}"
+        return f"  {label(summary, key):<42} {figure_text(summary, key, _fmt)}"
 
     def pair(label: str, sft_key: str, ppo_key: str) -> str:
         return f"  {label:<42} {figure_text(summary, sft_key, _fmt):<18} {figure_text(summary, ppo_key, _fmt)}"
@@ -66,7 +76,7 @@ def summary_text(run: Path, summary: dict[str, Any]) -> str:
     lines = [f"run {run}", f"  {'SFT eval loss':<42} {_sft_loss(summary)}",
              line("reward.eval_accuracy"), line("reward.gold_agreement"),
              *([line("reward.ensemble_gold_agreement")] if summary.get("reward.ensemble_size", 1) > 1 else []),
-             f"  {'':<42} {'SFT':<18} PPO",
+             f"  {'':<42} {'SFT':<18} {method_name(summary)}",
              pair("reward-model score", "eval.sft.reward", "eval.ppo.reward"),
              pair("gold score", "eval.sft.gold", "eval.ppo.gold"),
              pair("response length", "eval.sft.length", "eval.ppo.length"),
@@ -155,7 +165,7 @@ def render_page(template: str, **context: Any) -> str:
     return env.get_template(template).render(**context)
 
 
-def _plots(run: Path, scatter: list[dict], curve: dict) -> dict[str, str]:
+def _plots(run: Path, scatter: list[dict], curve: dict, method: str = "PPO") -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +218,7 @@ def _plots(run: Path, scatter: list[dict], curve: dict) -> dict[str, str]:
                 ax.plot(xs, moving_mean(ys, len(ys) // 12), color="#204a87", lw=1.8)
             ax.set_title(label, fontsize=10)
             ax.set_xlabel("update")
-        save(fig, "ppo_curves", "PPO over updates")
+        save(fig, "ppo_curves", f"{method} over updates")
 
     if curve:
         title = "Gold and proxy score vs KL to SFT (held-out prompts)"
@@ -239,10 +249,11 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     scatter = read_json(run / "eval" / "scatter.json") if (run / "eval" / "scatter.json").is_file() else []
     ev = read_json(run / "eval" / "eval.json") if (run / "eval" / "eval.json").is_file() else {}
     curve = read_json(run / "eval" / "curve.json") if (run / "eval" / "curve.json").is_file() else {}
-    plots = _plots(run, scatter, curve)
+    method = method_name(summary)
+    plots = _plots(run, scatter, curve, method)
 
     headline = [("SFT eval loss", _sft_loss(summary))]
-    headline += [(BY_KEY[key].label, figure_text(summary, key, _fmt))
+    headline += [(label(summary, key), figure_text(summary, key, _fmt))
                  for key in ("reward.eval_accuracy", "reward.gold_agreement")]
     if summary.get("reward.ensemble_size", 1) > 1:
         headline.append((f"Reward ensemble of {summary['reward.ensemble_size']}: agreement with gold",
@@ -250,11 +261,11 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     policy_rows = []
     for name in ("sft", "ppo"):
         e = ev.get(name, {})
-        policy_rows.append([name.upper(), _fmt(e.get("reward"), e.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
+        policy_rows.append(["SFT" if name == "sft" else method, _fmt(e.get("reward"), e.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
                             _fmt(e.get("greedy", {}).get("gold"), e.get("greedy", {}).get("gold_se")),
                             _fmt(e.get("length"), e.get("length_se")),
                             _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
-    gains = [(BY_KEY[key].label, figure_text(summary, key, _fmt)) for key in GAIN_KEYS]
+    gains = [(label(summary, key), figure_text(summary, key, _fmt)) for key in GAIN_KEYS]
     stage_rows = []
     for name, entry in manifest.get("stages", {}).items():
         metrics = entry.get("metrics", {})
@@ -276,7 +287,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     md += ["", "## Stages", "", "| stage | status | wall s | metrics |", "|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in stage_rows]
     md += ["", "## Plots", ""] + [f"![{t}](plots/{n}.png)" for n, t in plots.items()]
-    md += ["", "## Samples (first sample per prompt)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+    md += ["", "## Samples (first sample per prompt)", "", f"| prompt | SFT | {method} |", "|---|---|---|"]
     for ex in examples:
         cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         md.append(f"| {cell(ex['prompt'])} | {cell(ex['sft'])} (r {_fmt(ex['sft_reward'])}, g {_fmt(ex['sft_gold'])}) "
@@ -286,7 +297,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
     samples = [{**ex, **{k: _fmt(ex[k]) for k in ("sft_reward", "sft_gold", "ppo_reward", "ppo_gold")}}
                for ex in examples]
-    page = render_page("run_report.html.j2", run=str(run), verdict=verdict_text,
+    page = render_page("run_report.html.j2", run=str(run), verdict=verdict_text, method=method,
                        cards=[(k, v) for k, v in gains + headline if v != _fmt(None)],  # no gold judge: no gold cards
                        eval_note=eval_note, policy_rows=policy_rows, budget=budget,
                        plots=[(f"plots/{n}.png", t) for n, t in plots.items()], examples=samples,

@@ -50,3 +50,13 @@ def test_report_page_escapes_text_and_shows_only_measured_cards(tmp_path):
     assert "Reward gain, sampled (PPO − SFT, paired)<b>0.25 ± 0.12</b>" in page
     assert "Gold gain" not in page and "gold judge<b>" not in page  # no gold judge: no gold cards
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    # an RLOO run's report and summary name the aligned policy by its method, not "PPO"
+    from rlhfkit.report import summary_text
+
+    rloo = collect({"sft": {"eval_loss": 1.5}, "ppo": {"algorithm": "rloo"}}, ev)
+    write_report(run, rloo)
+    page = (run / "report.html").read_text()
+    assert "Reward gain, sampled (RLOO − SFT, paired)<b>0.25 ± 0.12</b>" in page and "<th>RLOO</th>" in page
+    assert "<td>RLOO</td>" in page and "PPO" not in page.split("<h2>Configuration")[0]
+    text = summary_text(run, rloo)
+    assert "RLOO − SFT" in text and "PPO" not in text
