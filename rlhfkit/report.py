@@ -142,9 +142,13 @@ def best_budget_sentence(curve: dict) -> str:
     if not pts or best is None:
         return ""
     last = pts[-1]
-    text = (f"Gold peaked at update {best['update']} (KL {best['kl']:.2f} nats, sqrt(KL) {best['sqrt_kl']:.2f}): "
+
+    def at(point: dict) -> str:  # a policy without updates (DPO's) is "the final policy"
+        return "the final policy" if point.get("update") is None else f"update {point['update']}"
+
+    text = (f"Gold peaked at {at(best)} (KL {best['kl']:.2f} nats, sqrt(KL) {best['sqrt_kl']:.2f}): "
             f"gold {best['gold']:.3f} ± {best['gold_se']:.3f}, proxy {best['reward']:.3f}. "
-            f"At the end (update {last['update']}, KL {last['kl']:.2f}): gold {last['gold']:.3f} ± {last['gold_se']:.3f}, "
+            f"At the end ({at(last)}, KL {last['kl']:.2f}): gold {last['gold']:.3f} ± {last['gold_se']:.3f}, "
             f"proxy {last['reward']:.3f}.")
     if best["update"] != last["update"] and last["reward"] > best["reward"] and last["gold"] < best["gold"]:
         text += " The proxy kept rising after gold peaked: the reward model was over-optimised."

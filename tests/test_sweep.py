@@ -72,6 +72,10 @@ def test_budget_sentence_says_where_gold_peaked():
     assert "update 10" in text and "KL 1.00" in text and "over-optimised" in text
     rising = [dict(p, gold=p["gold"] + p["update"]) for p in pts]
     assert "over-optimised" not in best_budget_sentence({"ppo": rising, "best": rising[2]})
+    # DPO's policy has no updates: its point is "the final policy", never "update None"
+    dpo = [pts[0], dict(pts[2], update=None)]
+    text = best_budget_sentence({"ppo": dpo, "best": dpo[1]})
+    assert "None" not in text and "Gold peaked at the final policy (KL 4.00" in text
 
 
 def test_checkpoint_curve_needs_every_checkpoint_kept(tmp_path):
