@@ -28,16 +28,17 @@ FIGURES: tuple[tuple[str, str], ...] = (
 )
 
 
-def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and its standard error (sample std / sqrt(n)); the SE is None for one value."""
+def mean_se(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """The evaluation's mean and standard error (``rlhfkit.evaluate.mean_se``) over the runs that
+    have the figure (missing or non-finite values left out); None where there is no value, and an
+    SE of None for a single value (no spread to estimate), so that the CSV shows an empty cell."""
+    from rlhfkit.evaluate import mean_se as evaluation_mean_se
+
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
+    mean, se = evaluation_mean_se(values)
+    return mean, None if math.isnan(se) else se
 
 
 def _derived(row: Mapping[str, Any]) -> dict[str, float | None]:
@@ -58,8 +59,9 @@ def group_runs(rows: Sequence[Mapping[str, Any]], varied: Sequence[str]) -> list
     for point, members in groups.items():
         entry: dict[str, Any] = {"config": ", ".join(f"{k}={v}" for k, v in zip(keys, point)) or "all runs",
                                  "seeds": len(members)}
+        members = [{**m, **_derived(m)} for m in members]
         for key, _ in FIGURES:
-            entry[key], entry[key + "_se"] = mean_se([{**m, **_derived(m)}.get(key) for m in members])
+            entry[key], entry[key + "_se"] = mean_se([m.get(key) for m in members])
         out.append(entry)
     return out
 
@@ -81,8 +83,7 @@ def best_of_n_gains(curves: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[dic
             if point.get("gold") is not None:
                 gains.setdefault(point["n"], []).append(point["gold"] - sft_gold)
                 kls[point["n"]] = point["kl"]
-    return [{"n": n, "kl": kls[n], "gain": mean_se(g)[0], "gain_se": mean_se(g)[1], "seeds": len(g)}
-            for n, g in sorted(gains.items())]
+    return [dict(zip(("gain", "gain_se"), mean_se(g)), n=n, kl=kls[n], seeds=len(g)) for n, g in sorted(gains.items())]
 
 
 def winners(groups: Sequence[Mapping[str, Any]], best_of_n: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -497,15 +497,30 @@ def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
     return resume_from
 
 
-def already_finished(config: StageConfig) -> Any:
-    """The ``StageResult`` of an earlier completed run of exactly this config in its folder (said once), else None."""
+def already_finished(config: StageConfig, given: Sequence[Any] = ()) -> Any:
+    """The ``StageResult`` of an earlier completed run of exactly this config in its folder (said once), else None.
+
+    None as well when in-memory objects are ``given`` (model, tokenizer, datasets: the folder cannot
+    tell whether they are the ones it was trained on) or the config is invalid (building the trainer
+    then says why)."""
     from rlhfkit.artifacts import StageResult
 
+    if any(x is not None for x in given) or config.validate():
+        return None
     done = completed_result(config)
     if done is None:
         return None
     logger.warning("%s: %s already holds a completed run of this config", config.stage_name, config.output_dir)
     return StageResult(Path(config.output_dir), done)
+
+
+def final_evaluations(trainer) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The Trainer's evaluation at the final step (one is run when its last is older) and the one at
+    step 0 (``eval_on_start``; None without it): ``eval_*`` dicts as the Trainer logs them."""
+    state = trainer.state
+    evals = [e for e in state.log_history if "eval_loss" in e]
+    last = evals[-1] if evals and evals[-1].get("step") == state.global_step else trainer.evaluate()
+    return last, next((e for e in evals if e.get("step") == 0), None)
 
 
 def trained_metrics(config: StageConfig, state, session: "TrainSession", started: float) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from rlhfkit.training import (
     build_trl_args,
     defaults_note,
     ensure_chat_template,
+    final_evaluations,
     load_model,
     load_split_dict,
     lora_config,
@@ -45,7 +46,9 @@ DPO_TRL_DEFAULTS: dict[str, Any] = {
     "eval_on_start": True,  # the held-out reward accuracy before training: the stage's baseline (0.5 = chance)
 }
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+# TRL's evaluation keys (logged with an eval_ prefix) -> this stage's metrics.json names
+EVAL_NAMES = {"loss": "eval_loss", "rewards/accuracies": "eval_reward_accuracy", "rewards/margins": "eval_reward_margin",
+              "rewards/chosen": "eval_reward_chosen", "rewards/rejected": "eval_reward_rejected"}
 
 
 @dataclasses.dataclass
@@ -111,9 +114,7 @@ def build_dpo_trainer(config: DPOStageConfig, *, model=None, tokenizer=None, tra
 
 def _eval_figures(entry: dict[str, Any] | None) -> dict[str, Any]:
     """TRL's eval_* keys of one evaluation -> this stage's names (``eval_rewards/accuracies`` -> ``eval_reward_accuracy``)."""
-    names = {"loss": "eval_loss", "rewards/accuracies": "eval_reward_accuracy", "rewards/margins": "eval_reward_margin",
-             "rewards/chosen": "eval_reward_chosen", "rewards/rejected": "eval_reward_rejected"}
-    return {names[k]: (entry or {}).get(f"eval_{k}") for k in EVAL_KEYS}
+    return {name: (entry or {}).get(f"eval_{key}") for key, name in EVAL_NAMES.items()}
 
 
 @locks_output("output_dir")
@@ -126,23 +127,16 @@ def train_dpo(config: DPOStageConfig, *, model=None, tokenizer=None, train_datas
     (``_start``) before it, ``eval_loss``, the train losses and times.
     """
     started = time.perf_counter()
-    in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
-    if not in_memory and not config.validate():
-        done = already_finished(config)
-        if done is not None:
-            return done
+    done = already_finished(config, (model, tokenizer, train_dataset, eval_dataset))
+    if done is not None:
+        return done
     prepared = build_dpo_trainer(config, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, callbacks=callbacks)
 
     def figures(trainer, session) -> dict[str, Any]:
         if prepared.eval_dataset is None:
             return {"pairs": len(prepared.train_dataset), "eval_pairs": 0, "algorithm": "dpo"}
-        history = trainer.state.log_history
-        evals = [e for e in history if "eval_loss" in e]
-        last = evals[-1] if evals and evals[-1].get("step") == trainer.state.global_step else None
-        if last is None:
-            last = {**trainer.evaluate(), "step": trainer.state.global_step}
-        start = next((e for e in evals if e.get("step") == 0), None)
+        last, start = final_evaluations(trainer)
         out = _eval_figures(last)
         out.update({f"{k}_start": v for k, v in _eval_figures(start).items()})
         require_finite(config.stage_name, eval_loss=out["eval_loss"])

@@ -293,9 +293,9 @@ def ppo_update(
                         loss = loss + config.vf_coef * vf_loss
                     else:
                         vf_loss = vf_clipfrac = torch.zeros((), device=device)
-                    kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m) if kl_term \
-                        else torch.zeros((), device=device)
+                    kl_loss = torch.zeros((), device=device)
                     if kl_term:
+                        kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m)
                         loss = loss + kl_coef * kl_loss
                     # masked means over this micro-batch -> its share of the minibatch loss;
                     # accelerate divides by the accumulation steps and DDP averages over processes.

@@ -224,11 +224,9 @@ def train_reward(
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     stage = config.stage_name
-    in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
-    if not in_memory:
-        done = already_finished(config)
-        if done is not None:
-            return done
+    done = already_finished(config, (model, tokenizer, train_dataset, eval_dataset))
+    if done is not None:
+        return done
 
     # 1. data and TRL arguments, before any model loads
     required = list(PAIR_COLUMNS) + (["chosen_rank", "rejected_rank"] if config.margin_scale > 0 else [])

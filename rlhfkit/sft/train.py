@@ -31,6 +31,7 @@ from rlhfkit.training import (
     already_finished,
     defaults_note,
     ensure_chat_template,
+    final_evaluations,
     load_model,
     load_split_dict,
     logger,
@@ -178,11 +179,9 @@ def train_sft(
     """
     t_start = time.perf_counter()
     stage = config.stage_name
-    in_memory = any(x is not None for x in (model, tokenizer, train_dataset, eval_dataset))
-    if not in_memory and not config.validate():
-        done = already_finished(config)
-        if done is not None:
-            return done
+    done = already_finished(config, (model, tokenizer, train_dataset, eval_dataset))
+    if done is not None:
+        return done
     prepared = build_sft_trainer(
         config, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
         callbacks=callbacks,
@@ -192,13 +191,8 @@ def train_sft(
     def figures(trainer, session) -> dict[str, Any]:
         """The evaluation loss at the final step (the Trainer's, if it just evaluated), and what was trained on."""
         state = trainer.state
-        eval_loss = None
-        if eval_dataset is not None:
-            last = [e for e in state.log_history if "eval_loss" in e]
-            if last and last[-1].get("step") == state.global_step:
-                eval_loss = last[-1]["eval_loss"]
-            else:
-                eval_loss = trainer.evaluate()["eval_loss"]
+        last, start = final_evaluations(trainer) if eval_dataset is not None else ({}, None)
+        eval_loss = last.get("eval_loss")
         require_finite(stage, eval_loss=eval_loss)
         tokens = None
         if args.include_num_input_tokens_seen not in ("no", False):
@@ -206,8 +200,7 @@ def train_sft(
         return {
             "eval_loss": eval_loss,
             # with eval_on_start: the loss of the model before this stage trained it
-            "eval_loss_start": next((e["eval_loss"] for e in state.log_history
-                                     if "eval_loss" in e and e.get("step") == 0), None),
+            "eval_loss_start": start["eval_loss"] if start else None,
             "train_tokens": tokens,
             "train_tokens_per_s": tokens / session.train_time_s if tokens is not None and session.train_time_s else None,
             "examples": len(train_dataset),
