@@ -15,8 +15,17 @@ gain sampled and greedy, KL; ± SE across prompts). Only training is timed (rlhf
 loop's ``wall_time_s``; TRL: ``trainer.train()``); model loading and evaluation are not.
 Systems alternate within each seed, on the same machine, in one process.
 
-    .venv/bin/python benchmarks/trl_peers.py RUN_DIR [--updates 60] [--seeds 0,1]
+    .venv/bin/python benchmarks/trl_peers.py RUN_DIR [RUN_DIR ...] [--updates 60] [--seeds 0,1]
         [--systems rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo] [--out runs/trl-peers]
+
+A system ``rlhfkit-<algorithm>-sequence`` sets ``importance_sampling_level: sequence`` (one
+clipped ratio per response, the policy loss a mean over responses: TRL's RLOOTrainer loss for
+rloo, GSPO for grpo); ``rlhfkit-<algorithm>-ptx`` adds PPO-ptx at the demo's ptx_coef 1.0 (the
+SFT demonstrations' NLL in every step, which TRL's trainers do not offer); both may be combined
+(``rlhfkit-rloo-sequence-ptx``). With several seeds the table ends with each system's mean ± SE across
+seeds and the per-seed gold difference against TRL's trainer of the same algorithm. Several
+RUN_DIRs, one per seed (say the seed-0, -1 and -2 chains of a sweep), make each seed a full
+replicate: its own SFT policy and reward model, not only its own RL seed.
 
 Stdout ends with ONE JSON line (every row).
 """
@@ -37,12 +46,16 @@ SIZES = dict(num_generations=4, rollout_batch_size=64, per_device_train_batch_si
              num_ppo_epochs=2, response_length=24, temperature=1.0, kl_coef=0.02, cliprange=0.2, learning_rate=5e-5)
 
 
-def train_rlhfkit(algorithm: str, run: Path, out: Path, updates: int, seed: int) -> float:
+VARIANTS = {"sequence": {"importance_sampling_level": "sequence"}, "ptx": {"ptx_coef": 1.0}}
+
+
+def train_rlhfkit(algorithm: str, run: Path, out: Path, updates: int, seed: int, variants: list[str]) -> float:
     from rlhfkit.ppo import PPOStageConfig, train_ppo
 
     config = PPOStageConfig(model=str(run / "sft"), reward_model=str(run / "reward"), data=str(run / "data"),
                             output_dir=str(out), algorithm=algorithm, num_updates=updates, seed=seed,
-                            missing_eos_penalty=None, save_steps=0, sample_every=0, **SIZES)
+                            missing_eos_penalty=None, save_steps=0, sample_every=0,
+                            **SIZES, **{k: v for name in variants for k, v in VARIANTS[name].items()})
     return train_ppo(config).metrics["wall_time_s"]
 
 
@@ -86,9 +99,16 @@ def evaluate(run: Path, policy: Path, out: Path, prompts: int) -> dict:
     return evaluate_stage(config).metrics
 
 
+def _mean_se(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return f"{mean:+.3f} ± {se:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {se:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a finished `rlhfkit run` folder (sft/, reward/, data/)")
+    parser.add_argument("runs", type=Path, nargs="+", help="a finished `rlhfkit run` folder (sft/, reward/, data/), "
+                                                             "or one per seed")
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--systems", default="rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo")
@@ -96,41 +116,66 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/trl-peers"))
     a = parser.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if len(a.runs) not in (1, len(seeds)):
+        parser.error(f"give one RUN_DIR, or one per seed ({len(seeds)}); got {len(a.runs)}")
+    run_of = dict(zip(seeds, a.runs * len(seeds) if len(a.runs) == 1 else a.runs))
+    for system in a.systems.split(","):
+        owner, algorithm, *variants = system.split("-")
+        if owner not in ("rlhfkit", "trl") or algorithm not in ("rloo", "grpo") or set(variants) - set(VARIANTS) or (
+                owner == "trl" and variants):
+            parser.error(f"system {system!r}: rlhfkit-<rloo|grpo>[-sequence][-ptx] or trl-<rloo|grpo>")
     import torch
     import trl
 
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(machine_line())
-    print(f"torch {torch.__version__} ({a.threads} threads), trl {trl.__version__}; run {a.run}; "
+    print(f"torch {torch.__version__} ({a.threads} threads), trl {trl.__version__}; runs {run_of}; "
           f"{a.updates} updates x {SIZES['rollout_batch_size']} episodes; sizes {SIZES}")
     rows = []
-    for seed in [int(s) for s in a.seeds.split(",")]:
+    for seed in seeds:
+        run = run_of[seed]
         for system in a.systems.split(","):
-            owner, algorithm = system.split("-")
+            owner, algorithm, *variants = system.split("-")
             out = a.out / f"{system}-seed{seed}"
             if out.exists() and (out / ".rlhfkit-bench").is_file():
                 shutil.rmtree(out)  # this benchmark's own earlier output only
             out.mkdir(parents=True)
             (out / ".rlhfkit-bench").write_text("written by benchmarks/trl_peers.py\n")
-            seconds = (train_rlhfkit if owner == "rlhfkit" else train_trl)(algorithm, a.run, out / "train", a.updates, seed)
+            if owner == "rlhfkit":
+                seconds = train_rlhfkit(algorithm, run, out / "train", a.updates, seed, variants)
+            else:
+                seconds = train_trl(algorithm, run, out / "train", a.updates, seed)
             policy = out / "train" if owner == "rlhfkit" else out / "train" / "model"
-            m = evaluate(a.run, policy, out / "eval", a.prompts)
+            m = evaluate(run, policy, out / "eval", a.prompts)
             row = {"system": system, "seed": seed, "train_s": round(seconds, 1),
                    **{k: m.get(k) for k in ("gold_gain", "gold_gain_se", "greedy_gold_gain", "greedy_gold_gain_se")},
                    "kl": m["ppo"]["kl"], "kl_se": m["ppo"]["kl_se"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'system':14} {'train s':>8} {'gold gain, sampled':>20} {'gold gain, greedy':>19} {'KL':>12}")
+    print(f"\n{'system':22} {'train s':>8} {'gold gain, sampled':>20} {'gold gain, greedy':>19} {'KL':>12}")
     for r in rows:
-        print(f"{r['system']:14} {r['train_s']:8.1f} {r['gold_gain']:+10.3f} ± {r['gold_gain_se']:.3f}      "
+        print(f"{r['system']:22} {r['train_s']:8.1f} {r['gold_gain']:+10.3f} ± {r['gold_gain_se']:.3f}      "
               f"{r['greedy_gold_gain']:+9.3f} ± {r['greedy_gold_gain_se']:.3f} {r['kl']:7.2f} ± {r['kl_se']:.2f}")
-    for algorithm in ("rloo", "grpo"):
-        mine = [r["train_s"] for r in rows if r["system"] == f"rlhfkit-{algorithm}"]
-        theirs = [r["train_s"] for r in rows if r["system"] == f"trl-{algorithm}"]
-        if mine and theirs:
-            print(f"{algorithm}: TRL / rlhfkit training time, median over seeds: "
-                  f"{statistics.median(theirs) / statistics.median(mine):.2f}x")
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    by = {(r["system"], r["seed"]): r for r in rows}
+    if len(seeds) > 1:
+        print(f"\nacross seeds {seeds} (mean ± SE of the per-seed figures; paired: minus TRL's trainer, same seed)")
+    for system in systems:
+        mine = [by[system, s] for s in seeds if (system, s) in by]
+        peer = "trl-" + system.split("-")[1]
+        if len(seeds) > 1:
+            line = f"{system:22}" + "".join(f" {key} {_mean_se([r[key] for r in mine])}"
+                                            for key in ("train_s", "gold_gain", "greedy_gold_gain", "kl"))
+            pairs = [(by[system, s], by[peer, s]) for s in seeds if (system, s) in by and (peer, s) in by]
+            if system != peer and len(pairs) > 1:
+                line += f"  paired gold {_mean_se([m['gold_gain'] - p['gold_gain'] for m, p in pairs])}"
+            print(line)
+        theirs = [by[peer, s]["train_s"] for s in seeds if (peer, s) in by]
+        if system != peer and theirs and mine:
+            print(f"  {system}: {peer} / {system} training time, median over seeds: "
+                  f"{statistics.median(theirs) / statistics.median([r['train_s'] for r in mine]):.2f}x")
     print(json.dumps({"rows": rows}))
 
 

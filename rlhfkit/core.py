@@ -47,6 +47,7 @@ __all__ = [
     "rewards_with_kl",
     "rloo_advantages",
     "shaped_scores",
+    "sequence_policy_loss",
     "value_loss",
     "whiten",
 ]
@@ -55,8 +56,6 @@ KL_KINDS = ("k1", "k2", "k3")
 """The per-token KL estimators accepted by :func:`kl_per_token` (Schulman 2020)."""
 ENSEMBLE_REDUCTIONS = ("mean", "min", "mean_minus_std")
 """How :func:`ensemble_reward` combines the members' scores into one reward."""
-ALGORITHMS = ("ppo", "rloo", "grpo")
-"""The RL stage's estimators: PPO with a value model and GAE; RLOO and GRPO without one."""
 LOSS_TYPES = ("dapo", "dr_grpo")
 """How token losses are aggregated (TRL's ``loss_type`` names), see :func:`loss_weight`."""
 
@@ -594,6 +593,53 @@ def policy_loss(
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), m)
     return loss, clipfrac
+
+
+def sequence_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    length_normalise: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate with one ratio per response (``importance_sampling_level="sequence"``).
+
+    log ρ_i = Σ_t m_it (logprobs_it − old_logprobs_it) / D_i
+              D_i = 1:   ρ_i = π(y_i|x) / π_old(y_i|x), the whole response as one action
+                         (TRL's RLOOTrainer; Ahmadian et al. 2024)
+              D_i = n_i: the per-token geometric mean of the ratios, n_i = Σ_t m_it
+                         (GSPO, Zheng et al. 2025; TRL's GRPOTrainer) — ``length_normalise``
+    ℓ_i     = max(−A_i ρ_i, −A_i clip(ρ_i, 1−ε, 1+ε))
+    clipped_i = 1[−A_i clip(ρ_i, 1−ε, 1+ε) > −A_i ρ_i]   (strict)
+
+    The caller averages ℓ over the responses of a minibatch: every response weighs the same,
+    whatever its length, and with D_i = 1 its gradient sums (not averages) over its tokens.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of the sampled tokens under the current policy (with gradients).
+        old_logprobs: ``[B, T]`` the same under the rollout policy (constants).
+        advantages: ``[B]`` A_i, one per response.
+        mask: ``[B, T]`` response mask (every response at least one token).
+        clip_range: ε ≥ 0.
+
+    Returns:
+        ``(losses, clipped)``: ``[B]`` per-response losses and ``[B]`` detached 0/1 clip indicators.
+    """
+    if clip_range < 0:
+        raise ValueError(f"clip_range must be >= 0, got {clip_range}")
+    m = _as_bool_mask(logprobs, mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(m, logprobs - old_logprobs, zero).sum(1)
+    if length_normalise:
+        log_ratio = log_ratio / m.sum(1).clamp(min=1).to(logprobs.dtype)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logprobs.dtype)
+    losses = -adv * ratio
+    losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    with torch.no_grad():
+        clipped = (losses_clipped > losses).to(logprobs.dtype)
+    return torch.max(losses, losses_clipped), clipped
 
 
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -256,17 +256,32 @@ def test_the_trl_peer_benchmark_runs_every_system_on_a_finished_chain(finished_r
     rlhfkit's evaluation scores each policy."""
     run, _ = finished_run
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "trl_peers.py"
-    proc = subprocess.run([sys.executable, str(script), str(run), "--updates", "1", "--prompts", "4", "--threads", "1",
-                           "--out", str(tmp_path / "peers")], capture_output=True, text=True, timeout=600,
+    systems = ["rlhfkit-rloo", "trl-rloo", "rlhfkit-rloo-sequence-ptx", "rlhfkit-grpo", "trl-grpo"]
+    proc = subprocess.run([sys.executable, str(script), str(run), str(run), "--seeds", "0,1", "--systems",
+                           ",".join(systems), "--updates", "1", "--prompts", "4", "--threads", "1",
+                           "--out", str(tmp_path / "peers")], capture_output=True, text=True, timeout=900,
                           cwd=script.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("machine: ")
     rows = json.loads(lines[-1])["rows"]
-    assert [r["system"] for r in rows] == ["rlhfkit-rloo", "trl-rloo", "rlhfkit-grpo", "trl-grpo"]
+    assert [(r["system"], r["seed"]) for r in rows] == [(s, seed) for seed in (0, 1) for s in systems]
     for r in rows:
         assert r["train_s"] > 0 and math.isfinite(r["kl"]) and r["gold_gain"] is not None
-    assert "rloo: TRL / rlhfkit training time" in proc.stdout and "grpo: TRL / rlhfkit training time" in proc.stdout
+    for mine, peer in (("rlhfkit-rloo", "trl-rloo"), ("rlhfkit-rloo-sequence-ptx", "trl-rloo"),
+                       ("rlhfkit-grpo", "trl-grpo")):
+        assert f"  {mine}: {peer} / {mine} training time, median over seeds: " in proc.stdout
+    across = proc.stdout[proc.stdout.index("across seeds [0, 1]"):].splitlines()[1:]
+    assert sum("paired gold" in line for line in across) == 3  # each rlhfkit system against its TRL peer
+    one_run_dir = subprocess.run([sys.executable, str(script), str(run), str(run), "--seeds", "0,1,2"],
+                                 capture_output=True, text=True, cwd=script.parent)
+    assert one_run_dir.returncode == 2 and "one per seed (3); got 2" in one_run_dir.stderr
+    with_ptx = json.loads((tmp_path / "peers" / "rlhfkit-rloo-sequence-ptx-seed0" / "train" / "metrics.jsonl")
+                          .read_text().splitlines()[0])
+    assert with_ptx["loss/ptx_avg"] > 0  # the variant trained on the SFT demonstrations too
+    unknown = subprocess.run([sys.executable, str(script), str(run), "--systems", "trl-rloo-ptx"],
+                             capture_output=True, text=True, cwd=script.parent)
+    assert unknown.returncode == 2 and "system 'trl-rloo-ptx': rlhfkit-<rloo|grpo>[-sequence][-ptx]" in unknown.stderr
     # each TRL policy was saved and evaluated against the same SFT reference
     for system in ("trl-rloo", "trl-grpo"):
         assert (tmp_path / "peers" / f"{system}-seed0" / "train" / "model" / "model.safetensors").is_file()

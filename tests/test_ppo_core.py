@@ -32,6 +32,7 @@ from rlhfkit.core import (
     loss_weight,
     rewards_with_kl,
     rloo_advantages,
+    sequence_policy_loss,
     shaped_scores,
     value_loss,
     whiten,
@@ -617,6 +618,33 @@ def test_kl_penalty_loss_gradient_is_the_forward_kl_gradient_on_policy():
     g_rev, = torch.autograd.grad(reverse_kl, theta)
     close(g_k3, g_fwd)
     assert (g_k3 - g_rev).abs().max() > 1e-3
+
+
+def test_sequence_policy_loss_one_ratio_per_response_by_hand():
+    # response 1: 2 tokens, log-ratios 0.1 and 0.05, A = 1; response 2: 1 token, log-ratio -0.3, A = -2;
+    # padding holds garbage (NaN, 7) that must change nothing
+    logp = torch.tensor([[0.1, 0.05, float("nan")], [-0.3, 7.0, 7.0]], requires_grad=True)
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    # whole response (TRL's RLOO): rho_1 = e^0.15 = 1.162 inside [0.8, 1.2] -> l_1 = -e^0.15;
+    # rho_2 = e^-0.3 = 0.741 < 0.8 with A < 0: max(2 x 0.741, 2 x 0.8) = 1.6, the clipped branch
+    losses, clipped = sequence_policy_loss(logp, old, adv, mask, 0.2, length_normalise=False)
+    close(losses, [-math.exp(0.15), 1.6])
+    close(clipped, [0.0, 1.0])
+    losses.sum().backward()
+    # d l_1 / d logp_t = -A_1 rho_1 at each of its tokens (summed, not averaged); clipped: no gradient
+    close(logp.grad, [[-math.exp(0.15), -math.exp(0.15), 0.0], [0.0, 0.0, 0.0]])
+    # GSPO: the per-token geometric mean, rho_1 = e^(0.15 / 2); response 2 (one token) unchanged
+    logp.grad = None
+    losses, clipped = sequence_policy_loss(logp, old, adv, mask, 0.2, length_normalise=True)
+    close(losses, [-math.exp(0.075), 1.6])
+    losses.sum().backward()
+    close(logp.grad, [[-math.exp(0.075) / 2, -math.exp(0.075) / 2, 0.0], [0.0, 0.0, 0.0]])
+    # on-policy (every ratio 1) both are REINFORCE with the response's advantage: -A x n_i / D_i
+    losses, clipped = sequence_policy_loss(old, old, adv, mask, 0.2, length_normalise=False)
+    close(losses, [-1.0, 2.0])
+    close(clipped, [0.0, 0.0])
 
 
 def test_loss_weight_sums_micro_batches_to_the_minibatch_aggregate():

@@ -293,13 +293,14 @@ def _fixed_rollout(world, value_model):
     return rollout, advantages, returns
 
 
-def _one_ppo_update(policy, value, rollout, advantages, returns, micro):
+def _one_ppo_update(policy, value, rollout, advantages, returns, micro, **change):
     from accelerate import Accelerator
     from transformers import get_scheduler
 
     config = PPOStageConfig(model="unused", num_updates=1, rollout_batch_size=16, num_mini_batches=2,
                             per_device_train_batch_size=micro, num_ppo_epochs=2, learning_rate=1e-3,
-                            lr_scheduler_type="constant")
+                            lr_scheduler_type="constant", **change)
+    assert not config.validate()
     module = PolicyAndValue(copy.deepcopy(policy), copy.deepcopy(value))
     module.train()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -342,6 +343,32 @@ def test_ppo_update_is_invariant_to_gradient_accumulation(world):
         naive = sum(policy_loss(new_logprobs[i:i + 2], rollout.logprobs[i:i + 2], advantages[i:i + 2],
                                 m[i:i + 2], 0.2)[0] for i in range(0, 8, 2)) / 4
     assert abs(naive - token_mean) > 0.25 * abs(token_mean), (naive, token_mean)
+
+
+def test_sequence_level_update_is_invariant_to_gradient_accumulation_and_is_another_objective(world):
+    # importance_sampling_level: sequence averages per-response losses over the minibatch, so its
+    # micro-batches are weighted by responses, not tokens; the split must not change the update
+    from transformers import AutoModelForSequenceClassification
+
+    value = AutoModelForSequenceClassification.from_pretrained(world.policy_dir, num_labels=1)  # fills the rollout only
+    rollout, advantages, returns = _fixed_rollout(world, value)
+    per_response = advantages[:, :1] * rollout.response_mask  # one advantage per response
+    runs = {}
+    for level, micro in (("sequence", 8), ("sequence", 2), ("token", 8)):
+        runs[level, micro] = _one_ppo_update(world.policy, None, rollout, per_response, returns, micro,
+                                             algorithm="rloo", importance_sampling_level=level)
+    (one, stats_one), (four, stats_four), (token, _) = runs.values()
+    moved = differ = 0.0
+    for (name, p1), p4, pt, p0 in zip(one.named_parameters(), four.parameters(), token.parameters(),
+                                      world.policy.parameters()):
+        torch.testing.assert_close(p1, p4, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        moved = max(moved, (p1 - p0).abs().max().item())
+        differ = max(differ, (p1 - pt).abs().max().item())
+    assert moved > 1e-3 and differ > 1e-4, (moved, differ)  # it learns, and not what token level learns
+    assert set(stats_one) == {"approxkl", "clipfrac", "pg_loss", "early_stopped"}  # no value, no KL term
+    for key in ("approxkl", "clipfrac", "pg_loss"):
+        assert stats_one[key] == pytest.approx(stats_four[key], rel=1e-4, abs=1e-6), key
+    assert stats_one["clipfrac"] > 0  # whole-response ratios of perturbed log-probs leave the clip band
 
 
 
@@ -1230,11 +1257,13 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 # 12. the critic-free estimators: rloo and grpo on the same loop
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
-def test_critic_free_estimator_learns_the_toy_reward_without_a_value_model(world, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, level", [("rloo", "token"), ("grpo", "token"), ("rloo", "sequence"),
+                                              ("grpo", "sequence")])
+def test_critic_free_estimator_learns_the_toy_reward_without_a_value_model(world, tmp_path, algorithm, level):
     out = tmp_path / algorithm
     config = small_config(world, out, algorithm=algorithm, num_generations=4, num_updates=10, rollout_batch_size=16,
-                          per_device_train_batch_size=8, learning_rate=1e-2, save_steps=5)
+                          per_device_train_batch_size=8, learning_rate=1e-2, save_steps=5,
+                          importance_sampling_level=level)
     result = train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
     rows = read_rows(out / "metrics.jsonl")
     scores = [r["objective/scores"] for r in rows]
@@ -1286,6 +1315,7 @@ def test_grpo_resume_without_a_value_model_equals_the_uninterrupted_run(world, t
     ({"algorithm": "rloo", "num_generations": 2, "value_warmup_updates": 1}, "value_warmup_updates: rloo has no value"),
     ({"algorithm": "dpo"}, "algorithm: must be one of 'ppo', 'rloo', 'grpo', got 'dpo'"),
     ({"loss_type": "grpo"}, "loss_type: must be one of 'dapo', 'dr_grpo', got 'grpo'"),
+    ({"importance_sampling_level": "sequence"}, "importance_sampling_level: sequence needs one advantage per response"),
 ])
 def test_critic_free_settings_that_cannot_work_are_refused_in_one_line(change, expected, monkeypatch):
     from rlhfkit.config import load_config
@@ -1294,6 +1324,17 @@ def test_critic_free_settings_that_cannot_work_are_refused_in_one_line(change, e
     with pytest.raises(ConfigError) as info:
         load_config(PPOStageConfig, {**BASE, **change})
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_misspelt_choice_in_a_config_built_in_python_fails_before_any_model_loads(monkeypatch):
+    # load_config checks choices as it reads a file; validate checks them for PPOStageConfig(...)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = PPOStageConfig(model="unused", num_updates=1, kl_estimator="k2", ensemble_reduction="median",
+                            importance_sampling_level="sequence", algorithm="grpo")
+    assert config.validate() == ["ensemble_reduction: must be one of 'mean', 'min', 'mean_minus_std', got 'median'",
+                                 "kl_estimator: must be one of 'k1', 'k3', got 'k2'"]
+    with pytest.raises(ConfigError, match="kl_estimator: must be one of"):
+        train_ppo(config, reward_fn=has_digit)
 
 
 def test_cli_refuses_grpo_with_one_sample_per_prompt_in_one_line(world, tmp_path, capsys):

@@ -21,8 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhfkit.config import field
-from rlhfkit.core import ALGORITHMS, LOSS_TYPES
+from rlhfkit.config import choice_problems, field
 
 
 DEFAULT_GROUP = 4  # rloo / grpo samples per prompt when num_generations is not set
@@ -86,6 +85,11 @@ class PPOStageConfig:
     loss_type: Literal["dapo", "dr_grpo"] = field(
         "dapo", help="token losses aggregated as dapo: the minibatch's token mean; dr_grpo: their sum over "
                      "episodes x response_length (no length normalisation, Dr. GRPO)")
+    importance_sampling_level: Literal["token", "sequence"] = field(
+        "token", help="rloo / grpo: token = one clipped ratio per token (PPO's); sequence = one per response, the policy "
+                      "loss then the mean over responses: rloo the ratio of the response's probabilities, "
+                      "exp(sum of token log-ratios), as TRL's RLOOTrainer; grpo their geometric mean, exp(mean), "
+                      "GSPO (Zheng et al. 2025) as TRL's GRPOTrainer. loss_type then weighs only grpo's KL term")
     cliprange: float = field(0.2, help="policy ratio clip epsilon")
     cliprange_value: float = field(0.2, help="value clip epsilon")
     vf_coef: float = field(0.1, help="weight of the value loss")
@@ -125,17 +129,17 @@ class PPOStageConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_generations is not None and self.num_generations < 1:
             problems.append(f"num_generations must be at least 1, got {self.num_generations}")
+        problems += choice_problems(self)
         if problems:
             return problems
-        if self.algorithm not in ALGORITHMS:
-            problems.append(f"algorithm: {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
-        elif self.algorithm != "ppo" and self.generations < 2:
+        if self.algorithm != "ppo" and self.generations < 2:
             problems.append(f"num_generations: {self.algorithm} needs at least 2 samples per prompt (each sample's "
                             f"baseline comes from the others), got {self.generations}")
         elif self.algorithm != "ppo" and self.value_warmup_updates:
             problems.append(f"value_warmup_updates: {self.algorithm} has no value model to warm up; set it to 0")
-        if self.loss_type not in LOSS_TYPES:
-            problems.append(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        elif self.algorithm == "ppo" and self.importance_sampling_level == "sequence":
+            problems.append("importance_sampling_level: sequence needs one advantage per response (rloo or grpo); "
+                            "ppo's GAE gives one per token: use token")
         if (self.total_episodes is None) == (self.num_updates is None):
             problems.append("set exactly one of total_episodes and num_updates")
         elif self.num_updates is not None and self.num_updates < 1:
@@ -160,7 +164,7 @@ class PPOStageConfig:
             )
         if self.rollout_batch_size % n:
             problems.append(f"rollout_batch_size={self.rollout_batch_size} does not split over {n} processes")
-        elif self.algorithm in ALGORITHMS and (self.rollout_batch_size // n) % self.generations:
+        elif (self.rollout_batch_size // n) % self.generations:
             problems.append(f"rollout_batch_size={self.rollout_batch_size} is not whole groups of num_generations="
                             f"{self.generations} samples on each of {n} process(es) (a group is compared on one process)")
         if self.temperature <= 0:

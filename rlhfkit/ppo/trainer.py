@@ -45,6 +45,7 @@ from rlhfkit.core import (
     masked_mean,
     policy_loss,
     rewards_with_kl,
+    sequence_policy_loss,
     shaped_scores,
     value_loss,
     whiten,
@@ -244,7 +245,9 @@ def ppo_update(
     ``loss_type`` aggregate (dapo: the token mean) over the whole minibatch on all processes,
     whatever the split into micro-batches (docs/pitfalls.md#8). Without a value model there is no
     value loss; with grpo, ``kl_coef`` x the k3 KL to the reference joins the loss (``kl_coef`` is
-    the controller's beta of this update).
+    the controller's beta of this update). With ``importance_sampling_level: sequence`` the policy
+    loss has one ratio per response (``sequence_policy_loss``) and is the mean over the
+    minibatch's responses; ``loss_type`` then weighs only the token terms.
     With ``demonstrations`` and ``ptx_coef`` > 0 (PPO-ptx), each micro-batch also adds
     ``ptx_coef`` x the NLL of ``per_device_train_batch_size`` random demonstrations, so each
     optimizer step's gradient gains ``ptx_coef`` x the mean NLL over its demonstration batches.
@@ -257,17 +260,21 @@ def ppo_update(
     accumulation = config.gradient_accumulation_steps
     device = rollout.response_mask.device
     lengths = rollout.response_mask.sum(1).tolist()  # one sync per update: the trimmed widths
-    mb_stats_all: list[torch.Tensor] = []
     ptx = demonstrations is not None and config.ptx_coef > 0 and train_policy
     ptx_losses: list[torch.Tensor] = []
+    has_value = accelerator.unwrap_model(module).value is not None
     kl_term = config.algorithm == "grpo" and kl_coef > 0
+    per_response = config.importance_sampling_level == "sequence"
+    # the statistics logged, in this order: only those that apply ("approxkl" first: target_kl reads it)
+    names = ["approxkl", "clipfrac", "pg_loss"] + ["vf_loss", "vf_clipfrac"] * has_value + ["kl_loss"] * kl_term
+    mb_stats_all: list[torch.Tensor] = []
     stop_early = False
     for _epoch in range(config.num_ppo_epochs):
         order = torch.randperm(local, generator=generator, device=generator.device)
         for mb_start in range(0, local, mini):
             mb = order[mb_start:mb_start + mini]
             minibatch_tokens = accelerator.reduce(rollout.response_mask[mb.to(device)].sum().float(), reduction="sum")
-            mb_stats = torch.zeros(6, device=device)
+            mb_stats = torch.zeros(len(names), device=device)
             for mc_start in range(0, mini, micro):
                 idx = mb[mc_start:mc_start + micro]
                 batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
@@ -284,24 +291,33 @@ def ppo_update(
                     logits, new_values = module(batch["input_ids"], batch["attention_mask"], m.shape[1])
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
                     del logits
-                    pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
-                                                       config.cliprange)
-                    loss = pg_loss if train_policy else 0.0 * pg_loss
-                    if new_values is not None:
-                        vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
-                                                          config.cliprange_value)
-                        loss = loss + config.vf_coef * vf_loss
-                    else:
-                        vf_loss = vf_clipfrac = torch.zeros((), device=device)
-                    kl_loss = torch.zeros((), device=device)
-                    if kl_term:
-                        kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m)
-                        loss = loss + kl_coef * kl_loss
-                    # masked means over this micro-batch -> its share of the minibatch loss;
-                    # accelerate divides by the accumulation steps and DDP averages over processes.
+                    # token losses are masked means over this micro-batch; `share` makes each its part of
+                    # the minibatch's loss_type aggregate (accelerate divides by the accumulation steps
+                    # and DDP averages over processes, hence the last two factors)
                     share = loss_weight(config.loss_type, m.sum(), minibatch_tokens, config.mini_batch_size,
                                         config.response_length) * accumulation * accelerator.num_processes
-                    loss = loss * share
+                    if per_response:  # one ratio per response; the policy loss is the minibatch's response mean
+                        seq_losses, clipped = sequence_policy_loss(new_logprobs, batch["logprobs"],
+                                                                   batch["advantages"][:, 0],  # A_i (token 0 is never masked)
+                                                                   m, config.cliprange,
+                                                                   length_normalise=config.algorithm == "grpo")
+                        pg_loss, pg_clipfrac = seq_losses.mean(), clipped.mean()
+                        pg_term = seq_losses.sum() / config.mini_batch_size * accumulation * accelerator.num_processes
+                    else:
+                        pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
+                                                           config.cliprange)
+                        pg_term = pg_loss * share
+                    loss = pg_term if train_policy else 0.0 * pg_term
+                    stats = [pg_clipfrac, pg_loss.detach()]
+                    if has_value:
+                        vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
+                                                          config.cliprange_value)
+                        loss = loss + config.vf_coef * vf_loss * share
+                        stats += [vf_loss.detach(), vf_clipfrac]
+                    if kl_term:
+                        kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m)
+                        loss = loss + kl_coef * kl_loss * share
+                        stats.append(kl_loss.detach())
                     if not torch.isfinite(loss):
                         raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
                     accelerator.backward(loss)
@@ -316,11 +332,12 @@ def ppo_update(
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
-                with torch.no_grad():
-                    weight = m.sum() / minibatch_tokens * accelerator.num_processes
-                    kl = approx_kl(new_logprobs, batch["logprobs"], m)
-                    mb_stats += weight * torch.stack([kl, pg_clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac,
-                                                      kl_loss.detach()])
+                with torch.no_grad():  # minibatch means: of tokens; clipfrac and pg_loss as the policy loss means
+                    tokens = m.sum() / minibatch_tokens * accelerator.num_processes
+                    responses = torch.tensor(m.shape[0] / config.mini_batch_size * accelerator.num_processes, device=device)
+                    policy_mean = responses if per_response else tokens
+                    weights = torch.stack([tokens, policy_mean, policy_mean] + [tokens] * (len(names) - 3))
+                    mb_stats += weights * torch.stack([approx_kl(new_logprobs, batch["logprobs"], m), *stats])
             mb_stats = accelerator.reduce(mb_stats, reduction="mean") if accelerator.num_processes > 1 else mb_stats
             mb_stats_all.append(mb_stats)
             if config.target_kl is not None and mb_stats[0].item() > config.target_kl:
@@ -328,12 +345,7 @@ def ppo_update(
                 break
         if stop_early:
             break
-    means = torch.stack(mb_stats_all).mean(0).tolist()
-    out = dict(zip(("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "kl_loss"), means))
-    if accelerator.unwrap_model(module).value is None:
-        del out["vf_loss"], out["vf_clipfrac"]
-    if not kl_term:
-        del out["kl_loss"]
+    out = dict(zip(names, torch.stack(mb_stats_all).mean(0).tolist()))
     out["early_stopped"] = float(stop_early)
     if ptx_losses:
         ptx_mean = torch.stack(ptx_losses).mean()
