@@ -13,7 +13,9 @@ reward model's folder>``) on the same prompts, with the same sizes:
 and each policy is then evaluated by rlhfkit's held-out evaluation against the SFT policy (gold
 gain sampled and greedy, KL; ± SE across prompts). Only training is timed (rlhfkit: the RL
 loop's ``wall_time_s``; TRL: ``trainer.train()``); model loading and evaluation are not.
-Systems alternate within each seed, on the same machine, in one process.
+Systems alternate within each seed, on the same machine, each in a fresh process (trainers
+leave process-wide state behind, such as accelerate's singletons, that changed the numerics of
+whatever ran after them in one process).
 
     .venv/bin/python benchmarks/trl_peers.py RUN_DIR [RUN_DIR ...] [--updates 60] [--seeds 0,1]
         [--systems rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo] [--out runs/trl-peers]
@@ -37,6 +39,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +103,25 @@ def evaluate(run: Path, policy: Path, out: Path, prompts: int) -> dict:
     return evaluate_stage(config).metrics
 
 
+def run_system(system: str, seed: int, run: Path, a: argparse.Namespace) -> dict:
+    """Train one system from ``run`` and evaluate its policy: one row."""
+    owner, algorithm, *variants = system.split("-")
+    out = a.out / f"{system}-seed{seed}"
+    if out.exists() and (out / ".rlhfkit-bench").is_file():
+        shutil.rmtree(out)  # this benchmark's own earlier output only
+    out.mkdir(parents=True)
+    (out / ".rlhfkit-bench").write_text("written by benchmarks/trl_peers.py\n")
+    if owner == "rlhfkit":
+        seconds = train_rlhfkit(algorithm, run, out / "train", a.updates, seed, variants)
+    else:
+        seconds = train_trl(algorithm, run, out / "train", a.updates, seed)
+    policy = out / "train" if owner == "rlhfkit" else out / "train" / "model"
+    m = evaluate(run, policy, out / "eval", a.prompts)
+    return {"system": system, "seed": seed, "train_s": round(seconds, 1),
+            **{k: m.get(k) for k in ("gold_gain", "gold_gain_se", "greedy_gold_gain", "greedy_gold_gain_se")},
+            "kl": m["ppo"]["kl"], "kl_se": m["ppo"]["kl_se"]}
+
+
 def _mean_se(values: list[float]) -> str:
     mean = statistics.fmean(values)
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
@@ -115,6 +138,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts evaluated (x 4 samples)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/trl-peers"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run one system, print its row
     a = parser.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     if len(a.runs) not in (1, len(seeds)):
@@ -130,30 +154,24 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(machine_line())
-    print(f"torch {torch.__version__} ({a.threads} threads), trl {trl.__version__}; runs {run_of}; "
-          f"{a.updates} updates x {SIZES['rollout_batch_size']} episodes; sizes {SIZES}")
+    if not a.child:
+        print(machine_line())
+        print(f"torch {torch.__version__} ({a.threads} threads), trl {trl.__version__}; runs {run_of}; "
+              f"{a.updates} updates x {SIZES['rollout_batch_size']} episodes; sizes {SIZES}")
+    if a.child:  # one system, one seed: print its row
+        print("ROW " + json.dumps(run_system(a.systems, seeds[0], run_of[seeds[0]], a)), flush=True)
+        return
     rows = []
     for seed in seeds:
-        run = run_of[seed]
         for system in a.systems.split(","):
-            owner, algorithm, *variants = system.split("-")
-            out = a.out / f"{system}-seed{seed}"
-            if out.exists() and (out / ".rlhfkit-bench").is_file():
-                shutil.rmtree(out)  # this benchmark's own earlier output only
-            out.mkdir(parents=True)
-            (out / ".rlhfkit-bench").write_text("written by benchmarks/trl_peers.py\n")
-            if owner == "rlhfkit":
-                seconds = train_rlhfkit(algorithm, run, out / "train", a.updates, seed, variants)
-            else:
-                seconds = train_trl(algorithm, run, out / "train", a.updates, seed)
-            policy = out / "train" if owner == "rlhfkit" else out / "train" / "model"
-            m = evaluate(run, policy, out / "eval", a.prompts)
-            row = {"system": system, "seed": seed, "train_s": round(seconds, 1),
-                   **{k: m.get(k) for k in ("gold_gain", "gold_gain_se", "greedy_gold_gain", "greedy_gold_gain_se")},
-                   "kl": m["ppo"]["kl"], "kl_se": m["ppo"]["kl_se"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            child = subprocess.run(
+                [sys.executable, __file__, str(run_of[seed]), "--seeds", str(seed), "--systems", system, "--updates",
+                 str(a.updates), "--prompts", str(a.prompts), "--threads", str(a.threads), "--out", str(a.out),
+                 "--child"], stdout=subprocess.PIPE, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"{child.stdout[-3000:]}\n{system} seed {seed} failed (exit {child.returncode})")
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1][len("ROW "):]))
+            print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'system':22} {'train s':>8} {'gold gain, sampled':>20} {'gold gain, greedy':>19} {'KL':>12}")
     for r in rows:
         print(f"{r['system']:22} {r['train_s']:8.1f} {r['gold_gain']:+10.3f} ± {r['gold_gain_se']:.3f}      "

@@ -48,20 +48,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_TEMPLATE = REPO / "configs" / "templates" / "oasst_plain.jinja"
 
-# Sizes of a full run (about an hour per stage or less for a 135M model on one A10G-class GPU).
-FULL = {
-    "sft": {"learning_rate": 2e-4, "num_train_epochs": 2, "per_device_train_batch_size": 16,
-            "gradient_accumulation_steps": 2, "lr_scheduler_type": "cosine", "warmup_steps": 50,
-            "logging_steps": 20, "save_steps": 200},
-    "reward": {"learning_rate": 1e-4, "num_train_epochs": 1, "per_device_train_batch_size": 16,
-               "gradient_accumulation_steps": 2, "center_rewards_coefficient": 0.01,
-               "logging_steps": 20, "save_steps": 200},
-    "ppo": {"num_updates": 100, "rollout_batch_size": 128, "num_mini_batches": 4, "per_device_train_batch_size": 4,
-            "rollout_forward_batch_size": 32, "num_ppo_epochs": 4, "response_length": 128, "max_prompt_length": 512,
-            "temperature": 0.7, "kl_coef": 0.05, "learning_rate": 1e-5, "vf_coef": 0.1, "missing_eos_penalty": 1.0,
-            "save_steps": 10, "sample_every": 10},
-    "eval": {"max_prompts": 200, "samples_per_prompt": 2, "batch_size": 16},
-}
+# Sizes of a full run (about an hour per stage or less for a 135M model on one A10G-class GPU):
+# the stage sections of configs/oasst_smollm.yaml, the same run through `rlhfkit run`, read
+# from the file (one place for them); the options below (model, LoRA rank, lengths, template,
+# bf16) are set on top.
+SHIPPED = REPO / "configs" / "oasst_smollm.yaml"
+
+
+def shipped_sizes() -> dict[str, dict]:
+    from rlhfkit.config import read_yaml
+
+    config = read_yaml(SHIPPED)
+    sizes = {stage: dict(config[stage]) for stage in ("sft", "reward", "ppo", "eval")}
+    sizes["sft"].pop("pad_token")  # SmolLM2's; chosen below for the model given (distinct_pad)
+    return sizes
+
+
+FULL = shipped_sizes()
 # --quick: a few steps of each stage, to check model, data, LoRA and the GPU before a long run.
 QUICK = {
     "sft": {**FULL["sft"], "max_steps": 10, "logging_steps": 2, "save_steps": 1000},
@@ -183,9 +186,10 @@ def main(argv=None) -> int:
 
     # 4. PPO with LoRA against the reward model. Mixed precision for PPO comes from
     #    `accelerate launch` (configs/accelerate/*.yaml: mixed_precision: bf16), not from a key.
-    ppo_cfg = PPOStageConfig(model=str(out / "sft"), reward_model=str(out / "reward"), data=str(data),
-                             output_dir=str(out / "ppo"), value_model="reward", lora=True, lora_r=args.lora_r,
-                             lora_alpha=2 * args.lora_r, seed=args.seed, **sizes["ppo"])
+    ppo_cfg = load_config(PPOStageConfig, {
+        **sizes["ppo"], **lora, "model": str(out / "sft"), "reward_model": str(out / "reward"), "data": str(data),
+        "output_dir": str(out / "ppo"), "seed": args.seed,
+    })
     ppo = train_ppo(ppo_cfg).metrics
     say("PPO_TRAIN", updates=ppo["updates"], score_last=ppo["objective/scores"], kl=ppo["objective/kl"],
         response_length=ppo["val/response_length"], time_s=ppo["wall_time_s"])

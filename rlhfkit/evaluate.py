@@ -18,6 +18,7 @@ import torch
 
 from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, locks_output, refuse_other_stage,
                                write_json_atomic)
+from rlhfkit import checkpoint
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
 from rlhfkit.core import logprobs_from_logits
@@ -449,7 +450,6 @@ def _curve(config: EvalStageConfig, metrics: dict[str, Any], reference, scorer, 
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.artifacts import load_pretrained, read_json, resolve_model_path
-    from rlhfkit.ppo import checkpoint
 
     fields = ("reward", "reward_se", "gold", "gold_se", "length", "kl", "kl_se")
     points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:5]}, "kl": 0.0, "kl_se": 0.0}]

@@ -284,6 +284,16 @@ def check_columns(dataset, required: Sequence[str], where: str) -> None:
         )
 
 
+def check_before_loading(config: StageConfig, model=None) -> None:
+    """Every config problem in one line, then a model folder holding only pickles (unless ``model``
+    is given in memory): raised before any data is read or folder touched."""
+    problems = config.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if model is None and config.model:
+        refuse_pickle_only(model_source(config))
+
+
 def model_source(config: StageConfig) -> str:
     if not config.model:
         raise ConfigError(

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhfkit.config import collect_errors, load_config
+from rlhfkit.config import collect_errors, load_config, read_yaml
 from rlhfkit.pipeline import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +159,10 @@ def test_example02_parses_its_options():
 
     for sizes in (module.FULL, module.QUICK):
         assert PPOStageConfig(model="m", reward_model="r", output_dir="o", **sizes["ppo"]).validate() == []
+    # its full sizes are configs/oasst_smollm.yaml's sections, read from the file (not a copy that can drift)
+    shipped = read_yaml(REPO / "configs" / "oasst_smollm.yaml")
+    assert module.FULL["ppo"] == shipped["ppo"] and module.FULL["reward"] == shipped["reward"]
+    assert module.FULL["sft"] == {k: v for k, v in shipped["sft"].items() if k != "pad_token"}
 
 
 # ---------------------------------------------------------------------------------------

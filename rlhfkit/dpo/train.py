@@ -20,13 +20,14 @@ import dataclasses
 import time
 from typing import Any, ClassVar, Sequence
 
-from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only
+from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
 from rlhfkit.errors import ConfigError, first_line
 from rlhfkit.training import (
     PreparedTrainer,
     StageConfig,
     already_finished,
     build_trl_args,
+    check_before_loading,
     defaults_note,
     ensure_chat_template,
     final_evaluations,
@@ -67,11 +68,7 @@ class DPOStageConfig(StageConfig):
 def build_dpo_trainer(config: DPOStageConfig, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
                       callbacks: Sequence[Any] = ()) -> PreparedTrainer:
     """Validate, load pairs and model, and construct the DPOTrainer (nothing trained yet)."""
-    problems = config.validate()
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if model is None and config.model:
-        refuse_pickle_only(model_source(config))
+    check_before_loading(config, model)
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 

@@ -13,7 +13,7 @@ One update, top to bottom:
   5. adapt beta (adaptive KL), log one metrics row (TRL's keys), checkpoint every N updates.
 
 The math lives in ``rlhfkit.core``; sampling and scoring in the rollout engine
-(``rlhfkit.engine``); checkpoints in ``rlhfkit.ppo.checkpoint``.
+(``rlhfkit.engine``); checkpoints in ``rlhfkit.checkpoint``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, claim_dir, load_pretrained, load_tokenizer, locks_output,
                                read_json, refuse_other_stage, resolve_model_path, write_json_atomic)
 from rlhfkit.errors import ConfigError, RlhfkitError, first_line
-from rlhfkit.ppo import checkpoint as ckpt
+from rlhfkit import checkpoint as ckpt
 from rlhfkit.ppo.config import PPOStageConfig
 from rlhfkit.core import (
     AdaptiveKLController,

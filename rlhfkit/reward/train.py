@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only, write_text_atomic
+from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, write_text_atomic
 from rlhfkit.config import field
 from rlhfkit.engine.forward import reward_scores
 from rlhfkit.engine.sampling import conversation_ids
@@ -41,6 +41,7 @@ from rlhfkit.training import (
     PreparedTrainer,
     StageConfig,
     build_trl_args,
+    check_before_loading,
     already_finished,
     defaults_note,
     ensure_chat_template,
@@ -212,11 +213,7 @@ def train_reward(
     transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
     """
     t_start = time.perf_counter()
-    problems = config.validate()
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if model is None and config.model:
-        refuse_pickle_only(model_source(config))  # before any data is read or folder touched
+    check_before_loading(config, model)
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, set_seed

@@ -22,12 +22,13 @@ import dataclasses
 import time
 from typing import Any, ClassVar, Sequence
 
-from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, refuse_pickle_only
+from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
 from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.training import (
     PreparedTrainer,
     StageConfig,
     build_trl_args,
+    check_before_loading,
     already_finished,
     defaults_note,
     ensure_chat_template,
@@ -95,11 +96,7 @@ def build_sft_trainer(
     Every config or data problem is raised before the model loads. Used by ``train_sft``;
     public so that tests and tools can inspect the exact tokenized training examples.
     """
-    problems = config.validate()
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if model is None and config.model:
-        refuse_pickle_only(model_source(config))  # before any data is read or folder touched
+    check_before_loading(config, model)
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 

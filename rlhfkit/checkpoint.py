@@ -1,4 +1,7 @@
-"""PPO checkpoints: everything a resume needs, written atomically, nothing pickled.
+"""The RL stage's checkpoints: everything a resume needs, written atomically, nothing pickled.
+
+Below the stages: the RL stage (``rlhfkit.ppo``) writes and resumes from them, the evaluation
+reads their policies for the over-optimisation curve.
 
 A checkpoint ``checkpoints/update-000010/`` holds the policy and value weights
 (safetensors), the optimizer state (tensors; loaded with ``weights_only=True``), the
