@@ -228,13 +228,17 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
             continue
         fig, ax = plt.subplots(figsize=(5, 3.4))
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], fmt="o", capsize=3)
+        xs = [p[0] for p in pts]
+        if min(xs) > 0 and max(xs) >= 4 * min(xs):  # learning rates, coefficients: readable ticks on a log axis
+            ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel("held-out gold score (PPO)")
+        ax.set_ylabel("held-out gold score, aligned policy")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(plots / f"gold_vs_{key}.png", dpi=110)
         plt.close(fig)
-        figures.append((f"gold_vs_{key}.png", f"PPO gold score against {key} (one point per run, ± 1 SE)"))
+        figures.append((f"gold_vs_{key}.png", f"Gold score of the aligned policy (PPO, RLOO, GRPO or DPO) against "
+                                              f"{key} (one point per run, ± 1 SE)"))
     curves, sentences, seeded_curves = [], [], []
     for r in rows:
         path = out / "runs" / r["run"] / "eval" / "curve.json"
