@@ -5,9 +5,9 @@
 #   .venv/bin/python examples/03_custom_reward.py --from-run runs/example01-demo --out runs/example03
 #       (reuse the SFT model and data of examples/01_embedded_chain.py or of `rlhfkit run`)
 #
-# Tried on: 2-core x86_64 CPU, no GPU, torch 2.13.0+cpu, shared with other work.
-#   --size tiny: 80 s with its own SFT, 30 s with --from-run (gold stays 0.0 at this size:
-#   the micro model answers nothing right yet, so the gold reward gives PPO no signal).
+# Tried on: 2-core x86_64 CPU (AMD EPYC), no GPU, torch 2.13.0+cpu.
+#   --size tiny: 3 s with its own SFT (2026-12-06; gold stays 0.0 at this size: the micro
+#   model answers nothing right yet, so the gold reward gives PPO no signal).
 #   --size demo: the demo's SFT stage (an hour or more on that machine) plus 60 PPO updates;
 #   not run to the end here.
 #
@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,30 +35,24 @@ import sys
 import time
 from pathlib import Path
 
-# World + SFT sizes (as in example 01) and the PPO run against the gold reward.
-SIZES = {
-    "demo": {
-        "world": {"trees": 3000, "annotator_noise": 0.5},
-        "data": {"val_fraction": 0.1},
-        "model": {"size": "tiny", "vocab_size": 4096},
-        "sft": {"learning_rate": 3e-3, "num_train_epochs": 6, "per_device_train_batch_size": 64,
-                "lr_scheduler_type": "cosine", "warmup_steps": 30},
-        "ppo": {"num_updates": 60, "rollout_batch_size": 64, "num_mini_batches": 2, "per_device_train_batch_size": 32,
-                "num_ppo_epochs": 2, "response_length": 24, "temperature": 1.0, "kl_coef": 0.02,
-                "learning_rate": 5e-5, "vf_coef": 0.1, "save_steps": 10, "sample_every": 10},
-        "eval": {"max_prompts": 200, "samples_per_prompt": 4},
-    },
-    "tiny": {
-        "world": {"trees": 240, "annotator_noise": 0.5},
-        "data": {"val_fraction": 0.2},
-        "model": {"size": "micro", "vocab_size": 512},
-        "sft": {"learning_rate": 3e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000},
-        "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 8,
-                "num_ppo_epochs": 1, "response_length": 12, "learning_rate": 1e-4, "save_steps": 2,
-                "sample_every": 2},
-        "eval": {"max_prompts": 16, "samples_per_prompt": 2},
-    },
-}
+REPO = Path(__file__).resolve().parents[1]
+# Sizes: configs/demo.yaml itself (demo) or with example 01's TINY_OVERRIDES (tiny), read from
+# those files, so the three stay one. PPO drops the demo's kl_budget and ptx_coef: they guard
+# against a learned reward model's errors, and the gold judge has none to guard against.
+NOT_FOR_GOLD = ("kl_budget", "ptx_coef")
+
+
+def load_sizes(size: str):
+    """The demo config (a RunConfig), checked whole, with example 01's overrides for ``tiny``."""
+    import importlib.util
+
+    from rlhfkit.config import load_config
+    from rlhfkit.pipeline import RunConfig
+
+    spec = importlib.util.spec_from_file_location("example01", Path(__file__).with_name("01_embedded_chain.py"))
+    example01 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example01)  # import-safe: its heavy imports are inside main()
+    return load_config(RunConfig, REPO / "configs" / "demo.yaml", example01.SIZES[size])
 
 
 def fmt(value) -> str:
@@ -83,7 +78,7 @@ def gold_reward(prompts: list, responses: list[str]) -> list[float]:
     return [gold_score(prompt, response) for prompt, response in zip(prompts, responses)]
 
 
-def prepare_sft(out: Path, size: dict, seed: int) -> tuple[Path, Path]:
+def prepare_sft(out: Path, run, seed: int) -> tuple[Path, Path]:
     """world -> data -> model -> SFT, as in example 01 (each step skipped when already done)."""
     from rlhfkit.config import load_config
     from rlhfkit.data import DataBuildConfig, build_data
@@ -92,12 +87,14 @@ def prepare_sft(out: Path, size: dict, seed: int) -> tuple[Path, Path]:
 
     trees, data, model_dir = out / "world" / "trees.jsonl", out / "data", out / "model"
     if not trees.is_file():
-        synth_data(SynthConfig(out=str(trees), seed=seed, **size["world"]))
+        synth_data(SynthConfig(out=str(trees), seed=seed, **dataclasses.asdict(run.world)))
     if not (data / "manifest.json").is_file():
-        build_data(DataBuildConfig(sources=[str(trees)], out=str(data), seed=seed, **size["data"]))
+        fields = {k: v for k, v in dataclasses.asdict(run.data).items() if k != "source"}
+        build_data(DataBuildConfig(sources=[str(trees)], out=str(data), seed=seed, **fields))
     if not (model_dir / "config.json").is_file():
-        init_model(ModelInitConfig(out=str(model_dir), corpus=str(trees), seed=seed, **size["model"]))
-    sft_cfg = load_config(SFTStageConfig, {**size["sft"], "model": str(model_dir), "data": str(data),
+        fields = {k: v for k, v in dataclasses.asdict(run.model).items() if k != "name"}
+        init_model(ModelInitConfig(out=str(model_dir), corpus=str(trees), seed=seed, **fields))
+    sft_cfg = load_config(SFTStageConfig, {**run.sft, "model": str(model_dir), "data": str(data),
                                            "output_dir": str(out / "sft"), "seed": seed})
     m = train_sft(sft_cfg).metrics
     say("SFT", eval_loss=m["eval_loss"], train_loss=m["train_loss"], steps=m["steps"], time_s=m["wall_time_s"])
@@ -106,7 +103,8 @@ def prepare_sft(out: Path, size: dict, seed: int) -> tuple[Path, Path]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="PPO against your own reward function (here the gold judge).")
-    p.add_argument("--size", choices=sorted(SIZES), default="demo", help="demo (default) or tiny (smoke run)")
+    p.add_argument("--size", choices=["demo", "tiny"], default="demo",
+                   help="demo = configs/demo.yaml's sizes (default); tiny = with example 01's TINY_OVERRIDES (smoke run)")
     p.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
     p.add_argument("--out", default=None, help="output folder (default runs/example03-SIZE)")
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
@@ -121,12 +119,13 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
+    from rlhfkit.config import load_config
     from rlhfkit.data import prompts_from_data_dir
-    from rlhfkit.evaluate import EvalConfig, evaluate
+    from rlhfkit.evaluate import evaluate
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.world import gold_score
 
-    size = SIZES[args.size]
+    run = load_sizes(args.size)
     out = Path(args.out or f"runs/example03-{args.size}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -137,13 +136,14 @@ def main(argv=None) -> int:
                 print(f"error: {need} not found (run example 01 first, or drop --from-run)", file=sys.stderr)
                 return 2
     else:
-        sft_dir, data = prepare_sft(out, size, args.seed)
+        sft_dir, data = prepare_sft(out, run, args.seed)
 
     # PPO: no reward_model, reward_fn instead; value_model="policy" (see the header).
     # Prompts are passed in memory: any list of message lists (or plain strings) works.
     train_prompts = prompts_from_data_dir(data, "train")
-    ppo_cfg = PPOStageConfig(model=str(sft_dir), value_model="policy", output_dir=str(out / "ppo_gold"),
-                             seed=args.seed, **size["ppo"])
+    ppo_cfg = load_config(PPOStageConfig, {**{k: v for k, v in run.ppo.items() if k not in NOT_FOR_GOLD},
+                                           "model": str(sft_dir), "value_model": "policy",
+                                           "output_dir": str(out / "ppo_gold"), "seed": args.seed})
     # gold_fn is only logged (objective/gold); here it is the reward itself, so it equals
     # objective/raw_scores (the score before the missing-EOS penalty).
     ppo = train_ppo(ppo_cfg, prompts=train_prompts, reward_fn=gold_reward, gold_fn=gold_reward).metrics
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(resolve_model_path(sft_dir))
     sft_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(sft_dir))
     ppo_policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(out / "ppo_gold"))
-    eval_cfg = EvalConfig(num_examples=3, greedy=False, seed=args.seed, **size["eval"])
+    eval_cfg = dataclasses.replace(run.eval, num_examples=3, greedy=False, seed=args.seed)
     ev, examples = evaluate(sft_policy, ppo_policy, None, tokenizer, prompts_from_data_dir(data, "validation"),
                             eval_cfg, ppo_cfg.temperature, ppo_cfg.response_length, gold_score)
     for ex in examples:
