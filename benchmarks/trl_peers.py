@@ -149,18 +149,18 @@ def main() -> None:
         if owner not in ("rlhfkit", "trl") or algorithm not in ("rloo", "grpo") or set(variants) - set(VARIANTS) or (
                 owner == "trl" and variants):
             parser.error(f"system {system!r}: rlhfkit-<rloo|grpo>[-sequence][-ptx] or trl-<rloo|grpo>")
-    import torch
-    import trl
-
-    torch.set_num_threads(a.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not a.child:
-        print(machine_line())
-        print(f"torch {torch.__version__} ({a.threads} threads), trl {trl.__version__}; runs {run_of}; "
-              f"{a.updates} updates x {SIZES['rollout_batch_size']} episodes; sizes {SIZES}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the children inherit it
     if a.child:  # one system, one seed: print its row
+        import torch
+
+        torch.set_num_threads(a.threads)
         print("ROW " + json.dumps(run_system(a.systems, seeds[0], run_of[seeds[0]], a)), flush=True)
         return
+    from importlib.metadata import version  # the parent only starts children: no torch here
+
+    print(machine_line())
+    print(f"torch {version('torch')} ({a.threads} threads), trl {version('trl')}; runs {run_of}; "
+          f"{a.updates} updates x {SIZES['rollout_batch_size']} episodes; sizes {SIZES}")
     rows = []
     for seed in seeds:
         for system in a.systems.split(","):

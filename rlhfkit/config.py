@@ -220,26 +220,16 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str, errors: list[str])
 
 
 def choice_problems(obj: Any) -> list[str]:
-    """A dataclass's fields typed ``Literal[...]`` (or ``Literal[...] | None``) whose value is not one of the choices.
+    """A dataclass's fields typed ``Literal[...]`` (or a union with one) whose value is not one of the choices.
 
-    ``load_config`` checks these as it reads a file; this serves a config built in Python, so a
-    misspelt choice fails in ``validate`` (before any model loads), not in the middle of a run.
+    The check ``load_config`` makes as it reads a file (``_check_value``), for a config built in
+    Python, so a misspelt choice fails in ``validate`` (before any model loads), not mid-run.
     """
-    problems = []
+    problems: list[str] = []
     for name, tp in typing.get_type_hints(type(obj)).items():
-        args = typing.get_args(tp)
-        if typing.get_origin(tp) in (Union, types.UnionType):
-            literals = [a for a in args if typing.get_origin(a) is Literal]
-            if not literals or (getattr(obj, name, None) is None and type(None) in args):
-                continue
-            args = typing.get_args(literals[0])
-        elif typing.get_origin(tp) is not Literal:
-            continue
-        if not hasattr(obj, name):
-            continue
-        value = getattr(obj, name)
-        if value not in args:
-            problems.append(f"{name}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        choices = typing.get_origin(tp) is Literal or any(typing.get_origin(a) is Literal for a in typing.get_args(tp))
+        if choices and hasattr(obj, name):
+            _check_value(getattr(obj, name), tp, name, problems)
     return problems
 
 
