@@ -8,7 +8,9 @@ A checkpoint ``checkpoints/update-000010/`` holds the policy and value weights
 random generators of every process (safetensors) and ``state.json`` (update counter,
 elapsed time, scheduler, KL controller, config). It is written to a temp sibling and
 renamed, so a folder named ``update-*`` is always complete (docs/pitfalls.md#9); older ones are
-removed only after the new one is in place. ``state.json`` records each file's SHA-256: a
+removed only after the new one is in place. The files hold full tensors whatever the run's
+sharding (FSDP shards are gathered to write and cut again to load: ``rlhfkit.engine.sharding``),
+so a checkpoint is the same file under any launch, and any launch resumes from it. ``state.json`` records each file's SHA-256: a
 resume takes the newest checkpoint whose files still match (``latest_verified``) and sets
 a damaged one aside as ``corrupt-update-*`` (kept for inspection, never loaded). The data
 position is the update counter itself (prompts are drawn by ``batch_indices(update, ...)``).
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, write_text_atomic
+from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_sharded, load_full_optimizer_state, load_full_state
 from rlhfkit.errors import ConfigError
 
 PREFIX = "update-"
@@ -91,23 +94,44 @@ def check_config(path: Path, config: Any) -> None:
         )
 
 
+def check_processes(path: Path, num_processes: int) -> None:
+    """A resume runs on as many processes as the run it continues: each process samples with its own
+    generator, saved in the checkpoint (a checkpoint from before this was recorded is not checked)."""
+    saved = read_json(path / "state.json").get("num_processes")
+    if saved is not None and saved != num_processes:
+        raise ConfigError(f"{path} was written by a run on {saved} process(es); resume it with {saved} "
+                          f"(this launch has {num_processes}), or use a new output_dir")
+
+
 def save(accelerator, folder: Path, update: int, elapsed: float, module, optimizer, scheduler, kl_ctl,
          generators, config) -> None:
+    """Write checkpoint ``update`` (every process calls it: sharded weights are gathered first)."""
     from accelerate.utils import gather_object
 
     rng = gather_object([[g.get_state() for g in generators]])
+    sharded = is_sharded(module.policy)
+    if sharded:  # all-gathered on every process (a collective), written by the main one
+        weights = {"policy": full_state(module.policy),
+                   **({"value": full_state(module.value)} if module.value is not None else {})}
+        optimizer_state = full_optimizer_state(optimizer)
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
-            save_model(module.policy, str(tmp / POLICY_FILE))
-            if module.value is not None:  # rloo / grpo have none
-                save_model(module.value, str(tmp / "value.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            for part in ("policy", "value"):
+                if getattr(module, part) is None:  # rloo / grpo have no value model
+                    continue
+                file = str(tmp / (POLICY_FILE if part == "policy" else "value.safetensors"))
+                if sharded:  # the tensors save_model would write, tied ones once
+                    save_file(weights[part], file, metadata={"format": "pt"})
+                else:
+                    save_model(getattr(module, part), file)
+            torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
                       str(tmp / "rng.safetensors"))
             files = file_digests(tmp)  # state.json, written next, is not among them
             write_text_atomic(tmp / "state.json", json.dumps({
                 "files": files,
                 "update": update,
+                "num_processes": accelerator.num_processes,  # each process has its own generators
                 "elapsed_s": elapsed,
                 "scheduler": scheduler.state_dict(),
                 "kl_controller": kl_ctl.state_dict(),
@@ -120,12 +144,21 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
 
 
 def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int) -> tuple[int, float]:
-    """Restore every piece of state; returns (updates done, seconds spent so far)."""
+    """Restore every piece of state; returns (updates done, seconds spent so far).
+
+    The files hold full tensors whatever the run's sharding: a sharded module takes its shards of them."""
     state = read_json(path / "state.json")
-    load_model(module.policy, str(path / POLICY_FILE))
-    if module.value is not None:
-        load_model(module.value, str(path / "value.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if is_sharded(module.policy):
+        load_full_state(module.policy, load_file(str(path / POLICY_FILE)))
+        if module.value is not None:
+            load_full_state(module.value, load_file(str(path / "value.safetensors")))
+        load_full_optimizer_state(optimizer, optimizer_state)
+    else:
+        load_model(module.policy, str(path / POLICY_FILE))
+        if module.value is not None:
+            load_model(module.value, str(path / "value.safetensors"))
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
     rng = load_file(str(path / "rng.safetensors"))

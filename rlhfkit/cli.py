@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
+        _end_process_group()
     except RlhfkitError as e:
         print(f"rlhfkit: error: {e}", file=sys.stderr)
         return 2
@@ -232,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit: error: {line}", file=sys.stderr)
         return 2
     return 0
+
+
+def _end_process_group() -> None:
+    """Under a multi-process launch, close the process group before exit: left to the interpreter's
+    shutdown, gloo's threads sometimes abort the process after its work is done (seen with FSDP)."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has none
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # A full disk, a missing permission, a read-only file system: the machine's faults, not bugs.

@@ -251,6 +251,7 @@ ACCELERATE_FILES = sorted(ACCELERATE.glob("*.yaml"))
 EXPECTED = {
     "single_gpu.yaml": ("NO", 1), "multi_gpu.yaml": ("MULTI_GPU", 2), "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
     "deepspeed_zero3.yaml": ("DEEPSPEED", 2), "fsdp.yaml": ("FSDP", 2), "cpu_2proc.yaml": ("MULTI_GPU", 2),
+    "cpu_2proc_fsdp.yaml": ("FSDP", 2),
 }
 
 
@@ -289,15 +290,19 @@ def test_accelerate_file_parses_and_prepares_a_launch(path):
     else:
         _, env = launch_utils.prepare_simple_launcher_cmd_env(args)
     assert env["ACCELERATE_MIXED_PRECISION"] == raw["mixed_precision"]
-    if path.name == "cpu_2proc.yaml":
-        assert raw["use_cpu"] is True and raw["mixed_precision"] == "no"
-        assert "ACCELERATE_USE_CPU=true accelerate launch" in text
+    if path.name.startswith("cpu_2proc"):
+        assert raw["mixed_precision"] == "no" and "ACCELERATE_USE_CPU=true accelerate launch" in text
+        assert not args.cpu  # a --cpu launch starts one process
+    if path.name == "cpu_2proc_fsdp.yaml":  # what rlhfkit's RL stage reads to shard
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
 
 
 @pytest.mark.slow
-def test_cpu_2proc_launch_runs_the_ppo_stage_on_two_processes(example01_tiny, tmp_path):
-    """The CPU launch file really gives 2 gloo processes: rlhfkit's PPO stops unless the
-    launcher's process count matches WORLD_SIZE, and its batch arithmetic counts 2."""
+@pytest.mark.parametrize("launch_file", ["cpu_2proc.yaml", "cpu_2proc_fsdp.yaml"])
+def test_cpu_2proc_launch_runs_the_ppo_stage_on_two_processes(example01_tiny, tmp_path, launch_file):
+    """The CPU launch files really give 2 gloo processes: rlhfkit's PPO stops unless the
+    launcher's process count matches WORLD_SIZE, and its batch arithmetic counts 2; the FSDP
+    file shards the policy and value model (started from the reward model, as by default)."""
     run_dir, _, _ = example01_tiny
     cfg = tmp_path / "ppo.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -308,13 +313,17 @@ def test_cpu_2proc_launch_runs_the_ppo_stage_on_two_processes(example01_tiny, tm
     }))
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(accelerate), "launch", "--config_file", str(ACCELERATE / "cpu_2proc.yaml"),
+    proc = subprocess.run([str(accelerate), "launch", "--config_file", str(ACCELERATE / launch_file),
                            "--main_process_port", "0", "-m", "rlhfkit.cli", "ppo", str(cfg)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "PPO batch arithmetic (2 processes)" in proc.stdout
     assert "gradient accumulation = 4 / (2 x 2) = 1" in proc.stdout
+    assert ("FSDP: the policy and value model sharded over 2 processes" in proc.stdout) == ("fsdp" in launch_file)
     assert json.loads((tmp_path / "ppo" / "metrics.json").read_text())["updates"] == 2
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "model")  # an ordinary, complete folder
 
 
 # ---------------------------------------------------------------------------------------

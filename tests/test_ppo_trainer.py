@@ -443,6 +443,22 @@ def test_a_finished_run_is_not_redone(world, tmp_path):
     assert [r["update"] for r in read_rows(out / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_resume_with_another_process_count_is_refused(world, tmp_path):
+    import shutil
+
+    out = tmp_path / "two"
+    config = small_config(world, out, num_updates=2, save_steps=1)
+    train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    (out / "metrics.json").unlink()  # as if killed after the update-1 checkpoint
+    shutil.rmtree(out / "model")
+    state = out / "checkpoints" / "update-000001" / "state.json"
+    data = json.loads(state.read_text())
+    assert data["num_processes"] == 1
+    state.write_text(json.dumps({**data, "num_processes": 2}))  # as if written by a 2-process launch
+    with pytest.raises(ConfigError, match=r"written by a run on 2 process\(es\); resume it with 2 \(this launch has 1\)"):
+        train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+
+
 def test_evaluation_creates_every_tensor_on_the_models_device(world):
     """The same meta-device check for the held-out evaluation, the curve point and best-of-n
     (it catches tensors made without ``device=``; that they follow the models' device on a GPU
@@ -625,6 +641,9 @@ def has_digit(prompts, responses):
     return [float(any(c.isdigit() for c in r)) for r in responses]
 
 train_ppo(config, prompts=prompts, reward_fn=has_digit)
+import torch.distributed as dist
+if dist.is_initialized():  # as the CLI does (gloo's threads may abort an unclosed process at exit)
+    dist.destroy_process_group()
 print("finished", flush=True)
 """
 
@@ -958,25 +977,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(tmp_path: Path, config: PPOStageConfig, prompts: list, *flags: str, **env) -> subprocess.Popen:
+    """``accelerate launch`` of RUN_SCRIPT on 2 CPU processes."""
+    name = Path(config.output_dir).name
+    (tmp_path / f"{name}.json").write_text(json.dumps(vars(config)))
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    (tmp_path / "run.py").write_text(RUN_SCRIPT)
+    accelerate = Path(PYTHON).parent / "accelerate"
+    # accelerate 1.15: `--cpu --num_processes 2` silently starts ONE process (simple launcher);
+    # two CPU processes on gloo take the torchrun launcher (--multi_gpu or --use_fsdp) plus ACCELERATE_USE_CPU.
+    return subprocess.Popen(
+        [str(accelerate), "launch", *(flags or ("--multi_gpu",)), "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         str(tmp_path / "run.py"), str(tmp_path / f"{name}.json"), str(tmp_path / "prompts.json")],
+        env=_run_env(ACCELERATE_USE_CPU="true", **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("finished") == 2, out[-4000:]
+    return out
+
+
+FSDP = ("--use_fsdp", "--fsdp_version", "2")
+
+
 @pytest.mark.slow
 def test_two_process_cpu_run_with_accelerate_launch(world, tmp_path):
     out = tmp_path / "ddp"
     config = small_config(world, out, num_updates=2, rollout_batch_size=8, num_mini_batches=2,
                           per_device_train_batch_size=2, save_steps=1, sample_every=1)
-    (tmp_path / "config.json").write_text(json.dumps(vars(config)))
-    (tmp_path / "prompts.json").write_text(json.dumps(world.prompts))
-    (tmp_path / "run.py").write_text(RUN_SCRIPT)
-    accelerate = Path(PYTHON).parent / "accelerate"
-    # accelerate 1.15: `--cpu --num_processes 2` silently starts ONE process (simple launcher);
-    # two CPU processes on gloo take the torchrun launcher (--multi_gpu) plus ACCELERATE_USE_CPU.
-    proc = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-         str(tmp_path / "run.py"), str(tmp_path / "config.json"), str(tmp_path / "prompts.json")],
-        env=_run_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("finished") == 2
-    assert "2 processes" in proc.stdout  # the batch arithmetic saw both processes
+    stdout = _finish(_launch(tmp_path, config, world.prompts))
+    assert "2 processes" in stdout  # the batch arithmetic saw both processes
+    assert "FSDP" not in stdout
     rows = read_rows(out / "metrics.jsonl")
     assert [(r["update"], r["episode"]) for r in rows] == [(1, 8), (2, 16)]
     for row in rows:
@@ -984,6 +1019,76 @@ def test_two_process_cpu_run_with_accelerate_launch(world, tmp_path):
             assert key in row and math.isfinite(row[key]), key
     assert (out / "checkpoints" / "update-000001" / "state.json").is_file()
     assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
+    """The same config under `--use_fsdp` (policy and value sharded over 2 processes), SIGKILLed
+    after its update-2 checkpoint and resumed, against a straight data-parallel (DDP) run.
+
+    Each process samples its half of the batch with its own generator in both runs, so the
+    episodes are the same; what sharding changes is arithmetic order: FSDP samples through the
+    model's forward (DDP takes the CPU fast path: log-probs ~1e-6 apart), reduce-scatters rather
+    than all-reduces, and sums the gradient norm shard by shard. So the figures agree to float32
+    rounding carried through 8 AdamW steps, far inside what a lost shard, a wrong average or a
+    misplaced resume would move (the weights move by ~1e-2 at this learning rate)."""
+    kwargs = dict(num_updates=4, rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=2,
+                  save_steps=2, save_total_limit=2, sample_every=1, kl_coef=0.1)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    straight = _launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts)
+    _finish(straight)
+
+    config = small_config(world, fsdp, **kwargs)
+    proc = _launch(tmp_path, config, world.prompts, *FSDP, HANG_AT_CALL="3")  # parks in update 3, after the update-2 checkpoint
+    marker = fsdp / "checkpoints" / "update-000002" / "state.json"
+    try:
+        deadline = time.time() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.time() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the run must still be going when it is killed"
+    finally:
+        import psutil  # accelerate's dependency
+
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()  # SIGKILL: both workers (torchrun starts them in sessions of their own), then the launcher
+        proc.communicate(timeout=60)
+    assert not (fsdp / "model").exists()
+    stdout = _finish(_launch(tmp_path, config, world.prompts, *FSDP))
+    assert "FSDP: the policy and value model sharded over 2 processes" in stdout
+    assert "resuming from" in stdout and "update 2 of 4" in stdout
+
+    from safetensors.torch import load_file
+
+    # the log, the final policy and the update-2 checkpoint (written sharded, before the kill): the straight run's
+    same_rows(ddp, fsdp, updates=4)
+    for name in ("model/model.safetensors", "checkpoints/update-000002/policy.safetensors",
+                 "checkpoints/update-000002/value.safetensors"):
+        a, b = load_file(str(ddp / name)), load_file(str(fsdp / name))
+        assert sorted(a) == sorted(b), name  # ordinary files: the same tensors under the same names
+        for key in a:
+            assert a[key].shape == b[key].shape, (name, key)
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+    initial = load_file(str(world.policy_dir / "model.safetensors"))
+    final = load_file(str(ddp / "model/model.safetensors"))
+    assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it trained
+    # AdamW's moments (not scale-free as the weights' steps are): the averaged gradients agree
+    opt_a = torch.load(ddp / "checkpoints/update-000002/optimizer.pt", weights_only=True)
+    opt_b = torch.load(fsdp / "checkpoints/update-000002/optimizer.pt", weights_only=True)
+    assert opt_a["param_groups"] == opt_b["param_groups"] and sorted(opt_a["state"]) == sorted(opt_b["state"])
+    for i, entries in opt_a["state"].items():
+        for key, value in entries.items():
+            torch.testing.assert_close(opt_b["state"][i][key], value, rtol=1e-3, atol=1e-7, msg=f"{i} {key}")
+    # and the final folder loads as an ordinary model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fsdp / "model")
+    loaded = model.state_dict()
+    for key, value in final.items():
+        torch.testing.assert_close(loaded[key], value, atol=1e-5, rtol=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
 # ---------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from rlhfkit.core import (
 from rlhfkit.engine.forward import left_pad, response_logits, token_values
 from rlhfkit.engine.sampling import encode_prompts, generate
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
+from rlhfkit.engine.sharding import clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered, is_sharded, shard
 from rlhfkit.ppo.rollout import Rollout
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
@@ -168,8 +169,9 @@ def make_rollout(
     step = config.rollout_forward_batch_size
     for start in range(0, len(prompts), step):
         # (1)-(2) sample, truncate after the first EOS
-        gen = generate(module.policy, tokenizer, prompt_ids[start:start + step], config.response_length,
-                       config.temperature, generator)
+        with gathered(module.policy):  # FSDP: the whole policy unsharded for the decode loop
+            gen = generate(module.policy, tokenizer, prompt_ids[start:start + step], config.response_length,
+                           config.temperature, generator)
         response_ids, response_mask = gen.response_ids, gen.response_mask
         input_ids, attention_mask = gen.input_ids, gen.attention_mask
         width = response_ids.shape[1]
@@ -263,6 +265,7 @@ def ppo_update(
     ptx = demonstrations is not None and config.ptx_coef > 0 and train_policy
     ptx_losses: list[torch.Tensor] = []
     has_value = accelerator.unwrap_model(module).value is not None
+    sharded = is_sharded(accelerator.unwrap_model(module).policy)
     kl_term = config.algorithm == "grpo" and kl_coef > 0
     per_response = config.importance_sampling_level == "sequence"
     # the statistics logged, in this order: only those that apply ("approxkl" first: target_kl reads it)
@@ -321,17 +324,18 @@ def ppo_update(
                     if not torch.isfinite(loss):
                         raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients:  # the last micro-batch of the minibatch: one optimizer step
                         unwrapped = accelerator.unwrap_model(module)
                         for part in (p for p in (unwrapped.policy, unwrapped.value) if p is not None):
-                            norm = accelerator.clip_grad_norm_(
-                                [p for p in part.parameters() if p.requires_grad], config.max_grad_norm)
+                            trained = [p for p in part.parameters() if p.requires_grad]
+                            # sharded gradients: torch's clip, over the DTensors (accelerate's needs its own FSDP prepare)
+                            norm = (clip_grad_norm_(trained, config.max_grad_norm) if sharded
+                                    else accelerator.clip_grad_norm_(trained, config.max_grad_norm))
                             if norm is not None and not math.isfinite(float(norm)):
                                 raise RlhfkitError("gradient norm is not finite: lower learning_rate or check the reward scale")
-                    optimizer.step()
-                    if accelerator.sync_gradients:
+                        optimizer.step()
                         scheduler.step()
-                    optimizer.zero_grad()
+                        optimizer.zero_grad()
                 with torch.no_grad():  # minibatch means: of tokens; clipfrac and pg_loss as the policy loss means
                     tokens = m.sum() / minibatch_tokens * accelerator.num_processes
                     responses = torch.tensor(m.shape[0] / config.mini_batch_size * accelerator.num_processes, device=device)
@@ -539,11 +543,14 @@ def metrics_row(update: int, rollout_batch_size: int, episode_stats: dict[str, f
     return row
 
 
-def save_final_policy(policy: torch.nn.Module, tokenizer, folder: Path, merge_lora: bool) -> None:
-    """The final policy as an ordinary safetensors folder (a LoRA adapter merged into a copy), atomically."""
+def save_final_policy(policy: torch.nn.Module, tokenizer, folder: Path, merge_lora: bool,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The final policy as an ordinary safetensors folder (a LoRA adapter merged into a copy), atomically.
+
+    ``state_dict``: the full weights of a sharded policy (``sharding.full_state``)."""
     final = copy.deepcopy(policy).merge_and_unload() if merge_lora else policy
     with atomic_dir(folder) as tmp:
-        final.save_pretrained(tmp, safe_serialization=True)
+        final.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
 
@@ -583,6 +590,7 @@ def resume(config: PPOStageConfig, out: Path, accelerator, module, optimizer, sc
         state = broadcast_object_list([state])[0]
     if state is not None:
         ckpt.check_config(state, config)
+        ckpt.check_processes(state, accelerator.num_processes)
         try:
             start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
                                                      kl_ctl, generators, accelerator.process_index)
@@ -660,6 +668,11 @@ def train_ppo(
     out = Path(config.output_dir)
     accelerator = make_accelerator(config, out)
     main = accelerator.is_main_process
+    # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
+    sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
+    if sharded and config.lora:
+        raise ConfigError("lora: not supported under FSDP yet; a LoRA run trains few parameters, so launch it "
+                          "without --use_fsdp (data parallel)")
     if main:
         claim_dir(out)
         print(config.batch_arithmetic(), flush=True)
@@ -668,20 +681,21 @@ def train_ppo(
     prompt_list = load_prompts(config, prompts)
     conversations = load_demonstrations(config, demonstrations) if config.ptx_coef > 0 else None
     policy_path = resolve_model_path(config.model) if config.model else None
-    if tokenizer is None:
-        tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
-    if policy is None:
-        policy = load_pretrained(AutoModelForCausalLM, policy_path, config.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; only EOS stops
-    prompt_ids = encode_prompts(tokenizer, prompt_list, config.max_prompt_length)
-    ptx_data = None if conversations is None else Demonstrations.encode(
-        tokenizer, conversations, config.max_prompt_length, config.response_length)
-    scorer, reward_path = load_scorer(config, tokenizer, reward_model, reward_tokenizer, reward_fn,
-                                      value_from_reward=config.uses_value_model and value_model is None
-                                      and config.value_model == "reward")
-    value_model = (load_value_model(config, tokenizer, policy, policy_path, reward_path, value_model)
-                   if config.uses_value_model else None)
+    with every_process_loads():  # under FSDP too: only the policy and value are sharded
+        if tokenizer is None:
+            tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
+        if policy is None:
+            policy = load_pretrained(AutoModelForCausalLM, policy_path, config.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; only EOS stops
+        prompt_ids = encode_prompts(tokenizer, prompt_list, config.max_prompt_length)
+        ptx_data = None if conversations is None else Demonstrations.encode(
+            tokenizer, conversations, config.max_prompt_length, config.response_length)
+        scorer, reward_path = load_scorer(config, tokenizer, reward_model, reward_tokenizer, reward_fn,
+                                          value_from_reward=config.uses_value_model and value_model is None
+                                          and config.value_model == "reward")
+        value_model = (load_value_model(config, tokenizer, policy, policy_path, reward_path, value_model)
+                       if config.uses_value_model else None)
     ref_policy = None
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -698,13 +712,23 @@ def train_ppo(
     module.train()
     # what the run holds in memory, in parameters (rloo and grpo save the value model's)
     params_held = sum(p.numel() for m in (module, ref_policy, *scorer.models) if m is not None for p in m.parameters())
+    if sharded:  # parameters become DTensors (each process holds 1/N): before the optimizer is built
+        module.to(accelerator.device)
+        for part in (policy, value_model):
+            if part is not None:
+                shard(part)
+        if main:
+            print(f"FSDP: the policy{' and value model' if value_model is not None else ''} sharded over "
+                  f"{accelerator.num_processes} processes (one unit per decoder layer); the reference and reward "
+                  "models replicated", flush=True)
     trainable = [p for p in module.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (on CPU 4-5x faster than the default per-tensor loop)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     total_steps = config.updates * config.optimizer_steps_per_update
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if not sharded:  # data parallel (DDP) or one process; sharded modules are not wrapped again
+        module, optimizer = accelerator.prepare(module, optimizer)
     for model in (ref_policy, *scorer.models):
         if model is not None:
             model.to(accelerator.device)
@@ -815,8 +839,9 @@ def train_ppo(
                "updates": config.updates, "updates_done": stopped_at or config.updates,
                "stopped_at_kl_budget": stopped_at is not None,
                "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
+    weights = full_state(unwrapped.policy, all_names=True) if sharded else None  # all processes: the shards all-gathered
     if main:
-        save_final_policy(unwrapped.policy, tokenizer, out / "model", merge_lora=config.lora)
+        save_final_policy(unwrapped.policy, tokenizer, out / "model", merge_lora=config.lora, state_dict=weights)
         write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return StageResult(out, metrics)
