@@ -127,7 +127,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
     """
     from rlhfkit.errors import OutputError
 
-    if int(os.environ.get("RANK", "0")) > 0:  # other processes of one launch: rank 0 holds it for all
+    if not launch_main():  # other processes of one launch: rank 0 holds it for all
         yield
         return
     folder = Path(folder).resolve()  # one lock per real folder, whatever the path that names it
@@ -194,6 +194,11 @@ def sweep_stale_temps(parent: Path, name: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def launch_main() -> bool:
+    """Whether this is the main process of its launch (rank 0; a plain run has only that one)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def locks_output(attribute: str) -> Callable[[F], F]:

@@ -17,6 +17,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from rlhfkit.artifacts import launch_main
 from rlhfkit.errors import RlhfkitError
 
 # Stages configured by a YAML file plus KEY=VALUE overrides: name -> (module, config class, function).
@@ -95,7 +96,8 @@ def _sweep(args: argparse.Namespace) -> None:
     from rlhfkit.sweep import parse_grid, run_sweep
 
     result = run_sweep(args.config, parse_grid(args.grid), args.out, seeds=args.seeds, overrides=args.overrides)
-    print(f"sweep: {len(result.rows)} runs done, results in {result.output_dir / 'results.csv'}")
+    if launch_main():
+        print(f"sweep: {len(result.rows)} runs done, results in {result.output_dir / 'results.csv'}")
 
 
 def _config_stage(name: str) -> Callable[[argparse.Namespace], None]:
@@ -110,7 +112,8 @@ def _config_stage(name: str) -> Callable[[argparse.Namespace], None]:
             extra["output_dir"] = args.out
         config = load_config(cls, args.config, args.overrides, **extra)
         result = _load(module, fn_name)(config)
-        print(f"{name}: done, artifacts in {result.output_dir}")
+        if launch_main():  # under `accelerate launch`, once
+            print(f"{name}: done, artifacts in {result.output_dir}")
 
     return run
 
@@ -237,9 +240,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _end_process_group() -> None:
     """Under a multi-process launch, close the process group before exit: left to the interpreter's
-    shutdown, gloo's threads sometimes abort the process after its work is done (seen with FSDP)."""
+    shutdown, gloo's threads sometimes abort the process after its work is done (seen with FSDP:
+    "terminate called without an active exception"; pytorch/pytorch PR 179291 explains it)."""
     dist = sys.modules.get("torch.distributed")  # a command that never imported torch has none
     if dist is not None and dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # models in reference cycles still hold gloo work objects: free them while gloo is up
         dist.destroy_process_group()
 
 

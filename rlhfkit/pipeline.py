@@ -202,18 +202,61 @@ class RunResult(StageResult):
     skipped: list[str] = dataclasses.field(default_factory=list)
 
 
+class Processes:
+    """The processes of a launch as the chain sees them (one, unless ``accelerate launch`` started N).
+
+    The main process decides each stage (skip, resume, rerun) and writes the manifest, the
+    summary and the report; ``share`` hands its decisions to the others, which follow."""
+
+    def __init__(self):
+        self.state = None
+        expected = int(os.environ.get("WORLD_SIZE", "1"))
+        if expected > 1:
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            # joins the launch's process group (gloo on CPU, as the stages' Accelerator does)
+            self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+            if self.state.num_processes != expected:  # as the RL stage refuses it (make_accelerator)
+                raise ConfigError(f"the launcher gives {self.state.num_processes} process(es) but WORLD_SIZE is "
+                                  f"{expected}; on CPU launch with ACCELERATE_USE_CPU=true")
+
+    @property
+    def many(self) -> bool:
+        return self.state is not None
+
+    @property
+    def main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def share(self, value: Any = None) -> Any:
+        """The main process's ``value``, on every process (a broadcast; every process must call it)."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+
 class _Chain:
     """Runs stages in order, skipping the done and unchanged ones.
 
     With a ``store`` (a sweep's shared folder) a stage's output lives at
     ``store/NAME-HASH`` -- the hash covers its config and every upstream hash, so runs with
     identical upstream stages find them done there -- and ``RUN_DIR/NAME`` links to it.
+
+    Under a multi-process launch every process walks the chain: the main process alone decides,
+    writes the manifest and runs the stages that do not train (world, data, model, eval), the
+    training stages (sft, reward, ppo) run on all processes, and each stage ends with the main
+    process's metrics shared, so no process goes on before the stage is finished.
     """
 
-    def __init__(self, config: RunConfig, log: Callable[[str], None], store: Path | None = None):
+    def __init__(self, config: RunConfig, log: Callable[[str], None], store: Path | None = None,
+                 processes: Processes | None = None):
         self.config = config
         self.run_dir = Path(config.output_dir)
-        self.manifest = Manifest(self.run_dir, log)
+        self.processes = processes or Processes()
+        self.manifest = Manifest(self.run_dir, log) if self.processes.main else None
         self.log = log
         self.store = store
         self.hashes: dict[str, str] = {}
@@ -225,10 +268,22 @@ class _Chain:
         """Where stage ``name``'s output is (its store folder in a sweep)."""
         return self.paths.get(name, self.run_dir / name)
 
-    def stage(self, name: str, inputs: list[str], spec: Any, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes."""
+    def stage(self, name: str, inputs: list[str], spec: Any, fn: Callable[[Path], dict[str, Any]],
+              trains: bool = False) -> dict[str, Any]:
+        """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes.
+
+        ``trains``: under a multi-process launch every process runs ``fn`` (else the main one alone)."""
         h = _hash(spec, [self.hashes[i] for i in inputs])
         self.hashes[name] = h
+        if not self.processes.main:  # follow the main process: its decision (_skip or _run), then its metrics
+            decision, out = self.processes.share()
+            self.paths[name] = Path(out)
+            if decision == "run" and trains:
+                fn(Path(out))
+            return self.processes.share()
+        return self.processes.share(self._decide(name, h, fn))
+
+    def _decide(self, name: str, h: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         if self.store is not None:
             return self._shared_stage(name, h, fn)
         entry = self.manifest.stage(name)
@@ -236,7 +291,7 @@ class _Chain:
         if entry.get("status") == "done" and entry.get("hash") == h and out.exists():
             problem = damage(out, entry.get("files"))
             if problem is None:
-                return self._skip(name, entry, "unchanged")
+                return self._skip(name, entry, "unchanged", out)
             self._discard(name, out, problem)
             entry = {}
         if entry.get("hash") not in (None, h) and (out.exists() or out.is_symlink()):
@@ -255,7 +310,7 @@ class _Chain:
             if problem is None:
                 self.manifest.set(name, status="done", hash=h, shared=str(out), wall_time_s=entry["wall_time_s"],
                                   metrics=entry["metrics"], files=entry.get("files"))
-                return self._skip(name, entry, "shared")
+                return self._skip(name, entry, "shared", out)
             marker.unlink()
             self._discard(name, out, problem)
         metrics = self._run(name, h, out, fn, resumed=out.exists(), earlier=0.0)
@@ -267,7 +322,8 @@ class _Chain:
         self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {problem} since it finished; redoing the stage")
         remove_ours(out, recorded=True)
 
-    def _skip(self, name: str, entry: dict[str, Any], why: str) -> dict[str, Any]:
+    def _skip(self, name: str, entry: dict[str, Any], why: str, out: Path) -> dict[str, Any]:
+        self.processes.share(("skip", str(out)))
         index = STAGES.index(name) + 1
         self.log(f"[{index}/{len(STAGES)}] {name}: {why}, skipped ({entry.get('wall_time_s', 0):.1f} s last time)")
         self.skipped.append(name)
@@ -280,6 +336,7 @@ class _Chain:
         started = time.time()
         self.manifest.set(name, status="running", hash=h, started=started)
         claim_dir(out)
+        self.processes.share(("run", str(out)))  # the other processes join a training stage here
         metrics = fn(out)
         self.manifest.set(name, status="done", finished=time.time(), wall_time_s=time.time() - started + earlier,
                           metrics=metrics, files=file_digests(out, skip=("checkpoints",)))
@@ -311,20 +368,25 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     from rlhfkit.data import DataBuildConfig, build_data
     from rlhfkit.dpo import DPOStageConfig, train_dpo
     from rlhfkit.ppo import PPOStageConfig, train_ppo
+    from rlhfkit.ppo.config import launch_problems
     from rlhfkit.reward import RewardStageConfig, train_reward
     from rlhfkit.reward.ensemble import ensemble_metrics
     from rlhfkit.sft import SFTStageConfig, train_sft
     from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
 
     problems = config.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        problems.append("rlhfkit run is one process; under a multi-process launch run the stages one at a time "
-                        "(rlhfkit sft / reward / ppo), each with accelerate launch")
+    if not config.dpo_aligns:  # e.g. a DeepSpeed launch: refused before the first stage, not at the RL stage
+        problems.extend(launch_problems())
     if problems:
         raise ConfigError("; ".join(problems))
-    chain = _Chain(config, log, Path(store) if store is not None else None)
-    run = claim_dir(chain.run_dir)  # refused, before any work, if it holds files rlhfkit did not write
-    write_json_atomic(run / "config.json", dataclasses.asdict(config))
+    processes = Processes()  # under `accelerate launch` with N processes: the main one writes, all train
+    if not processes.main:
+        log = no_log
+    chain = _Chain(config, log, Path(store) if store is not None else None, processes)
+    run = chain.run_dir
+    if processes.main:
+        claim_dir(run)  # refused, before any work, if it holds files rlhfkit did not write
+        write_json_atomic(run / "config.json", dataclasses.asdict(config))
     synthetic = config.data.source is None
     c = config
 
@@ -360,7 +422,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
         return load_config(cls, {"seed": c.seed, **section, **wired})
 
     chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
-        SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))))
+        SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))), trains=True)
 
     def reward_members(out: Path) -> list[Path]:
         return [out] + [out / "members" / str(i) for i in range(1, c.reward_ensemble)]
@@ -382,7 +444,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
         return metrics
 
     reward_spec = c.reward if c.reward_ensemble == 1 else {**c.reward, "ensemble": c.reward_ensemble}
-    chain.stage("reward", ["sft", "data"], reward_spec, train_rewards)
+    chain.stage("reward", ["sft", "data"], reward_spec, train_rewards, trains=True)
 
     def ppo_config(out: Path):
         members = [str(m) for m in reward_members(chain.path("reward"))]
@@ -392,10 +454,11 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     gold_fn = (lambda prompts, responses: [gold_score(p, r) for p, r in zip(prompts, responses)]) if synthetic else None
     if c.dpo_aligns:  # sft -> dpo: the pairs themselves, no reward model (it still scores the evaluation)
         chain.stage("ppo", ["sft", "data"], {"algorithm": "dpo", **c.dpo}, lambda out: _metrics_only(train_dpo(
-            stage_config(DPOStageConfig, c.dpo, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))))
+            stage_config(DPOStageConfig, c.dpo, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))),
+            trains=True)
     else:
         chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
-                    lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)))
+                    lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)), trains=True)
 
     def run_eval(out: Path) -> dict[str, Any]:
         ppo = ppo_config(chain.path("ppo"))
@@ -409,14 +472,21 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
             output_dir=str(out), gold="off")
         return evaluate_stage(config, gold_fn=gold_score if synthetic else None).metrics
 
-    chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)
-    summary = build_summary(run, chain.manifest)
-    write_json_atomic(run / "summary.json", summary)
-    from rlhfkit.report import summary_text, write_report
+    chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)  # on the main process alone
+    summary = None
+    if processes.main:
+        summary = build_summary(run, chain.manifest)
+        write_json_atomic(run / "summary.json", summary)
+        from rlhfkit.report import summary_text, write_report
 
-    write_report(run, summary)
-    log(summary_text(run, summary))
+        write_report(run, summary)
+        log(summary_text(run, summary))
+    summary = processes.share(summary)
     return RunResult(run, summary, summary, chain.ran, chain.skipped)
+
+
+def no_log(line: str) -> None:
+    """The log of the processes other than the main one (which prints the chain's progress)."""
 
 
 def build_summary(run: Path, manifest: Manifest) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 from rlhfkit.artifacts import StageResult, claim_dir, output_lock, read_json, write_json_atomic, write_text_atomic
 from rlhfkit.config import load_config, parse_value, read_yaml
 from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import STAGES, RunConfig, run_chain
+from rlhfkit.pipeline import STAGES, Processes, RunConfig, no_log, run_chain
 from rlhfkit.summary import RESULT_KEYS
 
 @dataclass
@@ -155,10 +155,14 @@ def run_sweep(
     """
     out = Path(output_dir)
     plan = plan_sweep(config, grid, out, seeds, overrides)
+    main = Processes().main  # under `accelerate launch`: every process runs the chains, the main one writes
+    if not main:
+        log = no_log
     with output_lock(out):  # one sweep per folder; each run's chain holds its own run folder too
-        claim_dir(out)  # refused, before any work, if it holds files rlhfkit did not write
-        write_json_atomic(out / "sweep.json", {"grid": plan.grid, "seeds": plan.seeds, "overrides": list(overrides),
-                                               "runs": [name for name, _, _ in plan.runs], "base": plan.config})
+        if main:
+            claim_dir(out)  # refused, before any work, if it holds files rlhfkit did not write
+            write_json_atomic(out / "sweep.json", {"grid": plan.grid, "seeds": plan.seeds, "overrides": list(overrides),
+                                                   "runs": [name for name, _, _ in plan.runs], "base": plan.config})
         rows: list[dict[str, Any]] = []
         stage_runs = {name: 0 for name in STAGES}
         for i, (name, point, cfg) in enumerate(plan.runs):
@@ -167,10 +171,12 @@ def run_sweep(
             for stage in result.ran:
                 stage_runs[stage] += 1
             rows.append(_result_row(name, point, result.output_dir, result.summary))
-            write_text_atomic(out / "results.csv", _csv_text(rows))
+            if main:
+                write_text_atomic(out / "results.csv", _csv_text(rows))
         log("stages computed: " + ", ".join(f"{s} {n}" for s, n in stage_runs.items())
             + f" (for {len(plan.runs)} runs; the rest were shared or already done)")
-        write_sweep_report(out, rows, list(plan.grid) + (["seed"] if "seed" not in plan.grid else []))
+        if main:
+            write_sweep_report(out, rows, list(plan.grid) + (["seed"] if "seed" not in plan.grid else []))
         log(f"results: {out / 'results.csv'}; report: {out / 'report.html'}")
         return SweepResult(out, {"runs": len(rows)}, rows, stage_runs)
 

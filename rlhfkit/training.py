@@ -304,14 +304,20 @@ def model_source(config: StageConfig) -> str:
 
 def load_model(path: str, auto_cls, model_init_kwargs: dict[str, Any] | None, trust_remote_code: bool, **extra):
     """Load like TRL does from a string (float32 unless ``dtype`` is given), with one-line errors."""
+    from accelerate import PartialState
     from trl.trainer.utils import create_model_from_path
+
+    from rlhfkit.engine.sharding import every_process_loads
 
     kwargs = dict(model_init_kwargs or {})
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     kwargs.update(extra, use_safetensors=True)  # never a pickle (refuse_pickle_only says how to convert one)
     refuse_pickle_only(path)
     try:
-        return create_model_from_path(path, auto_cls, **kwargs)
+        if PartialState().distributed_type == "FSDP":  # accelerate shards it: rank 0 may load alone and broadcast
+            return create_model_from_path(path, auto_cls, **kwargs)
+        with every_process_loads():  # an FSDP launch on the CPU is data parallel in accelerate: no broadcast
+            return create_model_from_path(path, auto_cls, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: cannot load the model ({first_line(e)})") from None
 

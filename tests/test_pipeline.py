@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rlhfkit.cli import main
@@ -30,7 +31,8 @@ TINY = {
             "train_sampling_strategy": "group_by_length"},
     "reward": {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 32, "save_steps": 1000,
                "train_sampling_strategy": "group_by_length", "eval_strategy": "steps", "eval_steps": 3},
-    "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 8,
+    # micro-batch 4: the same config divides on 1 and 2 processes (gradient accumulation 2 and 1)
+    "ppo": {"num_updates": 4, "rollout_batch_size": 16, "num_mini_batches": 2, "per_device_train_batch_size": 4,
             "num_ppo_epochs": 1, "response_length": 12, "learning_rate": 1e-4, "save_steps": 2, "sample_every": 2},
     "eval": {"max_prompts": 16, "samples_per_prompt": 2, "num_examples": 3},
 }
@@ -111,6 +113,120 @@ def test_kill_during_ppo_then_resume(tmp_path):
     assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == list(range(1, 41))
+
+
+def _launch_run(cfg_path: Path, log: Path, *flags: str, command: tuple[str, ...] = ("run",)) -> subprocess.Popen:
+    """``rlhfkit run CONFIG`` (or another ``command``) on 2 CPU processes (gloo) through ``accelerate launch``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen([str(accelerate), "launch", *(flags or ("--multi_gpu",)), "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(port), "-m", "rlhfkit.cli", command[0], str(cfg_path),
+                             *command[1:]],
+                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    """`rlhfkit run` under a 2-process launch: the main process runs world, data, model and eval and
+    writes the manifest, both train; SIGKILLed mid-PPO and run again with 2 processes, it resumes PPO
+    and ends with the uninterrupted 2-process run's outputs (the same seeds, the same split of work).
+    The same config under an FSDP launch ends there too."""
+    import psutil  # accelerate's dependency
+    from safetensors.torch import load_file
+
+    def config(name: str) -> Path:
+        cfg = {**TINY, "output_dir": str(tmp_path / name)}
+        cfg["ppo"] = {**TINY["ppo"], "num_updates": 40, "save_total_limit": 100}  # long enough to kill mid-PPO
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    straight = _launch_run(config("straight"), tmp_path / "straight.log")
+    assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    printed = (tmp_path / "straight.log").read_text()
+    assert printed.count("[1/7] world: running") == 1 and printed.count("run: done") == 1  # the main process logs
+    assert "PPO batch arithmetic (2 processes)" in printed
+
+    killed = tmp_path / "killed"
+    proc = _launch_run(config("killed"), tmp_path / "killed.log")
+    checkpoint = killed / "ppo" / "checkpoints" / "update-000002" / "state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        process.kill()  # SIGKILL: the workers (in sessions of their own under torchrun), then the launcher
+    proc.wait(timeout=60)
+    assert json.loads((killed / "manifest.json").read_text())["stages"]["ppo"]["status"] == "running"
+    assert not (killed / "ppo" / "model").exists(), "the run finished before it could be killed"
+
+    again = _launch_run(config("killed"), tmp_path / "again.log")
+    assert again.wait(timeout=600) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    printed = (tmp_path / "again.log").read_text()
+    for stage in ("world", "data", "model", "sft", "reward"):
+        assert f"{stage}: unchanged, skipped" in printed, stage
+    assert "ppo: resuming" in printed and "resuming from" in printed
+
+    a, b = tmp_path / "straight", killed
+    for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert sorted(wa) == sorted(wb)
+        for key in wa:  # the same arithmetic in the same order: equal up to float32 rounding at most
+            torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=f"{name} {key}")
+    rows_a = [json.loads(line) for line in (a / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(line) for line in (b / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows_b] == list(range(1, 41))
+    for ra, rb in zip(rows_a, rows_b):
+        for key in set(ra) - {"eps", "elapsed_s"}:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["update"], key)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key, value in sa.items():
+        timing = any(word in key for word in ("time", "elapsed", "eps", "per_second"))
+        if isinstance(value, float) and not timing:
+            assert sb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+    # the same config under FSDP (the RL stage's policy and value sharded): the data-parallel run's
+    # outputs, to the float32 rounding of another summation order (test_ppo_trainer.py says which)
+    fsdp = _launch_run(config("fsdp"), tmp_path / "fsdp.log", "--use_fsdp", "--fsdp_version", "2")
+    assert fsdp.wait(timeout=600) == 0, (tmp_path / "fsdp.log").read_text()[-3000:]
+    assert "FSDP: the policy and value model sharded over 2 processes" in (tmp_path / "fsdp.log").read_text()
+    for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
+        wa, wc = load_file(str(a / name)), load_file(str(tmp_path / "fsdp" / name))
+        assert sorted(wa) == sorted(wc)
+        for key in wa:
+            torch.testing.assert_close(wc[key], wa[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_two_process_sweep_shares_stages_and_writes_once(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "unused")}))
+    out = tmp_path / "sweep"
+    proc = _launch_run(path, tmp_path / "sweep.log", "--multi_gpu",
+                       command=("sweep", "--out", str(out), "--grid", "ppo.kl_coef=0.05,0.1"))
+    assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    printed = (tmp_path / "sweep.log").read_text()
+    assert printed.count("sweep: 2 runs done") == 1  # the main process logs
+    assert "stages computed: world 1, data 1, model 1, sft 1, reward 1, ppo 2, eval 2" in printed
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].split(",")[1:3] == ["0.05", "0"] and rows[2].split(",")[1:3] == ["0.1", "0"]
+    for run in ("000-ppo.kl_coef=0.05-seed=0", "001-ppo.kl_coef=0.1-seed=0"):
+        assert (out / "runs" / run / "sft").is_symlink()  # linked to the one shared SFT stage
+        assert json.loads((out / "runs" / run / "manifest.json").read_text())["stages"]["eval"]["status"] == "done"
+
+
+def test_a_deepspeed_launch_of_an_rl_chain_is_refused_before_any_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="does not run under DeepSpeed yet"):
+        run_chain(tiny_config(tmp_path / "run"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_reward_ensemble_trains_seeded_members_and_ppo_optimises_their_combination(finished_run, tmp_path):

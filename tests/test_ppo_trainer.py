@@ -1100,6 +1100,14 @@ def test_no_reward_model_and_no_reward_fn_is_a_config_error(world, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_deepspeed_launch_is_refused_before_loading(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed file exports
+    config = small_config(world, tmp_path / "o", model=str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="does not run under DeepSpeed yet.*fsdp.yaml") as info:
+        train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
+    assert "cannot load" not in str(info.value) and not (tmp_path / "o").exists()
+
+
 def test_value_model_reward_without_reward_model_fails_before_loading(world, tmp_path):
     config = small_config(world, tmp_path / "o", model=str(tmp_path / "absent"), value_model="reward")
     with pytest.raises(ConfigError, match="value_model: 'reward' needs reward_model") as info:

@@ -96,9 +96,14 @@ def row_groups(attention_mask: torch.Tensor, min_width: int = 1,
 
 
 def _grouped(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
-             attention_mask: torch.Tensor, min_width: int) -> torch.Tensor:
-    """``fn(ids, mask)`` (batch-first output) over padding-trimmed row groups, in the original row order."""
-    groups = row_groups(attention_mask, min_width)
+             attention_mask: torch.Tensor, min_width: int, model: torch.nn.Module) -> torch.Tensor:
+    """``fn(ids, mask)`` (batch-first output) over padding-trimmed row groups, in the original row order.
+
+    A sharded ``model`` (FSDP) gets one forward for the whole batch: each of its forwards is a
+    collective that every process must join, and the number of groups depends on each process's rows."""
+    from rlhfkit.engine.sharding import is_sharded
+
+    groups = None if is_sharded(model) else row_groups(attention_mask, min_width)
     if groups is None:
         return fn(input_ids, attention_mask)
     if len(groups) == 1:
@@ -123,7 +128,7 @@ def response_logits(model: torch.nn.Module, input_ids, attention_mask, response_
                     logits_to_keep=response_length + 1, use_cache=False)
         return out.logits[:, :-1, :]
 
-    return _grouped(forward, input_ids, attention_mask, response_length + 1)
+    return _grouped(forward, input_ids, attention_mask, response_length + 1, model)
 
 
 def token_values(value_model: torch.nn.Module, input_ids, attention_mask, response_length: int) -> torch.Tensor:
@@ -136,7 +141,7 @@ def token_values(value_model: torch.nn.Module, input_ids, attention_mask, respon
         hidden = hidden[:, -response_length - 1:-1, :]
         return value_model.score(hidden).squeeze(-1).float()
 
-    return _grouped(forward, input_ids, attention_mask, response_length + 1)
+    return _grouped(forward, input_ids, attention_mask, response_length + 1, value_model)
 
 
 def sequence_scores(reward_model: torch.nn.Module, input_ids, attention_mask) -> torch.Tensor:
@@ -160,7 +165,7 @@ def sequence_scores(reward_model: torch.nn.Module, input_ids, attention_mask) ->
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return head(picked).squeeze(-1).float()
 
-    return _grouped(forward, input_ids, attention_mask, 1)
+    return _grouped(forward, input_ids, attention_mask, 1, reward_model)
 
 
 @torch.no_grad()

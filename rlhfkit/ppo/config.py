@@ -32,6 +32,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launch_problems() -> list[str]:
+    """What the launch asks that the RL stage cannot do (read from the launcher's environment)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return ["the RL stage does not run under DeepSpeed yet (its sampling and checkpoints are untested with ZeRO): "
+                "launch it with configs/accelerate/fsdp.yaml to shard the policy, or multi_gpu.yaml; the SFT, reward "
+                "and DPO stages take the DeepSpeed files"]
+    return []
+
+
 @dataclass
 class PPOStageConfig:
     # --- inputs and outputs

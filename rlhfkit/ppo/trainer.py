@@ -31,7 +31,7 @@ from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, claim_
                                read_json, refuse_other_stage, resolve_model_path, write_json_atomic)
 from rlhfkit.errors import ConfigError, RlhfkitError, first_line
 from rlhfkit import checkpoint as ckpt
-from rlhfkit.ppo.config import PPOStageConfig
+from rlhfkit.ppo.config import PPOStageConfig, launch_problems
 from rlhfkit.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -654,6 +654,7 @@ def train_ppo(
           and config.reward_model is None):
         problems.append("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
     problems.extend(_scheduler_problems(config))
+    problems.extend(launch_problems())
     if problems:
         raise ConfigError("; ".join(problems))
     refuse_other_stage(config.output_dir, "ppo")
