@@ -21,6 +21,7 @@ from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, locks_
 from rlhfkit import checkpoint
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
+from rlhfkit.processes import Processes
 from rlhfkit.core import logprobs_from_logits
 from rlhfkit.engine.forward import model_device, response_logits
 from rlhfkit.engine.sampling import as_messages, encode_prompts, generate as sample_responses
@@ -229,8 +230,12 @@ def evaluate(
     temperature: float,
     response_length: int,
     gold_fn: GoldFn | None = None,
+    processes: Processes | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Return (metrics, examples). Metrics keys follow ``summary.json``'s ``eval.*``."""
+    """Return (metrics, examples). Metrics keys follow ``summary.json``'s ``eval.*``.
+
+    The draws (SFT and PPO, sampled and greedy) each seed their own generator, so under a
+    multi-process launch they run spread over the processes with the figures of one process."""
     problems = config.validate()
     if problems:
         raise ConfigError("eval: " + "; ".join(problems))
@@ -241,13 +246,19 @@ def evaluate(
         return generate(policy, reward_model, tokenizer, prompts, samples, temperature, response_length,
                         config.batch_size, config.seed, greedy=greedy, max_prompt_length=config.max_prompt_length)
 
-    sft, ppo = draw(sft_policy, k), draw(ppo_policy, k)
+    def ppo_and_kl() -> tuple[Samples, list[list[float]]]:
+        ppo = draw(ppo_policy, k)
+        return ppo, _kl_to_reference(sft_policy, ppo, temperature)
+
+    tasks = [lambda: draw(sft_policy, k), ppo_and_kl]
+    if config.greedy:
+        tasks += [lambda: draw(sft_policy, 1, greedy=True), lambda: draw(ppo_policy, 1, greedy=True)]
+    sft, (ppo, kl), *greedy_draws = (processes or Processes()).spread(tasks)
 
     def gold_of(s: Samples):
         return _gold(gold_fn, prompts, s)
 
     sft_gold, ppo_gold = gold_of(sft), gold_of(ppo)
-    kl = _kl_to_reference(sft_policy, ppo, temperature)
     metrics: dict[str, Any] = {
         "prompts": len(prompts),
         "samples_per_prompt": k,
@@ -266,8 +277,8 @@ def evaluate(
     metrics["reward_gain"], metrics["reward_gain_se"] = _paired_gain(ppo.rewards, sft.rewards)
     if config.greedy:
         greedy, greedy_gold = {}, {}
-        for name, policy in (("sft", sft_policy), ("ppo", ppo_policy)):
-            greedy[name] = g = draw(policy, 1, greedy=True)
+        for name, g in zip(("sft", "ppo"), greedy_draws):
+            greedy[name] = g
             greedy_gold[name] = gold_of(g)
             metrics[name]["greedy"] = _summary(g, greedy_gold[name])
         metrics["greedy_reward_gain"], metrics["greedy_reward_gain_se"] = _paired_gain(greedy["ppo"].rewards,
@@ -403,11 +414,11 @@ def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> St
     policies sampled and greedy, reward and gold scores, KL; (4) the over-optimisation curve
     when ``checkpoints`` or ``best_of_n`` is set; (5) write eval.json, examples.json,
     scatter.json (and curve.json) in one atomic step. ``gold_fn`` replaces the gold judge.
+    Under a multi-process launch every process loads the models, the draws of (3) and the
+    points of (4) are spread over the processes, and the main process writes.
     Temperature and response length default to 1.0 and 64 when not given (the chain passes
     the PPO stage's); prompts are not truncated unless ``max_prompt_length`` is set.
     """
-    from accelerate import PartialState
-
     from rlhfkit.data import prompts_from_data_dir
 
     # (1) validate
@@ -423,30 +434,37 @@ def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> St
         raise ConfigError(f"eval: {config.data} has no validation prompts; raise data.val_fraction")
     prompts = prompts[: config.max_prompts]
     gold_fn = gold_fn or _gold_judge(config.gold, prompts)
-    device = PartialState().device  # the GPU when there is one
+    processes = Processes()  # before any other PartialState: under a launch it joins the process group
+    device = processes.device  # the GPU when there is one
     tokenizer, reference, policy, scorer = _load_eval_models(config, device)
     temperature = config.temperature if config.temperature is not None else 1.0
     length = config.response_length or 64
     # (3) the comparison
-    metrics, examples = evaluate(reference, policy, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
+    metrics, examples = evaluate(reference, policy, scorer, tokenizer, prompts, config, temperature, length, gold_fn,
+                                 processes)
     # (4) the curve
     curve = None
     if config.checkpoints or config.best_of_n:
-        curve = _curve(config, metrics, reference, scorer, tokenizer, prompts, temperature, length, gold_fn, device)
+        curve = _curve(config, metrics, reference, scorer, tokenizer, prompts, temperature, length, gold_fn, device,
+                       processes)
     # (5) write
-    with atomic_dir(out) as tmp:
-        write_json_atomic(tmp / "examples.json", examples)
-        write_json_atomic(tmp / "scatter.json", metrics.pop("scatter"))
-        write_json_atomic(tmp / "eval.json", metrics)
-        if curve is not None:
-            write_json_atomic(tmp / "curve.json", curve)
+    scatter = metrics.pop("scatter")
+    if processes.main:
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "examples.json", examples)
+            write_json_atomic(tmp / "scatter.json", scatter)
+            write_json_atomic(tmp / "eval.json", metrics)
+            if curve is not None:
+                write_json_atomic(tmp / "curve.json", curve)
+    processes.share()  # the others return once the folder is written
     return StageResult(out, metrics)
 
 
 def _curve(config: EvalStageConfig, metrics: dict[str, Any], reference, scorer, tokenizer, prompts: list[Any],
-           temperature: float, length: int, gold_fn: GoldFn | None, device) -> dict[str, Any]:
+           temperature: float, length: int, gold_fn: GoldFn | None, device, processes: Processes) -> dict[str, Any]:
     """The over-optimisation curve: the reference (update 0), every kept PPO checkpoint of the policy
-    folder, the final policy -- same prompts and seed -- and the best-of-n baseline."""
+    folder, the final policy -- same prompts and seed -- and the best-of-n baseline (the checkpoints'
+    points and the baseline spread over the processes)."""
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.artifacts import load_pretrained, read_json, resolve_model_path
@@ -455,25 +473,29 @@ def _curve(config: EvalStageConfig, metrics: dict[str, Any], reference, scorer, 
     points = [{"update": 0, **{k: metrics["sft"].get(k) for k in fields[:5]}, "kl": 0.0, "kl_se": 0.0}]
     record = Path(config.policy) / "metrics.json"  # a PPO stage's: how many updates its final policy had
     done = read_json(record).get("updates_done") if record.is_file() else None
-    if config.checkpoints:
-        from tqdm.auto import tqdm
+    folders = [] if not config.checkpoints else [  # the final policy is evaluated above
+        f for f in checkpoint.completed(Path(config.policy) / "checkpoints")
+        if done is None or checkpoint.update_of(f) < done]
 
-        for folder in tqdm(checkpoint.completed(Path(config.policy) / "checkpoints"), desc="eval checkpoints"):
-            update = checkpoint.update_of(folder)
-            if done is not None and update >= done:
-                continue  # the final policy, evaluated above
-            policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.reference))
-            checkpoint.load_policy(folder, policy)
-            policy.to(device)
-            point = curve_point(policy, reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
-            points.append({"update": update, **{k: point[k] for k in fields}})
+    def point_of(folder: Path) -> dict[str, Any]:
+        policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.reference))
+        checkpoint.load_policy(folder, policy)
+        policy.to(device)
+        point = curve_point(policy, reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
+        return {"update": checkpoint.update_of(folder), **{k: point[k] for k in fields}}
+
+    tasks: list[Callable[[], Any]] = [lambda f=f: point_of(f) for f in folders]
+    if config.best_of_n:
+        tasks.append(lambda: best_of_n_curve(reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn))
+    results = processes.spread(tasks)
+    points += results[:len(folders)]
     points.append({"update": done, **{k: metrics["ppo"].get(k) for k in fields}})
     for point in points:
         point["sqrt_kl"] = sqrt_kl(point["kl"])
     curve: dict[str, Any] = {"ppo": points, "temperature": temperature, "prompts": metrics["prompts"],
                              "samples_per_prompt": metrics["samples_per_prompt"]}
     if config.best_of_n:
-        curve["best_of_n"] = best_of_n_curve(reference, scorer, tokenizer, prompts, config, temperature, length, gold_fn)
+        curve["best_of_n"] = results[-1]
     if gold_fn is not None:
         curve["best"] = max(points, key=lambda p: p["gold"])
     return curve

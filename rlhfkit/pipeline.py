@@ -21,6 +21,7 @@ from rlhfkit.artifacts import (StageResult, claim_dir, damage, file_digests, loc
                                remove_ours, sha256_file, write_json_atomic)
 from rlhfkit.config import collect_errors, field, section_of
 from rlhfkit.errors import ConfigError
+from rlhfkit.processes import Processes
 from rlhfkit.evaluate import EvalConfig, EvalStageConfig, evaluate_stage
 from rlhfkit.summary import collect
 
@@ -202,42 +203,6 @@ class RunResult(StageResult):
     skipped: list[str] = dataclasses.field(default_factory=list)
 
 
-class Processes:
-    """The processes of a launch as the chain sees them (one, unless ``accelerate launch`` started N).
-
-    The main process decides each stage (skip, resume, rerun) and writes the manifest, the
-    summary and the report; ``share`` hands its decisions to the others, which follow."""
-
-    def __init__(self):
-        self.state = None
-        expected = int(os.environ.get("WORLD_SIZE", "1"))
-        if expected > 1:
-            from accelerate import PartialState
-            from accelerate.utils import parse_flag_from_env
-
-            # joins the launch's process group (gloo on CPU, as the stages' Accelerator does)
-            self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-            if self.state.num_processes != expected:  # as the RL stage refuses it (make_accelerator)
-                raise ConfigError(f"the launcher gives {self.state.num_processes} process(es) but WORLD_SIZE is "
-                                  f"{expected}; on CPU launch with ACCELERATE_USE_CPU=true")
-
-    @property
-    def many(self) -> bool:
-        return self.state is not None
-
-    @property
-    def main(self) -> bool:
-        return self.state is None or self.state.is_main_process
-
-    def share(self, value: Any = None) -> Any:
-        """The main process's ``value``, on every process (a broadcast; every process must call it)."""
-        if self.state is None:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value])[0]
-
-
 class _Chain:
     """Runs stages in order, skipping the done and unchanged ones.
 
@@ -246,9 +211,9 @@ class _Chain:
     identical upstream stages find them done there -- and ``RUN_DIR/NAME`` links to it.
 
     Under a multi-process launch every process walks the chain: the main process alone decides,
-    writes the manifest and runs the stages that do not train (world, data, model, eval), the
-    training stages (sft, reward, ppo) run on all processes, and each stage ends with the main
-    process's metrics shared, so no process goes on before the stage is finished.
+    writes the manifest and runs the world, data and model stages; the training stages (sft,
+    reward, ppo) and the evaluation (its draws spread over the processes) run on all, and each
+    stage ends with the main process's metrics shared, so no process goes on before it is done.
     """
 
     def __init__(self, config: RunConfig, log: Callable[[str], None], store: Path | None = None,
@@ -269,16 +234,16 @@ class _Chain:
         return self.paths.get(name, self.run_dir / name)
 
     def stage(self, name: str, inputs: list[str], spec: Any, fn: Callable[[Path], dict[str, Any]],
-              trains: bool = False) -> dict[str, Any]:
+              all_processes: bool = False) -> dict[str, Any]:
         """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes.
 
-        ``trains``: under a multi-process launch every process runs ``fn`` (else the main one alone)."""
+        ``all_processes``: under a multi-process launch every process runs ``fn`` (else the main one alone)."""
         h = _hash(spec, [self.hashes[i] for i in inputs])
         self.hashes[name] = h
         if not self.processes.main:  # follow the main process: its decision (_skip or _run), then its metrics
             decision, out = self.processes.share()
             self.paths[name] = Path(out)
-            if decision == "run" and trains:
+            if decision == "run" and all_processes:
                 fn(Path(out))
             return self.processes.share()
         return self.processes.share(self._decide(name, h, fn))
@@ -422,7 +387,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
         return load_config(cls, {"seed": c.seed, **section, **wired})
 
     chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
-        SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))), trains=True)
+        SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))), all_processes=True)
 
     def reward_members(out: Path) -> list[Path]:
         return [out] + [out / "members" / str(i) for i in range(1, c.reward_ensemble)]
@@ -444,7 +409,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
         return metrics
 
     reward_spec = c.reward if c.reward_ensemble == 1 else {**c.reward, "ensemble": c.reward_ensemble}
-    chain.stage("reward", ["sft", "data"], reward_spec, train_rewards, trains=True)
+    chain.stage("reward", ["sft", "data"], reward_spec, train_rewards, all_processes=True)
 
     def ppo_config(out: Path):
         members = [str(m) for m in reward_members(chain.path("reward"))]
@@ -455,10 +420,10 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     if c.dpo_aligns:  # sft -> dpo: the pairs themselves, no reward model (it still scores the evaluation)
         chain.stage("ppo", ["sft", "data"], {"algorithm": "dpo", **c.dpo}, lambda out: _metrics_only(train_dpo(
             stage_config(DPOStageConfig, c.dpo, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))),
-            trains=True)
+            all_processes=True)
     else:
         chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
-                    lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)), trains=True)
+                    lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)), all_processes=True)
 
     def run_eval(out: Path) -> dict[str, Any]:
         ppo = ppo_config(chain.path("ppo"))
@@ -472,7 +437,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
             output_dir=str(out), gold="off")
         return evaluate_stage(config, gold_fn=gold_score if synthetic else None).metrics
 
-    chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval)  # on the main process alone
+    chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval, all_processes=True)  # its draws spread
     summary = None
     if processes.main:
         summary = build_summary(run, chain.manifest)

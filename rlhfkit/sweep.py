@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 from rlhfkit.artifacts import StageResult, claim_dir, output_lock, read_json, write_json_atomic, write_text_atomic
 from rlhfkit.config import load_config, parse_value, read_yaml
 from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import STAGES, Processes, RunConfig, no_log, run_chain
+from rlhfkit.pipeline import STAGES, RunConfig, no_log, run_chain
+from rlhfkit.processes import Processes
 from rlhfkit.summary import RESULT_KEYS
 
 @dataclass

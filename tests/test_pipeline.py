@@ -229,6 +229,35 @@ def test_a_deepspeed_launch_of_an_rl_chain_is_refused_before_any_stage(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_evaluation_spread_over_two_processes_gives_the_one_process_figures(finished_run, tmp_path):
+    """`rlhfkit eval` under a 2-process launch spreads its draws and curve points (each seeds its own
+    generator) and writes the very files one process writes."""
+    run, _ = finished_run
+    assert (run / "ppo" / "checkpoints" / "update-000002").is_dir()  # a curve point besides best-of-n
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "policy": str(run / "ppo"), "reference": str(run / "sft"), "reward_model": str(run / "reward"),
+            "data": str(run / "data"), "output_dir": str(tmp_path / name), "max_prompts": 16, "samples_per_prompt": 2,
+            "temperature": 1.0, "response_length": 12, "num_examples": 3, "checkpoints": True, "best_of_n": [1, 2]}))
+        return path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # the launched processes' thread count
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "eval", str(config("one"))], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launch_run(config("two"), tmp_path / "two.log", command=("eval",))
+    assert two.wait(timeout=600) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    for name in ("eval.json", "curve.json", "examples.json", "scatter.json"):
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        assert a == b, name
+    curve = json.loads((tmp_path / "two" / "curve.json").read_text())
+    assert [p["update"] for p in curve["ppo"]] == [0, 2, 4] and len(curve["best_of_n"]) == 2
+
+
 def test_reward_ensemble_trains_seeded_members_and_ppo_optimises_their_combination(finished_run, tmp_path):
     out = tmp_path / "run"
     result = run_chain(tiny_config(out, reward_ensemble=3, **{"ppo.ensemble_reduction": "mean_minus_std"}),
