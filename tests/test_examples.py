@@ -319,7 +319,7 @@ def test_cpu_2proc_launch_runs_the_ppo_stage_on_two_processes(example01_tiny, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "PPO batch arithmetic (2 processes)" in proc.stdout
     assert "gradient accumulation = 4 / (2 x 2) = 1" in proc.stdout
-    assert ("FSDP: the policy and value model sharded over 2 processes" in proc.stdout) == ("fsdp" in launch_file)
+    assert ("FSDP: the policy and value model sharded over 2 processes (one unit per decoder layer), the reference" in proc.stdout) == ("fsdp" in launch_file)
     assert json.loads((tmp_path / "ppo" / "metrics.json").read_text())["updates"] == 2
     from transformers import AutoModelForCausalLM
 

@@ -196,7 +196,7 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     # outputs, to the float32 rounding of another summation order (test_ppo_trainer.py says which)
     fsdp = _launch_run(config("fsdp"), tmp_path / "fsdp.log", "--use_fsdp", "--fsdp_version", "2")
     assert fsdp.wait(timeout=600) == 0, (tmp_path / "fsdp.log").read_text()[-3000:]
-    assert "FSDP: the policy and value model sharded over 2 processes" in (tmp_path / "fsdp.log").read_text()
+    assert "FSDP: the policy and value model sharded over 2 processes (one unit per decoder layer), the reference" in (tmp_path / "fsdp.log").read_text()
     for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
         wa, wc = load_file(str(a / name)), load_file(str(tmp_path / "fsdp" / name))
         assert sorted(wa) == sorted(wc)

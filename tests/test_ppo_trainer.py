@@ -1057,7 +1057,7 @@ def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
         proc.communicate(timeout=60)
     assert not (fsdp / "model").exists()
     stdout = _finish(_launch(tmp_path, config, world.prompts, *FSDP))
-    assert "FSDP: the policy and value model sharded over 2 processes" in stdout
+    assert "FSDP: the policy and value model sharded over 2 processes (one unit per decoder layer), the reference" in stdout
     assert "resuming from" in stdout and "update 2 of 4" in stdout
 
     from safetensors.torch import load_file

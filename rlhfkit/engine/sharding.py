@@ -1,6 +1,7 @@
-"""FSDP2 sharding of the models the RL stage trains, and their full (unsharded) weights.
+"""FSDP2 sharding of the RL stage's models, and the full (unsharded) weights of those it trains.
 
-Below the stages: the RL stage shards its policy and value model, the checkpoints gather them.
+Below the stages: the RL stage shards its policy, value, reference and reward models; the
+checkpoints gather the trained ones.
 
 Why rlhfkit calls torch's ``fully_shard`` itself rather than accelerate's FSDP plugin: the
 plugin applies only on GPU-like devices (accelerate 1.15 turns a CPU launch into plain data
@@ -189,8 +190,8 @@ def every_process_loads() -> Iterator[None]:
 
     Under an FSDP launch (``fsdp_cpu_ram_efficient_loading``, accelerate's default) transformers
     fills the weights on local rank 0 only and leaves empty "meta" tensors elsewhere, for
-    accelerate's prepare to broadcast; the RL stage also holds models it does not shard (the
-    reference and reward models), so it loads everything on every process and shards after."""
+    accelerate's prepare to broadcast, which the RL stage does not call under FSDP (it shards
+    itself), so every process loads the full weights and then keeps its shards."""
     key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
     before = os.environ.get(key)
     os.environ[key] = "false"

@@ -713,15 +713,15 @@ def train_ppo(
     module.train()
     # what the run holds in memory, in parameters (rloo and grpo save the value model's)
     params_held = sum(p.numel() for m in (module, ref_policy, *scorer.models) if m is not None for p in m.parameters())
+    frozen = [m for m in (ref_policy, *scorer.models) if m is not None]  # forwards only
     if sharded:  # parameters become DTensors (each process holds 1/N): before the optimizer is built
-        module.to(accelerator.device)
-        for part in (policy, value_model):
-            if part is not None:
-                shard(part)
+        for model in (policy, value_model, *frozen):
+            if model is not None:
+                shard(model.to(accelerator.device))
         if main:
             print(f"FSDP: the policy{' and value model' if value_model is not None else ''} sharded over "
-                  f"{accelerator.num_processes} processes (one unit per decoder layer); the reference and reward "
-                  "models replicated", flush=True)
+                  f"{accelerator.num_processes} processes (one unit per decoder layer), the reference and "
+                  f"{len(scorer.models)} reward model(s) too", flush=True)
     trainable = [p for p in module.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (on CPU 4-5x faster than the default per-tensor loop)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
@@ -730,9 +730,8 @@ def train_ppo(
                               num_training_steps=total_steps)
     if not sharded:  # data parallel (DDP) or one process; sharded modules are not wrapped again
         module, optimizer = accelerator.prepare(module, optimizer)
-    for model in (ref_policy, *scorer.models):
-        if model is not None:
-            model.to(accelerator.device)
+    for model in frozen:
+        model.to(accelerator.device)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
               if config.kl_target is not None else FixedKLController(config.kl_coef))
     rank_seed = config.seed * 1000 + accelerator.process_index
