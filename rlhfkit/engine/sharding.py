@@ -8,7 +8,8 @@ plugin applies only on GPU-like devices (accelerate 1.15 turns a CPU launch into
 parallelism, silently), and one code path on CPU and GPU is one path tested on the CPU.
 The launcher still decides: ``accelerate launch --use_fsdp --fsdp_version 2`` (or an FSDP
 config file) exports ``ACCELERATE_USE_FSDP=true``, which ``fsdp_requested`` reads, so the
-same rlhfkit config runs on 1 process, N data-parallel processes or N sharded ones.
+same rlhfkit config runs on 1 process, N data-parallel processes or N sharded ones
+(docs/pitfalls.md#15: what goes silently wrong around sharding).
 
 What sharding changes, and where it is handled:
 
