@@ -1032,7 +1032,8 @@ def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
     than all-reduces, and sums the gradient norm shard by shard. So the figures agree to float32
     rounding carried through 8 AdamW steps, far inside what a lost shard, a wrong average or a
     misplaced resume would move (the weights move by ~1e-2 at this learning rate)."""
-    kwargs = dict(num_updates=4, rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=2,
+    # micro-batch 1: gradient accumulation 2, so FSDP's deferred gradient sync is exercised too
+    kwargs = dict(num_updates=4, rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=1,
                   save_steps=2, save_total_limit=2, sample_every=1, kl_coef=0.1)
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     straight = _launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts)

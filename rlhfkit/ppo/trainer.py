@@ -291,6 +291,10 @@ def ppo_update(
                         accelerator.backward(config.ptx_coef * nll)
                     ptx_losses.append(nll.detach())
                 with accelerator.accumulate(module):
+                    if sharded:  # FSDP: keep the gradients local until the minibatch's last micro-batch, then
+                        # one reduce-scatter of their sum (what DDP's no_sync does for data parallelism)
+                        for part in (p for p in (module.policy, module.value) if p is not None):
+                            part.set_requires_gradient_sync(accelerator.sync_gradients)
                     logits, new_values = module(batch["input_ids"], batch["attention_mask"], m.shape[1])
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
                     del logits
