@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlhfkit.engine.sharding import is_sharded
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's weights live (accelerate moves them): new tensors for its forward go there."""
@@ -101,8 +103,6 @@ def _grouped(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids
 
     A sharded ``model`` (FSDP) gets one forward for the whole batch: each of its forwards is a
     collective that every process must join, and the number of groups depends on each process's rows."""
-    from rlhfkit.engine.sharding import is_sharded
-
     groups = None if is_sharded(model) else row_groups(attention_mask, min_width)
     if groups is None:
         return fn(input_ids, attention_mask)

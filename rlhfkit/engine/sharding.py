@@ -52,7 +52,8 @@ def fsdp_requested(distributed_type: str | None = None) -> bool:
 
 
 def is_sharded(model: torch.nn.Module | None) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    """Whether ``model`` is an FSDP2 unit (``shard`` made it one); called before every forward."""
+    from torch.distributed.fsdp import FSDPModule  # torch.distributed loads only for what shards
 
     return model is not None and isinstance(model, FSDPModule)
 

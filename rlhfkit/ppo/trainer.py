@@ -686,7 +686,7 @@ def train_ppo(
     prompt_list = load_prompts(config, prompts)
     conversations = load_demonstrations(config, demonstrations) if config.ptx_coef > 0 else None
     policy_path = resolve_model_path(config.model) if config.model else None
-    with every_process_loads():  # under FSDP too: only the policy and value are sharded
+    with every_process_loads():  # under FSDP too: each process reads the full weights, then keeps its shards
         if tokenizer is None:
             tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
         if policy is None:
