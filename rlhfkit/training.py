@@ -517,11 +517,11 @@ def already_finished(config: StageConfig, given: Sequence[Any] = ()) -> Any:
     """The ``StageResult`` of an earlier completed run of exactly this config in its folder (said once), else None.
 
     None as well when in-memory objects are ``given`` (model, tokenizer, datasets: the folder cannot
-    tell whether they are the ones it was trained on) or the config is invalid (building the trainer
-    then says why)."""
+    tell whether they are the ones it was trained on). Called after ``check_before_loading``, which
+    has refused an invalid config."""
     from rlhfkit.artifacts import StageResult
 
-    if any(x is not None for x in given) or config.validate():
+    if any(x is not None for x in given):
         return None
     done = completed_result(config)
     if done is None:

@@ -1092,6 +1092,54 @@ def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
+@pytest.mark.slow
+def test_lora_under_fsdp_equals_lora_data_parallel_and_resumes(world, tmp_path):
+    """LoRA on a sharded policy (frozen base and trained adapter in the same FSDP units; the reference
+    is the sharded policy with its adapter disabled) against the same LoRA run data parallel: the same
+    rows, the same checkpoint (full PEFT weights, adapter included) and the same merged final model,
+    which PEFT merges in an unsharded copy built from the gathered weights. The FSDP run then loses its
+    end (final model, summary, last row: as a kill after the update-2 checkpoint leaves it) and resumes
+    from the checkpoint, cutting the full PEFT weights back into shards, to the same final model."""
+    kwargs = dict(lora=True, lora_r=4, num_updates=3, rollout_batch_size=8, num_mini_batches=2,
+                  per_device_train_batch_size=1, save_steps=1, save_total_limit=3, learning_rate=3e-2, kl_coef=0.1)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _finish(_launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts))
+    config = small_config(world, fsdp, **kwargs)
+    stdout = _finish(_launch(tmp_path, config, world.prompts, *FSDP))
+    assert "sharded over 2 processes (one unit per decoder layer), 0 reward model(s) too" in stdout  # no reference copy
+
+    from safetensors.torch import load_file
+
+    def same_weights(name):
+        a, b = load_file(str(ddp / name)), load_file(str(fsdp / name))
+        assert sorted(a) == sorted(b), name
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+        return a
+
+    rows = same_rows(ddp, fsdp, updates=3)
+    assert abs(rows[0]["objective/kl"]) < 1e-5 < abs(rows[-1]["objective/kl"])  # reference = adapter disabled
+    ckpt_weights = same_weights("checkpoints/update-000002/policy.safetensors")
+    assert any("lora_B" in k for k in ckpt_weights) and any(k.endswith("base_layer.weight") for k in ckpt_weights)
+    final = same_weights("model/model.safetensors")
+    assert not any("lora" in k or "base_layer" in k for k in final)  # merged: an ordinary model's names
+    initial = load_file(str(world.policy_dir / "model.safetensors"))
+    assert sorted(final) == sorted(initial)
+    assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # the adapter was merged in
+
+    import shutil
+
+    shutil.rmtree(fsdp / "model")
+    (fsdp / "metrics.json").unlink()
+    shutil.rmtree(fsdp / "checkpoints" / "update-000003", ignore_errors=True)  # (none: the last update is not saved)
+    lines = (fsdp / "metrics.jsonl").read_text().splitlines()
+    (fsdp / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    stdout = _finish(_launch(tmp_path, config, world.prompts, *FSDP))
+    assert "resuming from" in stdout and "update 2 of 3" in stdout
+    same_rows(ddp, fsdp, updates=3)
+    same_weights("model/model.safetensors")
+
+
 # ---------------------------------------------------------------------------------------
 # 11. user errors
 # ---------------------------------------------------------------------------------------

@@ -551,11 +551,29 @@ def save_final_policy(policy: torch.nn.Module, tokenizer, folder: Path, merge_lo
                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The final policy as an ordinary safetensors folder (a LoRA adapter merged into a copy), atomically.
 
-    ``state_dict``: the full weights of a sharded policy (``sharding.full_state``)."""
-    final = copy.deepcopy(policy).merge_and_unload() if merge_lora else policy
+    ``state_dict``: the full weights of a sharded policy (``sharding.full_state``); with LoRA they
+    go into an unsharded copy built on the meta device (no second set of weights), merged by PEFT."""
+    if merge_lora and state_dict is not None:
+        final, state_dict = unsharded_peft_copy(policy, state_dict).merge_and_unload(), None
+    else:
+        final = copy.deepcopy(policy).merge_and_unload() if merge_lora else policy
     with atomic_dir(folder) as tmp:
         final.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+
+
+def unsharded_peft_copy(policy: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A PEFT model of ``policy``'s architecture and adapter holding ``state_dict`` (all names, as
+    ``full_state(policy, all_names=True)`` gives them): built on the meta device, then the tensors
+    assigned, so it costs no memory beyond ``state_dict`` itself."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(policy.get_base_model().config)
+    copied = get_peft_model(base, copy.deepcopy(policy.peft_config["default"]))
+    copied.load_state_dict(state_dict, assign=True)
+    return copied
 
 
 def make_accelerator(config: PPOStageConfig, out: Path):
@@ -621,34 +639,8 @@ def _finished_run(out: Path, config: PPOStageConfig) -> StageResult | None:
     return StageResult(out, metrics)
 
 
-@locks_output("output_dir")
-def train_ppo(
-    config: PPOStageConfig,
-    *,
-    policy: torch.nn.Module | None = None,
-    tokenizer: Any = None,
-    reward_model: torch.nn.Module | None = None,
-    reward_tokenizer: Any = None,
-    reward_fn: RewardFn | None = None,
-    value_model: torch.nn.Module | None = None,
-    prompts: Any = None,
-    demonstrations: Any = None,
-    gold_fn: MetricFn | None = None,
-) -> StageResult:
-    """Align ``config.model`` against the reward model (or ``reward_fn``) with PPO.
-
-    In-memory objects replace the paths in ``config``: ``policy`` + ``tokenizer``,
-    ``reward_model`` (+ ``reward_tokenizer`` when it differs), ``reward_fn(prompts,
-    responses) -> scores`` instead of a model, ``prompts`` (a list or a Dataset with a
-    'prompt' column), ``demonstrations`` for ``ptx_coef`` (conversations ending in
-    the assistant reply, or a Dataset with a 'messages' column). ``gold_fn`` is only measured and logged (``objective/gold``), never
-    optimised. Writes ``output_dir/model`` (the final policy), ``metrics.jsonl`` (a row per
-    update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint,
-    and does nothing once the run has finished.
-    """
-    from transformers import AutoModelForCausalLM, get_scheduler
-    from transformers.utils import logging as hf_logging
-
+def _config_problems(config: PPOStageConfig, policy, reward_model, reward_fn, value_model) -> list[str]:
+    """Every problem of the config and the in-memory objects given, found before anything loads."""
     problems = config.validate()
     if policy is None and not config.model:
         problems.append("model: set the policy to align (the SFT stage's folder)")
@@ -657,32 +649,35 @@ def train_ppo(
     elif (config.uses_value_model and value_model is None and config.value_model == "reward" and reward_model is None
           and config.reward_model is None):
         problems.append("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
-    problems.extend(_scheduler_problems(config))
-    problems.extend(launch_problems())
-    if problems:
-        raise ConfigError("; ".join(problems))
-    refuse_other_stage(config.output_dir, "ppo")
-    check_output_dir(config.output_dir)  # a folder of the user's own is refused before any work
-    finished = _finished_run(Path(config.output_dir), config)
-    if finished is not None:
-        return finished
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(config.seed)
-    out = Path(config.output_dir)
-    accelerator = make_accelerator(config, out)
-    main = accelerator.is_main_process
-    # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
-    sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
-    if sharded and config.lora:
-        raise ConfigError("lora: not supported under FSDP yet; a LoRA run trains few parameters, so launch it "
-                          "without --use_fsdp (data parallel)")
-    if main:
-        claim_dir(out)
-        print(config.batch_arithmetic(), flush=True)
+    return problems + _scheduler_problems(config) + launch_problems()
 
-    # --- prompts and models (everything validated above, so loading is the first slow step)
+
+@dataclass
+class RunState:
+    """What the update loop works with, built once by ``set_up``."""
+
+    tokenizer: Any
+    prompt_list: list[Any]
+    prompt_ids: list[list[int]]
+    ptx_data: Demonstrations | None
+    module: torch.nn.Module  # PolicyAndValue, as accelerate prepared it (DDP) or sharded in place (FSDP)
+    unwrapped: PolicyAndValue
+    ref_policy: torch.nn.Module | None  # None with LoRA: the reference is the adapter-disabled policy
+    scorer: Scorer
+    optimizer: Any
+    scheduler: Any
+    kl_ctl: AdaptiveKLController | FixedKLController
+    sample_gen: torch.Generator
+    shuffle_gen: torch.Generator
+    params_held: int  # parameters held in memory (rloo and grpo save the value model's)
+
+
+def set_up(config: PPOStageConfig, accelerator, sharded: bool, *, policy=None, tokenizer=None, reward_model=None,
+           reward_tokenizer=None, reward_fn=None, value_model=None, prompts=None, demonstrations=None) -> RunState:
+    """Prompts, demonstrations, models (every process loads full weights), optimizer, scheduler, KL controller
+    and generators; under FSDP the models are sharded before the optimizer is built."""
+    from transformers import AutoModelForCausalLM, get_scheduler
+
     prompt_list = load_prompts(config, prompts)
     conversations = load_demonstrations(config, demonstrations) if config.ptx_coef > 0 else None
     policy_path = resolve_model_path(config.model) if config.model else None
@@ -715,17 +710,17 @@ def train_ppo(
             disable_dropout(model)
     module = PolicyAndValue(policy, value_model)
     module.train()
-    # what the run holds in memory, in parameters (rloo and grpo save the value model's)
     params_held = sum(p.numel() for m in (module, ref_policy, *scorer.models) if m is not None for p in m.parameters())
     frozen = [m for m in (ref_policy, *scorer.models) if m is not None]  # forwards only
     if sharded:  # parameters become DTensors (each process holds 1/N): before the optimizer is built
         for model in (policy, value_model, *frozen):
             if model is not None:
                 shard(model.to(accelerator.device))
-        if main:
+        if accelerator.is_main_process:
             print(f"FSDP: the policy{' and value model' if value_model is not None else ''} sharded over "
-                  f"{accelerator.num_processes} processes (one unit per decoder layer), the reference and "
-                  f"{len(scorer.models)} reward model(s) too", flush=True)
+                  f"{accelerator.num_processes} processes (one unit per decoder layer), "
+                  f"{'the reference and ' if ref_policy is not None else ''}{len(scorer.models)} reward model(s) too",
+                  flush=True)
     trainable = [p for p in module.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (on CPU 4-5x faster than the default per-tensor loop)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
@@ -741,10 +736,107 @@ def train_ppo(
     rank_seed = config.seed * 1000 + accelerator.process_index
     sample_gen = torch.Generator(device=accelerator.device).manual_seed(rank_seed)  # sampling runs there
     shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)  # CPU: the minibatch order is bookkeeping
+    return RunState(tokenizer, prompt_list, prompt_ids, ptx_data, module, accelerator.unwrap_model(module), ref_policy,
+                    scorer, optimizer, scheduler, kl_ctl, sample_gen, shuffle_gen, params_held)
 
-    # --- resume
-    start_update, elapsed_before = resume(config, out, accelerator, module, optimizer, scheduler, kl_ctl,
-                                          (sample_gen, shuffle_gen))
+
+def advantages_of(rollout: Rollout, beta: float, config: PPOStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token KL to the reference, advantages, returns), each [B, T] and zero past the response.
+
+    ppo: per-token rewards = score at the last token - beta * KL, GAE with the value model, whitened
+    advantages.  rloo / grpo: one advantage per episode from the other samples of its prompt (returns
+    unused: zeros)."""
+    kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * rollout.response_mask
+    if config.algorithm == "ppo":
+        rewards, _ = rewards_with_kl(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                     rollout.response_mask, beta, config.kl_estimator)
+        if config.whiten_rewards:
+            rewards = whiten(rewards, rollout.response_mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, rollout.values, rollout.response_mask, config.gamma, config.lam)
+        return kl, whiten(advantages, rollout.response_mask), returns
+    episode = critic_free_advantages(config.algorithm, rollout.scores, kl.sum(1), config.generations, beta,
+                                     config.scale_rewards)
+    return kl, episode.unsqueeze(1) * rollout.response_mask, torch.zeros_like(rollout.values)
+
+
+def episode_stats_of(accelerator, rollout: Rollout, kl: torch.Tensor, beta: float, config: PPOStageConfig,
+                     gold: torch.Tensor | None) -> dict[str, float]:
+    """This update's episode metrics (TRL's objective/* keys, ``objective/gold`` when measured), averaged over processes."""
+    stats = _episode_metrics(rollout, kl, beta, config)
+    if gold is not None:
+        stats["objective/gold"] = gold.mean().item()
+    if accelerator.num_processes > 1:
+        keys = sorted(stats)
+        reduced = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=accelerator.device),
+                                     reduction="mean")
+        stats = dict(zip(keys, reduced.tolist()))
+    return stats
+
+
+def write_samples(path: Path, update: int, tokenizer, rollout: Rollout, responses: list[str], n: int,
+                  gold: torch.Tensor | None) -> None:
+    """The first ``n`` (prompt, response, score[, gold]) of this update, appended to samples.jsonl."""
+    queries = tokenizer.batch_decode(rollout.query_ids[:n], skip_special_tokens=True)
+    for j, (q, r) in enumerate(zip(queries, responses[:n])):
+        ckpt.append_jsonl(path, {"update": update, "prompt": q, "response": r, "score": rollout.scores[j].item(),
+                                 **({"gold": gold[j].item()} if gold is not None else {})})
+
+
+@locks_output("output_dir")
+def train_ppo(
+    config: PPOStageConfig,
+    *,
+    policy: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    reward_model: torch.nn.Module | None = None,
+    reward_tokenizer: Any = None,
+    reward_fn: RewardFn | None = None,
+    value_model: torch.nn.Module | None = None,
+    prompts: Any = None,
+    demonstrations: Any = None,
+    gold_fn: MetricFn | None = None,
+) -> StageResult:
+    """Align ``config.model`` against the reward model (or ``reward_fn``) with PPO.
+
+    In-memory objects replace the paths in ``config``: ``policy`` + ``tokenizer``,
+    ``reward_model`` (+ ``reward_tokenizer`` when it differs), ``reward_fn(prompts,
+    responses) -> scores`` instead of a model, ``prompts`` (a list or a Dataset with a
+    'prompt' column), ``demonstrations`` for ``ptx_coef`` (conversations ending in
+    the assistant reply, or a Dataset with a 'messages' column). ``gold_fn`` is only measured and logged (``objective/gold``), never
+    optimised. Writes ``output_dir/model`` (the final policy), ``metrics.jsonl`` (a row per
+    update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint,
+    and does nothing once the run has finished.
+    """
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    # --- set-up: refuse a bad config before any work, then load (the first slow step), then resume
+    problems = _config_problems(config, policy, reward_model, reward_fn, value_model)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    refuse_other_stage(config.output_dir, "ppo")
+    check_output_dir(config.output_dir)  # a folder of the user's own is refused before any work
+    finished = _finished_run(Path(config.output_dir), config)
+    if finished is not None:
+        return finished
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    accelerator = make_accelerator(config, out)
+    main = accelerator.is_main_process
+    # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
+    sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
+    if main:
+        claim_dir(out)
+        print(config.batch_arithmetic(), flush=True)
+    r = set_up(config, accelerator, sharded, policy=policy, tokenizer=tokenizer, reward_model=reward_model,
+               reward_tokenizer=reward_tokenizer, reward_fn=reward_fn, value_model=value_model, prompts=prompts,
+               demonstrations=demonstrations)
+    generators = (r.sample_gen, r.shuffle_gen)
+    start_update, elapsed_before = resume(config, out, accelerator, r.module, r.optimizer, r.scheduler, r.kl_ctl,
+                                          generators)
     if main:
         ckpt.truncate_log(out / "metrics.jsonl", start_update)
         ckpt.truncate_log(out / "samples.jsonl", start_update)
@@ -752,75 +844,50 @@ def train_ppo(
         accelerator.init_trackers("rlhfkit-ppo", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
 
     # --- the loop
-    from tqdm.auto import tqdm
-
-    unwrapped = accelerator.unwrap_model(module)
     k = config.generations
     local_prompts = config.local_rollout_batch_size // k
     started = time.perf_counter()
     bar = tqdm(total=config.updates, initial=start_update, desc=config.algorithm, unit="update", disable=not main, dynamic_ncols=True)
     last_row: dict[str, float] = {}
     # the KL of the last kl_budget_window updates (after a resume, from the log the run kept)
-    recent_kl = [r["objective/kl"] for r in ckpt.read_jsonl(out / "metrics.jsonl")][-config.kl_budget_window:]
+    recent_kl = [row["objective/kl"] for row in ckpt.read_jsonl(out / "metrics.jsonl")][-config.kl_budget_window:]
     stopped_at = None
     for update in range(start_update, config.updates):
         # 1. prompts of this update, this process's slice, each k times in a row (a group)
-        indices = batch_indices(update, config.prompts_per_update, len(prompt_list), config.seed)
+        indices = batch_indices(update, config.prompts_per_update, len(r.prompt_list), config.seed)
         indices = indices[accelerator.process_index * local_prompts:(accelerator.process_index + 1) * local_prompts]
         indices = [i for i in indices for _ in range(k)]
-        batch_prompts = [prompt_list[i] for i in indices]
+        batch_prompts = [r.prompt_list[i] for i in indices]
         # 2. rollout
-        unwrapped.eval()
-        rollout, responses = make_rollout(unwrapped, ref_policy, scorer, tokenizer, batch_prompts,
-                                          [prompt_ids[i] for i in indices], config, sample_gen)
-        unwrapped.train()
+        r.unwrapped.eval()
+        rollout, responses = make_rollout(r.unwrapped, r.ref_policy, r.scorer, r.tokenizer, batch_prompts,
+                                          [r.prompt_ids[i] for i in indices], config, r.sample_gen)
+        r.unwrapped.train()
         # 3. rewards, advantages
-        beta = kl_ctl.value
-        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * rollout.response_mask
-        if config.algorithm == "ppo":  # KL in the per-token reward, GAE with the value model
-            rewards, _ = rewards_with_kl(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
-                                         rollout.response_mask, beta, config.kl_estimator)
-            if config.whiten_rewards:
-                rewards = whiten(rewards, rollout.response_mask, shift_mean=False)
-            advantages, returns = compute_gae(rewards, rollout.values, rollout.response_mask, config.gamma, config.lam)
-            advantages = whiten(advantages, rollout.response_mask)
-        else:  # rloo / grpo: one advantage per episode, from the other samples of its prompt
-            episode = critic_free_advantages(config.algorithm, rollout.scores, kl.sum(1), k, beta, config.scale_rewards)
-            advantages, returns = episode.unsqueeze(1) * rollout.response_mask, torch.zeros_like(rollout.values)
+        beta = r.kl_ctl.value
+        kl, advantages, returns = advantages_of(rollout, beta, config)
         # 4. optimise
-        train_stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns,
-                                 config, shuffle_gen, train_policy=update >= config.value_warmup_updates,
-                                 demonstrations=ptx_data, kl_coef=beta)
-        # 5. bookkeeping
-        episode_stats = _episode_metrics(rollout, kl, beta, config)
-        gold = None
-        if gold_fn is not None:
-            gold = torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu")  # host data
-            episode_stats["objective/gold"] = gold.mean().item()
-        if accelerator.num_processes > 1:
-            keys = sorted(episode_stats)
-            reduced = accelerator.reduce(torch.tensor([episode_stats[k] for k in keys], device=accelerator.device),
-                                         reduction="mean")
-            episode_stats = dict(zip(keys, reduced.tolist()))
+        train_stats = ppo_update(accelerator, r.module, r.optimizer, r.scheduler, rollout, advantages, returns,
+                                 config, r.shuffle_gen, train_policy=update >= config.value_warmup_updates,
+                                 demonstrations=r.ptx_data, kl_coef=beta)
+        # 5. bookkeeping: adapt beta, one metrics row, samples, checkpoints
+        gold = (None if gold_fn is None else  # host data
+                torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu"))
+        episode_stats = episode_stats_of(accelerator, rollout, kl, beta, config, gold)
         mean_kl = episode_stats["objective/kl"]
-        kl_ctl.update(mean_kl, config.rollout_batch_size)
+        r.kl_ctl.update(mean_kl, config.rollout_batch_size)
         elapsed = elapsed_before + time.perf_counter() - started
-        row = metrics_row(update + 1, config.rollout_batch_size, episode_stats, train_stats,
-                          scheduler.get_last_lr()[0], elapsed)
-        last_row = row
+        last_row = metrics_row(update + 1, config.rollout_batch_size, episode_stats, train_stats,
+                               r.scheduler.get_last_lr()[0], elapsed)
         if main and ((update + 1) % config.logging_steps == 0 or update + 1 == config.updates):
-            ckpt.append_jsonl(out / "metrics.jsonl", row)
+            ckpt.append_jsonl(out / "metrics.jsonl", last_row)
         if config.report_to != ["none"]:
-            accelerator.log(row, step=update + 1)
+            accelerator.log(last_row, step=update + 1)
         if main and config.sample_every and ((update + 1) % config.sample_every == 0 or update == 0):
-            queries = tokenizer.batch_decode(rollout.query_ids[: config.num_samples], skip_special_tokens=True)
-            for j, (q, r) in enumerate(zip(queries, responses[: config.num_samples])):
-                ckpt.append_jsonl(out / "samples.jsonl", {
-                    "update": update + 1, "prompt": q, "response": r,
-                    "score": rollout.scores[j].item(), **({"gold": gold[j].item()} if gold is not None else {}),
-                })
-        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
+            write_samples(out / "samples.jsonl", update + 1, r.tokenizer, rollout, responses, config.num_samples, gold)
+        bar.set_postfix(score=f"{last_row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
         bar.update(1)
+        # 6. stop at the KL budget (the mean KL of the last kl_budget_window updates), or checkpoint
         recent_kl = (recent_kl + [mean_kl])[-config.kl_budget_window:]
         window_kl = sum(recent_kl) / len(recent_kl)
         if (config.kl_budget is not None and len(recent_kl) == config.kl_budget_window
@@ -831,21 +898,21 @@ def train_ppo(
                       f"{window_kl:.2f} >= kl_budget {config.kl_budget}; this policy is final", flush=True)
             break
         if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
-            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, unwrapped, optimizer, scheduler, kl_ctl,
-                      (sample_gen, shuffle_gen), config)
+            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, r.unwrapped, r.optimizer, r.scheduler,
+                      r.kl_ctl, generators, config)
     bar.close()
     accelerator.wait_for_everyone()
     if config.report_to != ["none"]:
         accelerator.end_training()
 
     # --- final artefacts: the policy (adapter merged) and the summary, written last
-    metrics = {"stage": "ppo", "algorithm": config.algorithm, "params_held": params_held, **last_row,
+    metrics = {"stage": "ppo", "algorithm": config.algorithm, "params_held": r.params_held, **last_row,
                "updates": config.updates, "updates_done": stopped_at or config.updates,
                "stopped_at_kl_budget": stopped_at is not None,
                "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
-    weights = full_state(unwrapped.policy, all_names=True) if sharded else None  # all processes: the shards all-gathered
+    weights = full_state(r.unwrapped.policy, all_names=True) if sharded else None  # all processes: the shards all-gathered
     if main:
-        save_final_policy(unwrapped.policy, tokenizer, out / "model", merge_lora=config.lora, state_dict=weights)
+        save_final_policy(r.unwrapped.policy, r.tokenizer, out / "model", merge_lora=config.lora, state_dict=weights)
         write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return StageResult(out, metrics)
