@@ -137,10 +137,15 @@ def main() -> None:
     parser.add_argument("--systems", default="rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo")
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts evaluated (x 4 samples)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=SIZES["learning_rate"],
+                        help="AdamW learning rate of every system (ours and TRL's alike)")
     parser.add_argument("--out", type=Path, default=Path("runs/trl-peers"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run one system, print its row
     a = parser.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
+    if not a.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
+    SIZES["learning_rate"] = a.learning_rate
     if len(a.runs) not in (1, len(seeds)):
         parser.error(f"give one RUN_DIR, or one per seed ({len(seeds)}); got {len(a.runs)}")
     run_of = dict(zip(seeds, a.runs * len(seeds) if len(a.runs) == 1 else a.runs))
@@ -167,6 +172,7 @@ def main() -> None:
             child = subprocess.run(
                 [sys.executable, __file__, str(run_of[seed]), "--seeds", str(seed), "--systems", system, "--updates",
                  str(a.updates), "--prompts", str(a.prompts), "--threads", str(a.threads), "--out", str(a.out),
+                 "--learning-rate", str(a.learning_rate),
                  "--child"], stdout=subprocess.PIPE, text=True)
             if child.returncode != 0:
                 raise SystemExit(f"{child.stdout[-3000:]}\n{system} seed {seed} failed (exit {child.returncode})")
