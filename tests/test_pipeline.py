@@ -430,3 +430,28 @@ def test_the_trl_peer_benchmark_runs_every_system_on_a_finished_chain(finished_r
     # each TRL policy was saved and evaluated against the same SFT reference
     for system in ("trl-rloo", "trl-grpo"):
         assert (tmp_path / "peers" / f"{system}-seed0" / "train" / "model" / "model.safetensors").is_file()
+    zero_lr = subprocess.run([sys.executable, str(script), str(run), "--learning-rate", "0"],
+                             capture_output=True, text=True, cwd=script.parent)
+    assert zero_lr.returncode == 2 and "--learning-rate must be > 0, got 0.0" in zero_lr.stderr
+
+
+@pytest.mark.slow
+def test_the_launch_benchmark_runs_the_rl_stage_under_one_two_and_sharded_processes(finished_run, tmp_path):
+    """benchmarks/launches.py on the tiny chain, one update each: 1 process, 2 data-parallel and 2 FSDP
+    processes. The two 2-process launches sample the same episodes (each process its own generator),
+    so their first update's score is the same: what differs is only how the weights are held."""
+    run, _ = finished_run
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "launches.py"
+    proc = subprocess.run([sys.executable, str(script), str(run), "--updates", "1", "--repeats", "1",
+                           "--micro-batch", "4"], capture_output=True, text=True, timeout=600, cwd=script.parent,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("machine: ")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["launch"] for r in rows] == ["1 process", "2 processes, DDP", "2 processes, FSDP"]
+    assert all(r["loop_s_per_update"] > 0 and r["command_s"] > r["loop_s_per_update"] for r in rows)
+    assert rows[2]["score"] == pytest.approx(rows[1]["score"], rel=1e-4, abs=1e-6)
+    assert not list(tmp_path.glob("rlhfkit-launches-*"))  # its own work folder removed (torchrun leaves its own)
+    not_a_run = subprocess.run([sys.executable, str(script), str(run / "sft")], capture_output=True, text=True,
+                               cwd=script.parent)
+    assert not_a_run.returncode == 2 and "not a finished `rlhfkit run` folder" in not_a_run.stderr

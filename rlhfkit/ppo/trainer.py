@@ -10,7 +10,11 @@ One update, top to bottom:
   4. ``ppo_update``: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps of the clipped
      policy loss (+ vf_coef x clipped value loss for ppo; + beta x k3 KL for grpo), aggregated
      as ``loss_type`` says over the minibatch;
-  5. adapt beta (adaptive KL), log one metrics row (TRL's keys), checkpoint every N updates.
+  5. adapt beta (adaptive KL), log one metrics row (TRL's keys);
+  6. stop once the KL budget is spent, else checkpoint every ``save_steps`` updates.
+
+``train_ppo`` is that loop after ``set_up`` (models, optimizer, generators: a ``RunState``) and
+``resume``; ``advantages_of`` is step 3.
 
 The math lives in ``rlhfkit.core``; sampling and scoring in the rollout engine
 (``rlhfkit.engine``); checkpoints in ``rlhfkit.checkpoint``.
