@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, write_text_atomic
 from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_sharded, load_full_optimizer_state, load_full_state
@@ -109,22 +109,18 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     from accelerate.utils import gather_object
 
     rng = gather_object([[g.get_state() for g in generators]])
-    sharded = is_sharded(module.policy)
-    if sharded:  # all-gathered on every process (a collective), written by the main one
-        weights = {"policy": full_state(module.policy),
-                   **({"value": full_state(module.value)} if module.value is not None else {})}
+    # full tensors whatever the sharding, a tied weight once under the name safetensors' save_model
+    # keeps; under FSDP every process all-gathers (a collective), else only the main one, which writes
+    if is_sharded(module.policy) or accelerator.is_main_process:
+        weights = {part: full_state(getattr(module, part)) for part in ("policy", "value")
+                   if getattr(module, part) is not None}  # rloo / grpo have no value model
         optimizer_state = full_optimizer_state(optimizer)
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
-            for part in ("policy", "value"):
-                if getattr(module, part) is None:  # rloo / grpo have no value model
-                    continue
-                file = str(tmp / (POLICY_FILE if part == "policy" else "value.safetensors"))
-                if sharded:  # the tensors save_model would write, tied ones once
-                    save_file(weights[part], file, metadata={"format": "pt"})
-                else:
-                    save_model(getattr(module, part), file)
-            torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
+            for part, state in weights.items():
+                save_file(state, str(tmp / (POLICY_FILE if part == "policy" else "value.safetensors")),
+                          metadata={"format": "pt"})
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             save_file({f"rank{r}_gen{i}": s for r, states in enumerate(rng) for i, s in enumerate(states)},
                       str(tmp / "rng.safetensors"))
             files = file_digests(tmp)  # state.json, written next, is not among them
@@ -149,16 +145,10 @@ def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int
     The files hold full tensors whatever the run's sharding: a sharded module takes its shards of them."""
     state = read_json(path / "state.json")
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    if is_sharded(module.policy):
-        load_full_state(module.policy, load_file(str(path / POLICY_FILE)))
-        if module.value is not None:
-            load_full_state(module.value, load_file(str(path / "value.safetensors")))
-        load_full_optimizer_state(optimizer, optimizer_state)
-    else:
-        load_model(module.policy, str(path / POLICY_FILE))
-        if module.value is not None:
-            load_model(module.value, str(path / "value.safetensors"))
-        optimizer.load_state_dict(optimizer_state)
+    load_full_state(module.policy, load_file(str(path / POLICY_FILE)))  # a sharded module takes its shards
+    if module.value is not None:
+        load_full_state(module.value, load_file(str(path / "value.safetensors")))
+    load_full_optimizer_state(optimizer, optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
     rng = load_file(str(path / "rng.safetensors"))
