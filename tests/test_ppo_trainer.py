@@ -119,6 +119,18 @@ def same_rows(straight: Path, resumed: Path, updates: int) -> list[dict]:
     return rows_a
 
 
+def same_weights(a_dir: Path, b_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """File ``name`` of two runs holds the same tensors under the same names (to float32 rounding); returns a's."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+    assert sorted(a) == sorted(b), name  # ordinary files: the same tensors under the same names
+    for key in a:
+        assert a[key].shape == b[key].shape, (name, key)
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+    return a
+
+
 # ---------------------------------------------------------------------------------------
 # 1. log-probs of the sampled tokens
 # ---------------------------------------------------------------------------------------
@@ -1067,11 +1079,7 @@ def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
     same_rows(ddp, fsdp, updates=4)
     for name in ("model/model.safetensors", "checkpoints/update-000002/policy.safetensors",
                  "checkpoints/update-000002/value.safetensors"):
-        a, b = load_file(str(ddp / name)), load_file(str(fsdp / name))
-        assert sorted(a) == sorted(b), name  # ordinary files: the same tensors under the same names
-        for key in a:
-            assert a[key].shape == b[key].shape, (name, key)
-            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+        same_weights(ddp, fsdp, name)
     initial = load_file(str(world.policy_dir / "model.safetensors"))
     final = load_file(str(ddp / "model/model.safetensors"))
     assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it trained
@@ -1110,18 +1118,11 @@ def test_lora_under_fsdp_equals_lora_data_parallel_and_resumes(world, tmp_path):
 
     from safetensors.torch import load_file
 
-    def same_weights(name):
-        a, b = load_file(str(ddp / name)), load_file(str(fsdp / name))
-        assert sorted(a) == sorted(b), name
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
-        return a
-
     rows = same_rows(ddp, fsdp, updates=3)
     assert abs(rows[0]["objective/kl"]) < 1e-5 < abs(rows[-1]["objective/kl"])  # reference = adapter disabled
-    ckpt_weights = same_weights("checkpoints/update-000002/policy.safetensors")
+    ckpt_weights = same_weights(ddp, fsdp, "checkpoints/update-000002/policy.safetensors")
     assert any("lora_B" in k for k in ckpt_weights) and any(k.endswith("base_layer.weight") for k in ckpt_weights)
-    final = same_weights("model/model.safetensors")
+    final = same_weights(ddp, fsdp, "model/model.safetensors")
     assert not any("lora" in k or "base_layer" in k for k in final)  # merged: an ordinary model's names
     initial = load_file(str(world.policy_dir / "model.safetensors"))
     assert sorted(final) == sorted(initial)
@@ -1131,13 +1132,13 @@ def test_lora_under_fsdp_equals_lora_data_parallel_and_resumes(world, tmp_path):
 
     shutil.rmtree(fsdp / "model")
     (fsdp / "metrics.json").unlink()
-    shutil.rmtree(fsdp / "checkpoints" / "update-000003", ignore_errors=True)  # (none: the last update is not saved)
+    assert not (fsdp / "checkpoints" / "update-000003").exists()  # the last update is not saved
     lines = (fsdp / "metrics.jsonl").read_text().splitlines()
     (fsdp / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
     stdout = _finish(_launch(tmp_path, config, world.prompts, *FSDP))
     assert "resuming from" in stdout and "update 2 of 3" in stdout
     same_rows(ddp, fsdp, updates=3)
-    same_weights("model/model.safetensors")
+    same_weights(ddp, fsdp, "model/model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------

@@ -874,7 +874,7 @@ def train_ppo(
         train_stats = ppo_update(accelerator, r.module, r.optimizer, r.scheduler, rollout, advantages, returns,
                                  config, r.shuffle_gen, train_policy=update >= config.value_warmup_updates,
                                  demonstrations=r.ptx_data, kl_coef=beta)
-        # 5. bookkeeping: adapt beta, one metrics row, samples, checkpoints
+        # 5. bookkeeping: adapt beta, one metrics row, samples
         gold = (None if gold_fn is None else  # host data
                 torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu"))
         episode_stats = episode_stats_of(accelerator, rollout, kl, beta, config, gold)
