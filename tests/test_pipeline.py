@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from rlhfkit.cli import main
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import RunConfig, run_chain
+from weight_helpers import same_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,6 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     and ends with the uninterrupted 2-process run's outputs (the same seeds, the same split of work).
     The same config under an FSDP launch ends there too."""
     import psutil  # accelerate's dependency
-    from safetensors.torch import load_file
 
     def config(name: str) -> Path:
         cfg = {**TINY, "output_dir": str(tmp_path / name)}
@@ -176,10 +175,7 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
 
     a, b = tmp_path / "straight", killed
     for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
-        assert sorted(wa) == sorted(wb)
-        for key in wa:  # the same arithmetic in the same order: equal up to float32 rounding at most
-            torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=f"{name} {key}")
+        same_weights(a, b, name, atol=1e-6)  # the same arithmetic in the same order: float32 rounding at most
     rows_a = [json.loads(line) for line in (a / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (b / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows_b] == list(range(1, 41))
@@ -198,10 +194,7 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     assert fsdp.wait(timeout=600) == 0, (tmp_path / "fsdp.log").read_text()[-3000:]
     assert "FSDP: the policy and value model sharded over 2 processes (one unit per decoder layer), the reference" in (tmp_path / "fsdp.log").read_text()
     for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
-        wa, wc = load_file(str(a / name)), load_file(str(tmp_path / "fsdp" / name))
-        assert sorted(wa) == sorted(wc)
-        for key in wa:
-            torch.testing.assert_close(wc[key], wa[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+        same_weights(a, tmp_path / "fsdp", name)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from rlhfkit.engine import encode_prompts, left_pad, response_logits, sample, se
 from rlhfkit.ppo.rollout import Rollout
 from rlhfkit.ppo.trainer import PolicyAndValue, batch_indices, ppo_update
 from rlhfkit.world.model import build_model, train_tokenizer
+from weight_helpers import same_weights
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -117,18 +118,6 @@ def same_rows(straight: Path, resumed: Path, updates: int) -> list[dict]:
         for key in set(a) - TIME_KEYS:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["update"], key)
     return rows_a
-
-
-def same_weights(a_dir: Path, b_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    """File ``name`` of two runs holds the same tensors under the same names (to float32 rounding); returns a's."""
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
-    assert sorted(a) == sorted(b), name  # ordinary files: the same tensors under the same names
-    for key in a:
-        assert a[key].shape == b[key].shape, (name, key)
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
-    return a
 
 
 # ---------------------------------------------------------------------------------------

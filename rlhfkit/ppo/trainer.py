@@ -263,7 +263,9 @@ def ppo_update(
     local = rollout.query_ids.shape[0]
     mini = local // config.num_mini_batches
     micro = config.per_device_train_batch_size
-    accumulation = config.gradient_accumulation_steps
+    # accelerate divides each backward by the accumulation steps and DDP (or FSDP) averages the
+    # gradients over processes: a loss term multiplied by this is the minibatch's sum of its parts
+    undo_means = config.gradient_accumulation_steps * accelerator.num_processes
     device = rollout.response_mask.device
     lengths = rollout.response_mask.sum(1).tolist()  # one sync per update: the trimmed widths
     ptx = demonstrations is not None and config.ptx_coef > 0 and train_policy
@@ -303,17 +305,16 @@ def ppo_update(
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
                     del logits
                     # token losses are masked means over this micro-batch; `share` makes each its part of
-                    # the minibatch's loss_type aggregate (accelerate divides by the accumulation steps
-                    # and DDP averages over processes, hence the last two factors)
+                    # the minibatch's loss_type aggregate
                     share = loss_weight(config.loss_type, m.sum(), minibatch_tokens, config.mini_batch_size,
-                                        config.response_length) * accumulation * accelerator.num_processes
+                                        config.response_length) * undo_means
                     if per_response:  # one ratio per response; the policy loss is the minibatch's response mean
                         seq_losses, clipped = sequence_policy_loss(new_logprobs, batch["logprobs"],
                                                                    batch["advantages"][:, 0],  # A_i (token 0 is never masked)
                                                                    m, config.cliprange,
                                                                    length_normalise=config.algorithm == "grpo")
                         pg_loss, pg_clipfrac = seq_losses.mean(), clipped.mean()
-                        pg_term = seq_losses.sum() / config.mini_batch_size * accumulation * accelerator.num_processes
+                        pg_term = seq_losses.sum() / config.mini_batch_size * undo_means
                     else:
                         pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
                                                            config.cliprange)
