@@ -308,10 +308,28 @@ class StageResult:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def missing_model_folder(name: str | os.PathLike) -> str | None:
+    """The one-line problem of a model named by a local path that does not exist, else None.
+
+    A name that could be a hub id ("org/model", "gpt2") is left to the loader; one that can
+    only be a path (absolute, ``./``, ``../``, ``~``, or more than one ``/``) is checked here, so
+    a typo is named before any stage runs rather than as the hub's "Repo id must use ..."."""
+    text = os.fspath(name)
+    looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.strip("/").count("/") > 1
+    if looks_local and not Path(text).expanduser().exists():
+        return (f"{text}: no such model folder; give a model folder (a hub download, `rlhfkit model import "
+                "FILE.gguf --out DIR`, or a stage's output folder) or a hub id")
+    return None
+
+
 def refuse_pickle_only(path: str | os.PathLike) -> None:
-    """One line, before anything is unpickled, for a local model folder with pickle weights and no safetensors."""
+    """One line, before anything is unpickled, for a model folder that does not exist or holds pickle
+    weights and no safetensors."""
     from rlhfkit.errors import ConfigError
 
+    missing = missing_model_folder(path)
+    if missing:
+        raise ConfigError(missing)
     folder = Path(path)
     if not folder.is_dir():
         return

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfkit.artifacts import (StageResult, claim_dir, damage, file_digests, locks_output, read_json,
-                               remove_ours, sha256_file, write_json_atomic)
+from rlhfkit.artifacts import (StageResult, claim_dir, damage, file_digests, locks_output, missing_model_folder,
+                               read_json, remove_ours, sha256_file, write_json_atomic)
 from rlhfkit.config import collect_errors, field, section_of
 from rlhfkit.errors import ConfigError
 from rlhfkit.processes import Processes
@@ -52,7 +52,10 @@ def _validate_model(self) -> list[str]:
     from rlhfkit.world import ModelInitConfig
 
     if self.name is not None:
-        return [] if self.name.strip() else ["name: empty; give a hub id or a folder, or null for the embedded model"]
+        if not self.name.strip():
+            return ["name: empty; give a hub id or a folder, or null for the embedded model"]
+        missing = missing_model_folder(self.name)
+        return [f"name: {missing}"] if missing else []
     fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
     return ModelInitConfig(out="<chain>", corpus="<world>", **fields).validate()
 

@@ -262,13 +262,19 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     if summary.get("reward.ensemble_size", 1) > 1:
         headline.append((f"Reward ensemble of {summary['reward.ensemble_size']}: agreement with gold",
                          _fmt(summary.get("reward.ensemble_gold_agreement"))))
+    policy_columns = ["policy", "reward", "reward (greedy)", "gold", "gold (greedy)", "length", "KL to SFT"]
     policy_rows = []
     for name in ("sft", "ppo"):
         e = ev.get(name, {})
-        policy_rows.append(["SFT" if name == "sft" else method, _fmt(e.get("reward"), e.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
-                            _fmt(e.get("greedy", {}).get("gold"), e.get("greedy", {}).get("gold_se")),
-                            _fmt(e.get("length"), e.get("length_se")),
+        greedy = e.get("greedy", {})
+        policy_rows.append(["SFT" if name == "sft" else method, _fmt(e.get("reward"), e.get("reward_se")),
+                            _fmt(greedy.get("reward"), greedy.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
+                            _fmt(greedy.get("gold"), greedy.get("gold_se")), _fmt(e.get("length"), e.get("length_se")),
                             _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
+    # a column nobody measured (gold without a gold judge, greedy without greedy draws) is left out
+    keep = [i for i in range(len(policy_columns)) if i == 0 or any(row[i] != _fmt(None) for row in policy_rows)]
+    policy_columns = [policy_columns[i] for i in keep]
+    policy_rows = [[row[i] for i in keep] for row in policy_rows]
     gains = [(label(summary, key), figure_text(summary, key, _fmt)) for key in GAIN_KEYS]
     stage_rows = []
     for name, entry in manifest.get("stages", {}).items():
@@ -284,7 +290,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     md += [f"**{verdict_text}**", ""] if verdict_text else []
     md += [f"- {k}: **{v}**" for k, v in gains + headline]
     md += ["", "## Policies on held-out prompts", "", eval_note, "",
-           "| policy | reward | gold | gold (greedy) | length | KL to SFT |", "|---|---|---|---|---|---|"]
+           "| " + " | ".join(policy_columns) + " |", "|" + "---|" * len(policy_columns)]
     md += ["| " + " | ".join(r) + " |" for r in policy_rows]
     if budget:
         md += ["", "## KL budget", "", budget]
@@ -294,8 +300,9 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     md += ["", "## Samples (first sample per prompt)", "", f"| prompt | SFT | {method} |", "|---|---|---|"]
     for ex in examples:
         cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-        md.append(f"| {cell(ex['prompt'])} | {cell(ex['sft'])} (r {_fmt(ex['sft_reward'])}, g {_fmt(ex['sft_gold'])}) "
-                  f"| {cell(ex['ppo'])} (r {_fmt(ex['ppo_reward'])}, g {_fmt(ex['ppo_gold'])}) |")
+        scores = lambda who: f"r {_fmt(ex[who + '_reward'])}" + (  # noqa: E731
+            f", g {_fmt(ex[who + '_gold'])}" if ex[who + "_gold"] is not None else "")
+        md.append(f"| {cell(ex['prompt'])} | {cell(ex['sft'])} ({scores('sft')}) | {cell(ex['ppo'])} ({scores('ppo')}) |")
     md += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     write_text_atomic(run / "report.md", "\n".join(md))
 
@@ -303,7 +310,7 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
                for ex in examples]
     page = render_page("run_report.html.j2", run=str(run), verdict=verdict_text, method=method,
                        cards=[(k, v) for k, v in gains + headline if v != _fmt(None)],  # no gold judge: no gold cards
-                       eval_note=eval_note, policy_rows=policy_rows, budget=budget,
+                       eval_note=eval_note, policy_columns=policy_columns, policy_rows=policy_rows, budget=budget,
                        plots=[(f"plots/{n}.png", t) for n, t in plots.items()], examples=samples,
                        stage_rows=stage_rows, config=json.dumps(config, indent=2))
     write_text_atomic(run / "report.html", page)

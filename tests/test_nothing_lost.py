@@ -227,6 +227,30 @@ def test_sft_and_reward_refuse_pickle_weights_before_touching_the_output(tmp_pat
     assert not sentinel.exists()
 
 
+def test_a_model_path_that_does_not_exist_is_named_before_anything_runs(tmp_path, capsys, pickle_model):
+    """A typo in a model folder is one line naming it, before any stage runs or folder is made (not
+    the hub's "Repo id must use alphanumeric chars" after the data stage); a hub-id-shaped name is
+    left to the loader."""
+    from rlhfkit.artifacts import missing_model_folder
+
+    _, _, data = pickle_model
+    missing = tmp_path / "no" / "such-model"
+    for stage in ("sft", "reward"):
+        config = tmp_path / f"{stage}.yaml"
+        config.write_text(f"model: {missing}\ndata: {data}\noutput_dir: {tmp_path / stage}\n")
+        line = _one_line_error(capsys, [stage, str(config)])
+        assert f"{missing}: no such model folder" in line and "rlhfkit model import" in line
+        assert not (tmp_path / stage).exists()
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  name: ./typo-model\n")
+    line = _one_line_error(capsys, ["run", str(chain)])
+    assert "model.name: ./typo-model: no such model folder" in line
+    assert not (tmp_path / "run").exists()
+    assert missing_model_folder("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: the loader decides
+    assert missing_model_folder("gpt2") is None and missing_model_folder(str(tmp_path)) is None  # exists
+    assert missing_model_folder("runs/x/sft") is not None  # two slashes: only a path
+
+
 def test_ppo_refuses_pickle_weights(tmp_path, pickle_model):
     from rlhfkit.errors import ConfigError
     from rlhfkit.ppo import PPOStageConfig, train_ppo
@@ -367,8 +391,10 @@ def test_a_users_training_folder_is_refused_before_its_checkpoints_are_touched(t
     half.mkdir(parents=True)
     (half / "model.safetensors").write_bytes(b"their bytes")
     before = _snapshot(users)
+    model = tmp_path / "unread-model"  # exists (a missing one is refused first); never loaded: the output check comes first
+    model.mkdir()
     with pytest.raises(OutputError, match="rlhfkit did not write"):
-        train_sft(SFTStageConfig(model=str(tmp_path / "absent-model"), data=str(data), output_dir=str(users)))
+        train_sft(SFTStageConfig(model=str(model), data=str(data), output_dir=str(users)))
     assert _snapshot(users) == before
 
 

@@ -50,6 +50,10 @@ def test_report_page_escapes_text_and_shows_only_measured_cards(tmp_path):
     assert "Reward gain, sampled (PPO − SFT, paired)<b>0.25 ± 0.12</b>" in page
     assert "Gold gain" not in page and "gold judge<b>" not in page  # no gold judge: no gold cards
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    # the policies table: no gold columns without a gold judge, no greedy column without greedy draws
+    header = page.split("<h2>Policies on held-out prompts</h2>")[1].split("</thead>")[0]
+    assert "<th>reward</th>" in header and "gold" not in header and "greedy" not in header
+    assert "· gold" not in page and "(r 0.75) |" in (run / "report.md").read_text()
     # an RLOO run's report and summary name the aligned policy by its method, not "PPO"
     from rlhfkit.report import summary_text
 
@@ -60,3 +64,15 @@ def test_report_page_escapes_text_and_shows_only_measured_cards(tmp_path):
     assert "<td>RLOO</td>" in page and "PPO" not in page.split("<h2>Configuration")[0]
     text = summary_text(run, rloo)
     assert "RLOO − SFT" in text and "PPO" not in text
+    # greedy rewards measured and a gold judge present: both columns, the samples' gold scores too
+    ev["sft"]["greedy"], ev["ppo"]["greedy"] = {"reward": 0.25, "reward_se": 0.5}, {"reward": 0.5, "reward_se": 0.5}
+    ev["sft"]["gold"], ev["ppo"]["gold"] = 0.25, 0.5
+    (run / "eval" / "eval.json").write_text(json.dumps(ev))
+    (run / "eval" / "examples.json").write_text(json.dumps([{
+        "prompt": "p", "sft": "a", "sft_reward": 0.5, "sft_gold": 0.0, "ppo": "b", "ppo_reward": 0.75, "ppo_gold": 1.0}]))
+    write_report(run, collect({"sft": {"eval_loss": 1.5}}, ev))
+    page = (run / "report.html").read_text()
+    header = page.split("<h2>Policies on held-out prompts</h2>")[1].split("</thead>")[0]
+    assert [h.split("</th>")[0] for h in header.split("<th>")[1:]] == [
+        "policy", "reward", "reward (greedy)", "gold", "length", "KL to SFT"]  # no greedy gold was measured
+    assert "<td>0.25 ± 0.5</td><td>0.25</td>" in page and "reward 0.75 · gold 1" in page

@@ -8,11 +8,12 @@
 from rlhfkit.data.build import DataBuildConfig, build_data, load_sources
 from rlhfkit.data.corpus import Corpus
 from rlhfkit.data.formats import FORMATS, detect_format
-from rlhfkit.data.output import data_fingerprint, demonstrations_from_data_dir, features, prompts_from_data_dir
+from rlhfkit.data.output import PAIR_COLUMNS, data_fingerprint, demonstrations_from_data_dir, features, prompts_from_data_dir
 from rlhfkit.data.sources import open_source
 from rlhfkit.data.split import assign_splits
 
 __all__ = [
+    "PAIR_COLUMNS",
     "FORMATS",
     "Corpus",
     "DataBuildConfig",

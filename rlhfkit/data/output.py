@@ -20,6 +20,8 @@ from rlhfkit.artifacts import fsync_path, read_json
 from rlhfkit.errors import DataError
 
 SPLITS = ("train", "validation")
+# the columns a preference pair needs, in TRL's preference format (the reward and DPO stages read them)
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def features(kind: str):

@@ -21,6 +21,7 @@ import time
 from typing import Any, ClassVar, Sequence
 
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
+from rlhfkit.data.output import PAIR_COLUMNS
 from rlhfkit.errors import ConfigError, first_line
 from rlhfkit.training import (
     PreparedTrainer,
@@ -46,7 +47,6 @@ from rlhfkit.training import (
 DPO_TRL_DEFAULTS: dict[str, Any] = {
     "eval_on_start": True,  # the held-out reward accuracy before training: the stage's baseline (0.5 = chance)
 }
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # TRL's evaluation keys (logged with an eval_ prefix) -> this stage's metrics.json names
 EVAL_NAMES = {"loss": "eval_loss", "rewards/accuracies": "eval_reward_accuracy", "rewards/margins": "eval_reward_margin",
               "rewards/chosen": "eval_reward_chosen", "rewards/rejected": "eval_reward_rejected"}

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output, write_text_atomic
 from rlhfkit.config import field
+from rlhfkit.data.output import PAIR_COLUMNS
 from rlhfkit.engine.forward import reward_scores
 from rlhfkit.engine.sampling import conversation_ids
 from rlhfkit.errors import ConfigError, DataError, first_line
@@ -43,6 +44,7 @@ from rlhfkit.training import (
     build_trl_args,
     check_before_loading,
     already_finished,
+    default_max_length,
     defaults_note,
     ensure_chat_template,
     load_model,
@@ -60,8 +62,6 @@ from rlhfkit.training import (
 REWARD_TRL_DEFAULTS: dict[str, Any] = {
     "disable_dropout": True,  # a reward is a deterministic function of the text
 }
-DEFAULT_MAX_LENGTH = 1024  # TRL's default, capped at the model's max_position_embeddings
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 _DROP = "_rlhfkit_drop"
 
 
@@ -271,8 +271,7 @@ def train_reward(
     model, tokenizer = ensure_chat_template(stage, tokenizer, args, source, model, apply=True)
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     if not user_max_length:
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        args.max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+        args.max_length = default_max_length(model)
 
     # 3. pairs -> token ids (+ margin); too long / identical pairs dropped and counted
     eval_tok, eval_dropped = None, {"too_long": 0, "identical": 0}

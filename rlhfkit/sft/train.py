@@ -30,6 +30,7 @@ from rlhfkit.training import (
     build_trl_args,
     check_before_loading,
     already_finished,
+    default_max_length,
     defaults_note,
     ensure_chat_template,
     final_evaluations,
@@ -49,7 +50,6 @@ from rlhfkit.training import (
 SFT_TRL_DEFAULTS: dict[str, Any] = {
     "assistant_only_loss": True,  # loss on assistant tokens only (generation markers)
 }
-DEFAULT_MAX_LENGTH = 1024  # TRL's default, capped at the model's max_position_embeddings
 
 
 @dataclasses.dataclass
@@ -132,8 +132,7 @@ def build_sft_trainer(
     if model is None:
         model = load_model(source, AutoModelForCausalLM, args.model_init_kwargs, trust)
     if not user_max_length:
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        args.max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+        args.max_length = default_max_length(model)
     peft_config = lora_config(config, "CAUSAL_LM") if config.lora else None
 
     # 4. trainer; TRL's own checks become one-line errors
