@@ -1,8 +1,9 @@
-"""What the SFT and reward-model stages share: config fields, TRL arguments, data and
+"""What the TRL stages (SFT, reward model, DPO) share: config fields, TRL arguments, data and
 model loading, checkpoint discovery for resume, run-time checks, and the stage outputs.
 
-Both stages are thin layers over TRL's trainers (``SFTTrainer``, ``RewardTrainer``); the
-code here only decides defaults, validates, resumes and writes artifacts:
+Each is a thin layer over a TRL trainer (``SFTTrainer``, ``RewardTrainer``, ``DPOTrainer``) on the
+stage skeleton of ``rlhfkit.stage`` (``run_trainer_stage``); the code here only decides defaults,
+validates, resumes and writes artifacts:
 
 - ``StageConfig``: the fields both stage configs have (model, data, output_dir, seed,
   LoRA, resume) plus ``trl_args`` (every field of the TRL config, under its TRL name).
@@ -39,6 +40,7 @@ from rlhfkit.artifacts import (atomic_dir, check_output_dir, claim_dir, read_jso
                                resolve_model_path, write_json_atomic)
 from rlhfkit.config import Passthrough, field, to_dict
 from rlhfkit.errors import ConfigError, DataError, TrainingError, first_line
+from rlhfkit.stage import METRICS_FILE, sanitize
 
 logger = logging.getLogger("rlhfkit")
 
@@ -51,7 +53,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 STAGE_CONFIG_FILE = "stage_config.json"
-METRICS_FILE = "metrics.json"
 LOG_HISTORY_FILE = "log_history.json"
 
 
@@ -507,8 +508,10 @@ class TrainSession:
 def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
     """Check resume policy, record the config; returns the checkpoint to resume from."""
     out = Path(config.output_dir)
+    # the skeleton checked these (step 2); again here for a stage's public build_* called on its own,
+    # since half-written checkpoints are removed below
     refuse_other_stage(out, config.stage_name)
-    check_output_dir(out)  # before anything in it is removed (half-written checkpoints, below)
+    check_output_dir(out)
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, remove_incomplete=is_main)
     if resume_from is not None and not config.resume:
@@ -567,7 +570,9 @@ def trained_metrics(config: StageConfig, state, session: "TrainSession", started
 
 @dataclasses.dataclass
 class PreparedTrainer:
-    """A Trainer built by a stage (config checked, data and model loaded), ready for ``run_trainer_stage``."""
+    """A Trainer built by a stage's load step (config checked, data and model loaded), and the figures the
+    stage reports: ``before_save(trainer, session)`` of the trained model (SFT: eval loss),
+    ``after_save(final_model, session)`` of exactly the saved model (reward: held-out pairs)."""
 
     trainer: Any
     args: Any
@@ -575,35 +580,50 @@ class PreparedTrainer:
     train_dataset: Any
     eval_dataset: Any
     resume_from: Path | None
+    before_save: Callable[[Any, "TrainSession"], dict[str, Any]] | None = None
+    after_save: Callable[[Any, "TrainSession"], dict[str, Any]] | None = None
 
 
-def run_trainer_stage(config: StageConfig, prepared: PreparedTrainer, started: float, *,
-                      before_save: Callable[[Any, "TrainSession"], dict[str, Any]] | None = None,
-                      after_save: Callable[[Any, "TrainSession"], dict[str, Any]] | None = None):
-    """The steps every Trainer stage ends with, after its own validate -> finished? -> load -> build:
+def run_trainer_stage(config: StageConfig, build: Callable[..., PreparedTrainer], **given: Any):
+    """A TRL Trainer stage on the stage skeleton (``rlhfkit.stage``):
 
+    1. validate: ``check_before_loading`` (the config; a model folder holding only pickles, unless
+       a ``model`` is given in memory);
+    3. finished: ``already_finished`` (never when in-memory objects are given: model, tokenizer, datasets);
+    4. load: ``build(config, **given)``, the stage's own: data, TRL arguments, tokenizer and model, the Trainer;
     5. train, resuming from the last complete checkpoint; a non-finite final loss stops the stage;
-    6. ``before_save(trainer, session)``: the stage's figures of the trained model (SFT: eval loss);
-    7. the final model saved (LoRA merged) into ``output_dir/model``;
-    8. ``after_save(final_model, session)``: figures of exactly the saved model (reward: held-out pairs);
-    9. metrics.json written last (its presence marks the stage complete).
+    6. ``before_save``, the final model saved (LoRA merged) into ``output_dir/model``, ``after_save``,
+       log_history.json; 7. metrics.json.
     """
-    from rlhfkit.artifacts import StageResult
+    from rlhfkit.stage import Stage, run_stage
 
-    trainer, stage = prepared.trainer, config.stage_name
-    session = run_training(trainer, prepared.resume_from, config.trl_args.get("resume_from_checkpoint"))
-    require_finite(stage, train_loss=train_losses(trainer.state.log_history)[1])
-    metrics: dict[str, Any] = {"stage": stage}
-    if before_save is not None:
-        metrics.update(before_save(trainer, session))
-    out = Path(config.output_dir)
-    final_model = unwrap_for_saving(trainer)
-    save_final_model(trainer, final_model, prepared.tokenizer, out / "model")
-    if after_save is not None:
-        metrics.update(after_save(final_model, session))
-    metrics.update(trained_metrics(config, trainer.state, session, started))
-    finish_stage(trainer, out, metrics)
-    return StageResult(out, metrics)
+    started = time.perf_counter()
+    stage, out = config.stage_name, Path(config.output_dir)
+
+    def train(prepared: PreparedTrainer) -> tuple[PreparedTrainer, TrainSession]:
+        session = run_training(prepared.trainer, prepared.resume_from, config.trl_args.get("resume_from_checkpoint"))
+        require_finite(stage, train_loss=train_losses(prepared.trainer.state.log_history)[1])
+        return prepared, session
+
+    def save(trained: tuple[PreparedTrainer, TrainSession]) -> dict[str, Any]:
+        prepared, session = trained
+        trainer = prepared.trainer
+        metrics: dict[str, Any] = {"stage": stage}
+        if prepared.before_save is not None:
+            metrics.update(prepared.before_save(trainer, session))
+        final_model = unwrap_for_saving(trainer)
+        save_final_model(trainer, final_model, prepared.tokenizer, out / "model")
+        if prepared.after_save is not None:
+            metrics.update(prepared.after_save(final_model, session))
+        metrics.update(trained_metrics(config, trainer.state, session, started))
+        if trainer.accelerator.is_main_process:
+            write_json_atomic(out / LOG_HISTORY_FILE, sanitize(trainer.state.log_history))
+        return metrics
+
+    in_memory = [given.get(k) for k in ("model", "tokenizer", "train_dataset", "eval_dataset")]
+    return run_stage(Stage(stage, out, validate=lambda: check_before_loading(config, given.get("model")),
+                           finished=lambda: already_finished(config, in_memory), load=lambda: build(config, **given),
+                           train=train, save=save))
 
 
 def completed_result(config: StageConfig) -> dict[str, Any] | None:
@@ -670,25 +690,3 @@ def save_final_model(trainer, model, tokenizer, out_dir: Path) -> None:
             model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
     trainer.accelerator.wait_for_everyone()
-
-
-def finish_stage(trainer, out: Path, metrics: dict[str, Any]) -> None:
-    """log_history.json, then metrics.json last (its presence marks the stage complete)."""
-    if trainer.accelerator.is_main_process:
-        write_json_atomic(out / LOG_HISTORY_FILE, sanitize(trainer.state.log_history))
-        write_json_atomic(out / METRICS_FILE, sanitize(metrics))
-    trainer.accelerator.wait_for_everyone()
-
-
-def sanitize(obj: Any) -> Any:
-    """JSON-safe: non-finite floats become None (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [sanitize(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        return sanitize(obj.item())
-    return obj
-

@@ -17,7 +17,6 @@ causal-LM folder (adapter merged), which the chain's evaluation compares with SF
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, ClassVar, Sequence
 
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
@@ -26,7 +25,6 @@ from rlhfkit.errors import ConfigError, first_line
 from rlhfkit.training import (
     PreparedTrainer,
     StageConfig,
-    already_finished,
     build_trl_args,
     check_before_loading,
     defaults_note,
@@ -106,7 +104,19 @@ def build_dpo_trainer(config: DPOStageConfig, *, model=None, tokenizer=None, tra
                              callbacks=[make_stage_callback(stage, check_grad_norm=not args.fp16), *callbacks])
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"{stage}: {first_line(e)}") from None
-    return PreparedTrainer(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from)
+
+    # 4. the figures this stage reports (run_trainer_stage calls it after training)
+    def figures(trainer, session) -> dict[str, Any]:
+        if eval_dataset is None:
+            return {"pairs": len(train_dataset), "eval_pairs": 0, "algorithm": "dpo"}
+        last, start = final_evaluations(trainer)
+        out = _eval_figures(last)
+        out.update({f"{k}_start": v for k, v in _eval_figures(start).items()})
+        require_finite(config.stage_name, eval_loss=out["eval_loss"])
+        return {**out, "pairs": len(train_dataset), "eval_pairs": len(eval_dataset),
+                "algorithm": "dpo", "beta": args.beta}
+
+    return PreparedTrainer(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from, before_save=figures)
 
 
 def _eval_figures(entry: dict[str, Any] | None) -> dict[str, Any]:
@@ -123,21 +133,5 @@ def train_dpo(config: DPOStageConfig, *, model=None, tokenizer=None, train_datas
     metrics.json: ``eval_reward_accuracy`` and ``eval_reward_margin`` after training and
     (``_start``) before it, ``eval_loss``, the train losses and times.
     """
-    started = time.perf_counter()
-    done = already_finished(config, (model, tokenizer, train_dataset, eval_dataset))
-    if done is not None:
-        return done
-    prepared = build_dpo_trainer(config, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                                 eval_dataset=eval_dataset, callbacks=callbacks)
-
-    def figures(trainer, session) -> dict[str, Any]:
-        if prepared.eval_dataset is None:
-            return {"pairs": len(prepared.train_dataset), "eval_pairs": 0, "algorithm": "dpo"}
-        last, start = final_evaluations(trainer)
-        out = _eval_figures(last)
-        out.update({f"{k}_start": v for k, v in _eval_figures(start).items()})
-        require_finite(config.stage_name, eval_loss=out["eval_loss"])
-        return {**out, "pairs": len(prepared.train_dataset), "eval_pairs": len(prepared.eval_dataset),
-                "algorithm": "dpo", "beta": prepared.args.beta}
-
-    return run_trainer_stage(config, prepared, started, before_save=figures)
+    return run_trainer_stage(config, build_dpo_trainer, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, callbacks=callbacks)

@@ -13,8 +13,9 @@ One update, top to bottom:
   5. adapt beta (adaptive KL), log one metrics row (TRL's keys);
   6. stop once the KL budget is spent, else checkpoint every ``save_steps`` updates.
 
-``train_ppo`` is that loop after ``set_up`` (models, optimizer, generators: a ``RunState``) and
-``resume``; ``advantages_of`` is step 3.
+``train_ppo`` runs the stage skeleton (``rlhfkit.stage``): ``_config_problems``, ``_finished_run``,
+``load_run`` (``set_up``: models, optimizer, generators, a ``RunState``; ``resume``), ``update_loop``
+(the update above; ``advantages_of`` is step 3) and ``save_policy``.
 
 The math lives in ``rlhfkit.core``; sampling and scoring in the rollout engine
 (``rlhfkit.engine``); checkpoints in ``rlhfkit.checkpoint``.
@@ -31,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, claim_dir, load_pretrained, load_tokenizer, locks_output,
-                               read_json, refuse_other_stage, resolve_model_path, write_json_atomic)
+from rlhfkit.artifacts import (StageResult, atomic_dir, claim_dir, load_pretrained, load_tokenizer, locks_output, read_json,
+                               resolve_model_path)
 from rlhfkit.errors import ConfigError, RlhfkitError, first_line
 from rlhfkit import checkpoint as ckpt
 from rlhfkit.ppo.config import PPOStageConfig, launch_problems
@@ -59,6 +60,7 @@ from rlhfkit.engine.sampling import encode_prompts, generate
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
 from rlhfkit.engine.sharding import clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered, is_sharded, shard
 from rlhfkit.ppo.rollout import Rollout
+from rlhfkit.stage import Stage, run_stage
 
 MetricFn = Callable[[list[Any], list[str]], Sequence[float]]
 
@@ -675,6 +677,15 @@ class RunState:
     sample_gen: torch.Generator
     shuffle_gen: torch.Generator
     params_held: int  # parameters held in memory (rloo and grpo save the value model's)
+    accelerator: Any
+    sharded: bool  # FSDP: the models' parameters are sharded over the processes
+    start_update: int = 0  # set by the resume (the first update this process runs)
+    elapsed_before: float = 0.0  # training seconds of the run before it was resumed
+
+    @property
+    def generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """What a checkpoint saves of the randomness: sampling, minibatch order."""
+        return self.sample_gen, self.shuffle_gen
 
 
 def set_up(config: PPOStageConfig, accelerator, sharded: bool, *, policy=None, tokenizer=None, reward_model=None,
@@ -742,7 +753,7 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, *, policy=None, t
     sample_gen = torch.Generator(device=accelerator.device).manual_seed(rank_seed)  # sampling runs there
     shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)  # CPU: the minibatch order is bookkeeping
     return RunState(tokenizer, prompt_list, prompt_ids, ptx_data, module, accelerator.unwrap_model(module), ref_policy,
-                    scorer, optimizer, scheduler, kl_ctl, sample_gen, shuffle_gen, params_held)
+                    scorer, optimizer, scheduler, kl_ctl, sample_gen, shuffle_gen, params_held, accelerator, sharded)
 
 
 def advantages_of(rollout: Rollout, beta: float, config: PPOStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -787,6 +798,125 @@ def write_samples(path: Path, update: int, tokenizer, rollout: Rollout, response
                                  **({"gold": gold[j].item()} if gold is not None else {})})
 
 
+@dataclass
+class LoopEnd:
+    """What the update loop leaves for the save step."""
+
+    run: RunState
+    last_row: dict[str, float]  # the metrics row of the last update done
+    stopped_at: int | None  # the update at which the KL budget stopped the run, else None
+
+
+def load_run(config: PPOStageConfig, out: Path, given: dict[str, Any]) -> RunState:
+    """Step 4 of the stage skeleton: the launch's processes, the folder claimed, ``set_up`` (models,
+    optimizer, generators; ``given`` = the in-memory objects of ``train_ppo``), the newest checkpoint
+    resumed and the logs cut back to it."""
+    from transformers.utils import logging as hf_logging
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(config.seed)
+    accelerator = make_accelerator(config, out)
+    # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
+    sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
+    if accelerator.is_main_process:
+        claim_dir(out)
+        print(config.batch_arithmetic(), flush=True)
+    r = set_up(config, accelerator, sharded, **given)
+    r.start_update, r.elapsed_before = resume(config, out, accelerator, r.module, r.optimizer, r.scheduler, r.kl_ctl,
+                                              r.generators)
+    if accelerator.is_main_process:
+        ckpt.truncate_log(out / "metrics.jsonl", r.start_update)
+        ckpt.truncate_log(out / "samples.jsonl", r.start_update)
+    if config.report_to != ["none"]:
+        accelerator.init_trackers("rlhfkit-ppo", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+    return r
+
+
+def update_loop(config: PPOStageConfig, out: Path, r: RunState, gold_fn: MetricFn | None) -> LoopEnd:
+    """Step 5 of the stage skeleton: the updates of the module docstring, from the one resumed at."""
+    from tqdm.auto import tqdm
+
+    accelerator = r.accelerator
+    main = accelerator.is_main_process
+    k = config.generations
+    local_prompts = config.local_rollout_batch_size // k
+    started = time.perf_counter()
+    bar = tqdm(total=config.updates, initial=r.start_update, desc=config.algorithm, unit="update", disable=not main, dynamic_ncols=True)
+    last_row: dict[str, float] = {}
+    # the KL of the last kl_budget_window updates (after a resume, from the log the run kept)
+    recent_kl = [row["objective/kl"] for row in ckpt.read_jsonl(out / "metrics.jsonl")][-config.kl_budget_window:]
+    stopped_at = None
+    for update in range(r.start_update, config.updates):
+        # 1. prompts of this update, this process's slice, each k times in a row (a group)
+        indices = batch_indices(update, config.prompts_per_update, len(r.prompt_list), config.seed)
+        indices = indices[accelerator.process_index * local_prompts:(accelerator.process_index + 1) * local_prompts]
+        indices = [i for i in indices for _ in range(k)]
+        batch_prompts = [r.prompt_list[i] for i in indices]
+        # 2. rollout
+        r.unwrapped.eval()
+        rollout, responses = make_rollout(r.unwrapped, r.ref_policy, r.scorer, r.tokenizer, batch_prompts,
+                                          [r.prompt_ids[i] for i in indices], config, r.sample_gen)
+        r.unwrapped.train()
+        # 3. rewards, advantages
+        beta = r.kl_ctl.value
+        kl, advantages, returns = advantages_of(rollout, beta, config)
+        # 4. optimise
+        train_stats = ppo_update(accelerator, r.module, r.optimizer, r.scheduler, rollout, advantages, returns,
+                                 config, r.shuffle_gen, train_policy=update >= config.value_warmup_updates,
+                                 demonstrations=r.ptx_data, kl_coef=beta)
+        # 5. bookkeeping: adapt beta, one metrics row, samples
+        gold = (None if gold_fn is None else  # host data
+                torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu"))
+        episode_stats = episode_stats_of(accelerator, rollout, kl, beta, config, gold)
+        mean_kl = episode_stats["objective/kl"]
+        r.kl_ctl.update(mean_kl, config.rollout_batch_size)
+        elapsed = r.elapsed_before + time.perf_counter() - started
+        last_row = metrics_row(update + 1, config.rollout_batch_size, episode_stats, train_stats,
+                               r.scheduler.get_last_lr()[0], elapsed)
+        if main and ((update + 1) % config.logging_steps == 0 or update + 1 == config.updates):
+            ckpt.append_jsonl(out / "metrics.jsonl", last_row)
+        if config.report_to != ["none"]:
+            accelerator.log(last_row, step=update + 1)
+        if main and config.sample_every and ((update + 1) % config.sample_every == 0 or update == 0):
+            write_samples(out / "samples.jsonl", update + 1, r.tokenizer, rollout, responses, config.num_samples, gold)
+        bar.set_postfix(score=f"{last_row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
+        bar.update(1)
+        # 6. stop at the KL budget (the mean KL of the last kl_budget_window updates), or checkpoint
+        recent_kl = (recent_kl + [mean_kl])[-config.kl_budget_window:]
+        window_kl = sum(recent_kl) / len(recent_kl)
+        if (config.kl_budget is not None and len(recent_kl) == config.kl_budget_window
+                and window_kl >= config.kl_budget):
+            stopped_at = update + 1
+            if main:
+                print(f"\nKL budget reached at update {stopped_at}: mean KL of the last {len(recent_kl)} updates "
+                      f"{window_kl:.2f} >= kl_budget {config.kl_budget}; this policy is final", flush=True)
+            break
+        if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
+            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, r.unwrapped, r.optimizer, r.scheduler,
+                      r.kl_ctl, r.generators, config)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if config.report_to != ["none"]:
+        accelerator.end_training()
+    return LoopEnd(r, last_row, stopped_at)
+
+
+def save_policy(config: PPOStageConfig, out: Path, end: LoopEnd) -> dict[str, Any]:
+    """Step 6 of the stage skeleton: the final policy (adapter merged; gathered from the shards under
+    FSDP) as an ordinary folder in ``out/model``, and the stage's metrics."""
+    r, last_row = end.run, end.last_row
+    metrics = {"stage": "ppo", "algorithm": config.algorithm, "params_held": r.params_held, **last_row,
+               "updates": config.updates, "updates_done": end.stopped_at or config.updates,
+               "stopped_at_kl_budget": end.stopped_at is not None,
+               "wall_time_s": last_row.get("elapsed_s", r.elapsed_before)}
+    weights = full_state(r.unwrapped.policy, all_names=True) if r.sharded else None  # all processes: the shards all-gathered
+    if r.accelerator.is_main_process:
+        save_final_policy(r.unwrapped.policy, r.tokenizer, out / "model", merge_lora=config.lora, state_dict=weights)
+    return metrics
+
+
 @locks_output("output_dir")
 def train_ppo(
     config: PPOStageConfig,
@@ -812,112 +942,16 @@ def train_ppo(
     update), ``samples.jsonl`` and ``metrics.json``; re-running resumes from the last checkpoint,
     and does nothing once the run has finished.
     """
-    from tqdm.auto import tqdm
-    from transformers.utils import logging as hf_logging
-
-    # --- set-up: refuse a bad config before any work, then load (the first slow step), then resume
-    problems = _config_problems(config, policy, reward_model, reward_fn, value_model)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    refuse_other_stage(config.output_dir, "ppo")
-    check_output_dir(config.output_dir)  # a folder of the user's own is refused before any work
-    finished = _finished_run(Path(config.output_dir), config)
-    if finished is not None:
-        return finished
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(config.seed)
     out = Path(config.output_dir)
-    accelerator = make_accelerator(config, out)
-    main = accelerator.is_main_process
-    # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
-    sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
-    if main:
-        claim_dir(out)
-        print(config.batch_arithmetic(), flush=True)
-    r = set_up(config, accelerator, sharded, policy=policy, tokenizer=tokenizer, reward_model=reward_model,
-               reward_tokenizer=reward_tokenizer, reward_fn=reward_fn, value_model=value_model, prompts=prompts,
-               demonstrations=demonstrations)
-    generators = (r.sample_gen, r.shuffle_gen)
-    start_update, elapsed_before = resume(config, out, accelerator, r.module, r.optimizer, r.scheduler, r.kl_ctl,
-                                          generators)
-    if main:
-        ckpt.truncate_log(out / "metrics.jsonl", start_update)
-        ckpt.truncate_log(out / "samples.jsonl", start_update)
-    if config.report_to != ["none"]:
-        accelerator.init_trackers("rlhfkit-ppo", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+    given = dict(policy=policy, tokenizer=tokenizer, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                 reward_fn=reward_fn, value_model=value_model, prompts=prompts, demonstrations=demonstrations)
 
-    # --- the loop
-    k = config.generations
-    local_prompts = config.local_rollout_batch_size // k
-    started = time.perf_counter()
-    bar = tqdm(total=config.updates, initial=start_update, desc=config.algorithm, unit="update", disable=not main, dynamic_ncols=True)
-    last_row: dict[str, float] = {}
-    # the KL of the last kl_budget_window updates (after a resume, from the log the run kept)
-    recent_kl = [row["objective/kl"] for row in ckpt.read_jsonl(out / "metrics.jsonl")][-config.kl_budget_window:]
-    stopped_at = None
-    for update in range(start_update, config.updates):
-        # 1. prompts of this update, this process's slice, each k times in a row (a group)
-        indices = batch_indices(update, config.prompts_per_update, len(r.prompt_list), config.seed)
-        indices = indices[accelerator.process_index * local_prompts:(accelerator.process_index + 1) * local_prompts]
-        indices = [i for i in indices for _ in range(k)]
-        batch_prompts = [r.prompt_list[i] for i in indices]
-        # 2. rollout
-        r.unwrapped.eval()
-        rollout, responses = make_rollout(r.unwrapped, r.ref_policy, r.scorer, r.tokenizer, batch_prompts,
-                                          [r.prompt_ids[i] for i in indices], config, r.sample_gen)
-        r.unwrapped.train()
-        # 3. rewards, advantages
-        beta = r.kl_ctl.value
-        kl, advantages, returns = advantages_of(rollout, beta, config)
-        # 4. optimise
-        train_stats = ppo_update(accelerator, r.module, r.optimizer, r.scheduler, rollout, advantages, returns,
-                                 config, r.shuffle_gen, train_policy=update >= config.value_warmup_updates,
-                                 demonstrations=r.ptx_data, kl_coef=beta)
-        # 5. bookkeeping: adapt beta, one metrics row, samples
-        gold = (None if gold_fn is None else  # host data
-                torch.tensor([float(g) for g in gold_fn(batch_prompts, responses)], device="cpu"))
-        episode_stats = episode_stats_of(accelerator, rollout, kl, beta, config, gold)
-        mean_kl = episode_stats["objective/kl"]
-        r.kl_ctl.update(mean_kl, config.rollout_batch_size)
-        elapsed = elapsed_before + time.perf_counter() - started
-        last_row = metrics_row(update + 1, config.rollout_batch_size, episode_stats, train_stats,
-                               r.scheduler.get_last_lr()[0], elapsed)
-        if main and ((update + 1) % config.logging_steps == 0 or update + 1 == config.updates):
-            ckpt.append_jsonl(out / "metrics.jsonl", last_row)
-        if config.report_to != ["none"]:
-            accelerator.log(last_row, step=update + 1)
-        if main and config.sample_every and ((update + 1) % config.sample_every == 0 or update == 0):
-            write_samples(out / "samples.jsonl", update + 1, r.tokenizer, rollout, responses, config.num_samples, gold)
-        bar.set_postfix(score=f"{last_row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
-        bar.update(1)
-        # 6. stop at the KL budget (the mean KL of the last kl_budget_window updates), or checkpoint
-        recent_kl = (recent_kl + [mean_kl])[-config.kl_budget_window:]
-        window_kl = sum(recent_kl) / len(recent_kl)
-        if (config.kl_budget is not None and len(recent_kl) == config.kl_budget_window
-                and window_kl >= config.kl_budget):
-            stopped_at = update + 1
-            if main:
-                print(f"\nKL budget reached at update {stopped_at}: mean KL of the last {len(recent_kl)} updates "
-                      f"{window_kl:.2f} >= kl_budget {config.kl_budget}; this policy is final", flush=True)
-            break
-        if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
-            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, r.unwrapped, r.optimizer, r.scheduler,
-                      r.kl_ctl, generators, config)
-    bar.close()
-    accelerator.wait_for_everyone()
-    if config.report_to != ["none"]:
-        accelerator.end_training()
+    def validate() -> None:
+        problems = _config_problems(config, policy, reward_model, reward_fn, value_model)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
-    # --- final artefacts: the policy (adapter merged) and the summary, written last
-    metrics = {"stage": "ppo", "algorithm": config.algorithm, "params_held": r.params_held, **last_row,
-               "updates": config.updates, "updates_done": stopped_at or config.updates,
-               "stopped_at_kl_budget": stopped_at is not None,
-               "wall_time_s": last_row.get("elapsed_s", elapsed_before)}
-    weights = full_state(r.unwrapped.policy, all_names=True) if sharded else None  # all processes: the shards all-gathered
-    if main:
-        save_final_policy(r.unwrapped.policy, r.tokenizer, out / "model", merge_lora=config.lora, state_dict=weights)
-        write_json_atomic(out / "metrics.json", metrics)
-    accelerator.wait_for_everyone()
-    return StageResult(out, metrics)
+    return run_stage(Stage("ppo", out, validate=validate, finished=lambda: _finished_run(out, config),
+                           load=lambda: load_run(config, out, given),
+                           train=lambda run: update_loop(config, out, run, gold_fn),
+                           save=lambda end: save_policy(config, out, end)))

@@ -7,6 +7,7 @@ over ``rlhfkit.engine.conversation_ids``.
 from rlhfkit.reward.train import (
     REWARD_TRL_DEFAULTS,
     RewardStageConfig,
+    build_reward_trainer,
     gold_agreement,
     tokenize_pairs,
     train_reward,
@@ -15,6 +16,7 @@ from rlhfkit.reward.train import (
 __all__ = [
     "REWARD_TRL_DEFAULTS",
     "RewardStageConfig",
+    "build_reward_trainer",
     "gold_agreement",
     "tokenize_pairs",
     "train_reward",

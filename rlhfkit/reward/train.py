@@ -27,7 +27,6 @@ import importlib
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -43,7 +42,6 @@ from rlhfkit.training import (
     StageConfig,
     build_trl_args,
     check_before_loading,
-    already_finished,
     default_max_length,
     defaults_note,
     ensure_chat_template,
@@ -195,8 +193,7 @@ def gold_agreement(mode: str, prompts, chosen_texts, rejected_texts, r_chosen, r
 # -- the stage --------------------------------------------------------------------------------
 
 
-@locks_output("output_dir")
-def train_reward(
+def build_reward_trainer(
     config: RewardStageConfig,
     *,
     model=None,
@@ -204,15 +201,9 @@ def train_reward(
     train_dataset=None,
     eval_dataset=None,
     callbacks: Sequence[Any] = (),
-) -> StageResult:
-    """Train a Bradley-Terry reward model on the pairs of ``config.data``; see the module docstring.
-
-    In-memory ``model`` (a sequence-classification model with ``num_labels=1``),
-    ``tokenizer`` and datasets (rows with prompt / chosen / rejected, and the ranks when
-    ``margin_scale > 0``) override the paths in ``config``. ``callbacks`` are extra
-    transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
-    """
-    t_start = time.perf_counter()
+) -> PreparedTrainer:
+    """Validate, load and tokenize the pairs, load the model, and construct the RewardTrainer (nothing
+    trained yet), with the held-out figures the stage reports of the saved model."""
     check_before_loading(config, model)
     import torch
     import torch.nn.functional as F
@@ -221,9 +212,6 @@ def train_reward(
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     stage = config.stage_name
-    done = already_finished(config, (model, tokenizer, train_dataset, eval_dataset))
-    if done is not None:
-        return done
 
     # 1. data and TRL arguments, before any model loads
     required = list(PAIR_COLUMNS) + (["chosen_rank", "rejected_rank"] if config.margin_scale > 0 else [])
@@ -319,6 +307,7 @@ def train_reward(
 
     out = Path(config.output_dir)
 
+    # 5. the figures this stage reports of exactly the saved model (run_trainer_stage calls it)
     def held_out(final_model, session) -> dict[str, Any]:
         """Every held-out pair scored by exactly the saved model (every rank scores: no collective to
         wait on; the main one writes the scores), and what was trained on."""
@@ -367,8 +356,28 @@ def train_reward(
         )
         return metrics
 
-    prepared = PreparedTrainer(trainer, args, tokenizer, train_tok, eval_tok, resume_from)
-    return run_trainer_stage(config, prepared, t_start, after_save=held_out)
+    return PreparedTrainer(trainer, args, tokenizer, train_tok, eval_tok, resume_from, after_save=held_out)
+
+
+@locks_output("output_dir")
+def train_reward(
+    config: RewardStageConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
+    """Train a Bradley-Terry reward model on the pairs of ``config.data``; see the module docstring.
+
+    In-memory ``model`` (a sequence-classification model with ``num_labels=1``),
+    ``tokenizer`` and datasets (rows with prompt / chosen / rejected, and the ranks when
+    ``margin_scale > 0``) override the paths in ``config``. ``callbacks`` are extra
+    transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
+    """
+    return run_trainer_stage(config, build_reward_trainer, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, callbacks=callbacks)
 
 
 def _write_scores(path: Path, pairs, r_c: list[float], r_r: list[float], golds) -> None:

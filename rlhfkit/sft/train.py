@@ -19,7 +19,6 @@ plain model.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, ClassVar, Sequence
 
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
@@ -29,7 +28,6 @@ from rlhfkit.training import (
     StageConfig,
     build_trl_args,
     check_before_loading,
-    already_finished,
     default_max_length,
     defaults_note,
     ensure_chat_template,
@@ -154,36 +152,8 @@ def build_sft_trainer(
             "%s: %d of %d training examples have no reply token left within max_length=%s and were dropped",
             stage, lost, len(train_dataset), args.max_length,
         )
-    return PreparedTrainer(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from)
 
-
-@locks_output("output_dir")
-def train_sft(
-    config: SFTStageConfig,
-    *,
-    model=None,
-    tokenizer=None,
-    train_dataset=None,
-    eval_dataset=None,
-    callbacks: Sequence[Any] = (),
-) -> StageResult:
-    """Fine-tune ``config.model`` on the SFT rows of ``config.data``; see the module docstring.
-
-    In-memory ``model`` / ``tokenizer`` / datasets (rows with ``messages``, or TRL's
-    prompt/completion) override the paths in ``config``. ``callbacks`` are extra
-    transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
-    """
-    t_start = time.perf_counter()
-    stage = config.stage_name
-    done = already_finished(config, (model, tokenizer, train_dataset, eval_dataset))
-    if done is not None:
-        return done
-    prepared = build_sft_trainer(
-        config, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        callbacks=callbacks,
-    )
-    args, train_dataset, eval_dataset = prepared.args, prepared.train_dataset, prepared.eval_dataset
-
+    # 5. the figures this stage reports (run_trainer_stage calls it after training)
     def figures(trainer, session) -> dict[str, Any]:
         """The evaluation loss at the final step (the Trainer's, if it just evaluated), and what was trained on."""
         state = trainer.state
@@ -208,5 +178,24 @@ def train_sft(
             "packing": bool(args.packing),
         }
 
-    return run_trainer_stage(config, prepared, t_start, before_save=figures)
+    return PreparedTrainer(trainer, args, tokenizer, train_dataset, eval_dataset, resume_from, before_save=figures)
 
+
+@locks_output("output_dir")
+def train_sft(
+    config: SFTStageConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
+    """Fine-tune ``config.model`` on the SFT rows of ``config.data``; see the module docstring.
+
+    In-memory ``model`` / ``tokenizer`` / datasets (rows with ``messages``, or TRL's
+    prompt/completion) override the paths in ``config``. ``callbacks`` are extra
+    transformers ``TrainerCallback`` objects. Returns the stage folder and its metrics.
+    """
+    return run_trainer_stage(config, build_sft_trainer, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, callbacks=callbacks)
