@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,tensorboard,gguf]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,tensorboard,gguf,deepspeed]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -9,7 +9,8 @@ random generators of every process (safetensors) and ``state.json`` (update coun
 elapsed time, scheduler, KL controller, config). It is written to a temp sibling and
 renamed, so a folder named ``update-*`` is always complete (docs/pitfalls.md#9); older ones are
 removed only after the new one is in place. The files hold full tensors whatever the run's
-sharding (FSDP shards are gathered to write and cut again to load: ``rlhfkit.engine.sharding``),
+sharding (FSDP shards are gathered to write and cut again to load: ``rlhfkit.engine.sharding``; a
+ZeRO-2 optimizer state is assembled from its partitions and cut again: ``rlhfkit.engine.zero``),
 so a checkpoint is the same file under any launch, and any launch resumes from it. ``state.json`` records each file's SHA-256: a
 resume takes the newest checkpoint whose files still match (``latest_verified``) and sets
 a damaged one aside as ``corrupt-update-*`` (kept for inspection, never loaded). The data
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, write_text_atomic
+from rlhfkit.engine.zero import ZeroModels
 from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_sharded, load_full_optimizer_state, load_full_state
 from rlhfkit.errors import ConfigError
 
@@ -111,10 +113,12 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     rng = gather_object([[g.get_state() for g in generators]])
     # full tensors whatever the sharding, a tied weight once under the name safetensors' save_model
     # keeps; under FSDP every process all-gathers (a collective), else only the main one, which writes
+    zero = isinstance(optimizer, ZeroModels)  # DeepSpeed ZeRO-2: the optimizer state is partitioned, the weights whole
     if is_sharded(module.policy) or accelerator.is_main_process:
         weights = {part: full_state(getattr(module, part)) for part in ("policy", "value")
                    if getattr(module, part) is not None}  # rloo / grpo have no value model
-        optimizer_state = full_optimizer_state(optimizer)
+    if is_sharded(module.policy) or zero or accelerator.is_main_process:
+        optimizer_state = optimizer.full_optimizer_state() if zero else full_optimizer_state(optimizer)
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
             for part, state in weights.items():
@@ -148,8 +152,11 @@ def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int
     load_full_state(module.policy, load_file(str(path / POLICY_FILE)))  # a sharded module takes its shards
     if module.value is not None:
         load_full_state(module.value, load_file(str(path / "value.safetensors")))
-    load_full_optimizer_state(optimizer, optimizer_state)
-    scheduler.load_state_dict(state["scheduler"])
+    if isinstance(optimizer, ZeroModels):  # after the weights: ZeRO refreshes its fp32 master copy from them
+        optimizer.load_full_optimizer_state(optimizer_state, state["scheduler"])
+    else:
+        load_full_optimizer_state(optimizer, optimizer_state)
+        scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
     rng = load_file(str(path / "rng.safetensors"))
     for i, generator in enumerate(generators):

@@ -115,7 +115,8 @@ def test_kill_during_ppo_then_resume(tmp_path):
     assert [r["update"] for r in rows] == list(range(1, 41))
 
 
-def _launch_run(cfg_path: Path, log: Path, *flags: str, command: tuple[str, ...] = ("run",)) -> subprocess.Popen:
+def _launch_run(cfg_path: Path, log: Path, *flags: str, command: tuple[str, ...] = ("run",),
+                **launch_env: str) -> subprocess.Popen:
     """``rlhfkit run CONFIG`` (or another ``command``) on 2 CPU processes (gloo) through ``accelerate launch``."""
     import socket
 
@@ -123,7 +124,7 @@ def _launch_run(cfg_path: Path, log: Path, *flags: str, command: tuple[str, ...]
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     accelerate = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **launch_env}
     env.pop("WORLD_SIZE", None)
     return subprocess.Popen([str(accelerate), "launch", *(flags or ("--multi_gpu",)), "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -137,7 +138,7 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     """`rlhfkit run` under a 2-process launch: the main process runs world, data, model and eval and
     writes the manifest, both train; SIGKILLed mid-PPO and run again with 2 processes, it resumes PPO
     and ends with the uninterrupted 2-process run's outputs (the same seeds, the same split of work).
-    The same config under an FSDP launch ends there too."""
+    The same config under an FSDP launch and a DeepSpeed ZeRO-2 launch ends there too."""
     import psutil  # accelerate's dependency
 
     def config(name: str) -> Path:
@@ -196,6 +197,15 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
         same_weights(a, tmp_path / "fsdp", name)
 
+    # and under DeepSpeed ZeRO-2 (what deepspeed_zero2.yaml exports; on the CPU accelerate keeps the TRL
+    # stages data parallel, the RL stage partitions its optimizer state and gradients itself)
+    zero = _launch_run(config("zero2"), tmp_path / "zero2.log", ACCELERATE_USE_DEEPSPEED="true",
+                       ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    assert zero.wait(timeout=600) == 0, (tmp_path / "zero2.log").read_text()[-3000:]
+    assert "DeepSpeed ZeRO-2: the optimizer state and gradients of the policy and value model" in (tmp_path / "zero2.log").read_text()
+    for name in ("sft/model/model.safetensors", "reward/model/model.safetensors", "ppo/model/model.safetensors"):
+        same_weights(a, tmp_path / "zero2", name)
+
 
 @pytest.mark.slow
 def test_two_process_sweep_shares_stages_and_writes_once(tmp_path):
@@ -215,9 +225,10 @@ def test_two_process_sweep_shares_stages_and_writes_once(tmp_path):
         assert json.loads((out / "runs" / run / "manifest.json").read_text())["stages"]["eval"]["status"] == "done"
 
 
-def test_a_deepspeed_launch_of_an_rl_chain_is_refused_before_any_stage(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="does not run under DeepSpeed yet"):
+def test_a_zero3_launch_of_an_rl_chain_is_refused_before_any_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what a deepspeed_zero3.yaml launch exports
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="ZeRO stage 3: the RL stage runs ZeRO-2.*fsdp.yaml"):
         run_chain(tiny_config(tmp_path / "run"), log=lambda _: None)
     assert not (tmp_path / "run").exists()
 

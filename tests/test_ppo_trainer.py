@@ -1130,6 +1130,94 @@ def test_lora_under_fsdp_equals_lora_data_parallel_and_resumes(world, tmp_path):
     same_weights(ddp, fsdp, "model/model.safetensors")
 
 
+# what `accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` exports (its config's accumulation
+# of 1 included: the RL stage's engines take the batch arithmetic's)
+ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}
+
+
+def _cut_back_to(out: Path, update: int) -> None:
+    """Leave ``out`` as a kill after its update-``update`` checkpoint does: no final model, no summary,
+    no later rows or checkpoints."""
+    import shutil
+
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    for later in (out / "checkpoints").iterdir():
+        if later.name > f"update-{update:06d}":
+            shutil.rmtree(later)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:update]) + "\n")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_equals_data_parallel_and_resumes_from_either(world, tmp_path):
+    """PPO (policy and value model) under DeepSpeed ZeRO-2 on 2 processes (gloo): each model in its own
+    engine, its optimizer state and gradients partitioned, against the same config data parallel (DDP).
+
+    Each process samples its half of the batch with its own generator in both runs, so the episodes are
+    the same; ZeRO reduces the gradients in buckets and clips from the partitions' norms, so the figures
+    agree to float32 rounding carried through 6 AdamW steps. The checkpoints hold the optimizer state
+    whole, in the layout of one AdamW: the ZeRO run cut back to its update-2 checkpoint resumes to the
+    same end, and so does a copy of the DDP run's folder resumed under ZeRO."""
+    kwargs = dict(num_updates=3, rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=1,
+                  save_steps=1, save_total_limit=3, kl_coef=0.1, max_grad_norm=0.05)  # clipping active
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero"
+    _finish(_launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts))
+    config = small_config(world, zero, **kwargs)
+    stdout = _finish(_launch(tmp_path, config, world.prompts, **ZERO2))
+    assert "DeepSpeed ZeRO-2: the optimizer state and gradients of the policy and value model partitioned over 2" in stdout
+    same_rows(ddp, zero, updates=3)
+    for name in ("model/model.safetensors", "checkpoints/update-000002/policy.safetensors",
+                 "checkpoints/update-000002/value.safetensors"):
+        same_weights(ddp, zero, name)
+    from safetensors.torch import load_file
+
+    initial = load_file(str(world.policy_dir / "model.safetensors"))
+    final = load_file(str(ddp / "model/model.safetensors"))
+    assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it trained
+    # the optimizer state, assembled from the partitions: one AdamW's, as the DDP run wrote it
+    opt_a = torch.load(ddp / "checkpoints/update-000002/optimizer.pt", weights_only=True)
+    opt_b = torch.load(zero / "checkpoints/update-000002/optimizer.pt", weights_only=True)
+    assert opt_a["param_groups"] == opt_b["param_groups"] and sorted(opt_a["state"]) == sorted(opt_b["state"])
+    assert len(opt_a["state"]) > 10
+    for i, entries in opt_a["state"].items():
+        assert sorted(entries) == sorted(opt_b["state"][i])
+        for key, value in entries.items():
+            torch.testing.assert_close(opt_b["state"][i][key], value, rtol=1e-3, atol=1e-7, msg=f"{i} {key}")
+
+    _cut_back_to(zero, 2)
+    stdout = _finish(_launch(tmp_path, config, world.prompts, **ZERO2))
+    assert "resuming from" in stdout and "update 2 of 3" in stdout
+    same_rows(ddp, zero, updates=3)
+    same_weights(ddp, zero, "model/model.safetensors")
+
+    import shutil
+
+    crossed = tmp_path / "crossed"  # the DDP run's checkpoint, resumed under ZeRO
+    shutil.copytree(ddp, crossed)
+    _cut_back_to(crossed, 2)
+    _finish(_launch(tmp_path, small_config(world, crossed, **kwargs), world.prompts, **ZERO2))
+    same_rows(ddp, crossed, updates=3)
+    same_weights(ddp, crossed, "model/model.safetensors")
+
+
+@pytest.mark.slow
+def test_rloo_with_lora_under_zero2_equals_data_parallel(world, tmp_path):
+    """No value model (one engine), LoRA (the engine's optimizer holds the adapter only; the reference is
+    the policy with its adapter disabled, whole on every process): the data-parallel run's rows and merged
+    final model."""
+    kwargs = dict(algorithm="rloo", num_generations=2, lora=True, lora_r=4, num_updates=2, rollout_batch_size=8,
+                  num_mini_batches=2, per_device_train_batch_size=1, learning_rate=3e-2, kl_coef=0.1)
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero"
+    _finish(_launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts))
+    stdout = _finish(_launch(tmp_path, small_config(world, zero, **kwargs), world.prompts, **ZERO2))
+    assert "DeepSpeed ZeRO-2: the optimizer state and gradients of the policy partitioned over 2 processes" in stdout
+    rows = same_rows(ddp, zero, updates=2)
+    assert abs(rows[0]["objective/kl"]) < 1e-5 < abs(rows[-1]["objective/kl"])  # reference = adapter disabled
+    final = same_weights(ddp, zero, "model/model.safetensors")
+    assert not any("lora" in k for k in final)
+
+
 # ---------------------------------------------------------------------------------------
 # 11. user errors
 # ---------------------------------------------------------------------------------------
@@ -1139,10 +1227,17 @@ def test_no_reward_model_and_no_reward_fn_is_a_config_error(world, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_deepspeed_launch_is_refused_before_loading(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO stage 3: the RL stage runs ZeRO-2.*fsdp.yaml"),
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device cpu: .* set it to none"),
+    ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "a DeepSpeed config file"),
+])
+def test_what_zero2_cannot_do_is_refused_before_loading(world, tmp_path, monkeypatch, env, message):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed file exports
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     config = small_config(world, tmp_path / "o", model=str(tmp_path / "absent"))
-    with pytest.raises(ConfigError, match="does not run under DeepSpeed yet.*fsdp.yaml") as info:
+    with pytest.raises(ConfigError, match=message) as info:
         train_ppo(config, prompts=world.prompts, reward_fn=has_digit)
     assert "cannot load" not in str(info.value) and not (tmp_path / "o").exists()
 

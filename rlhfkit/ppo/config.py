@@ -34,11 +34,9 @@ def world_size() -> int:
 
 def launch_problems() -> list[str]:
     """What the launch asks that the RL stage cannot do (read from the launcher's environment)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return ["the RL stage does not run under DeepSpeed yet (its sampling and checkpoints are untested with ZeRO): "
-                "launch it with configs/accelerate/fsdp.yaml to shard the policy, or multi_gpu.yaml; the SFT, reward "
-                "and DPO stages take the DeepSpeed files"]
-    return []
+    from rlhfkit.engine.zero import zero_problems
+
+    return zero_problems()
 
 
 @dataclass

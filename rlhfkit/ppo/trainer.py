@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ from rlhfkit.core import (
 from rlhfkit.engine.forward import left_pad, response_logits, token_values
 from rlhfkit.engine.sampling import encode_prompts, generate
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
+from rlhfkit.engine.zero import ZeroModels, zero_stage
 from rlhfkit.engine.sharding import clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered, is_sharded, shard
 from rlhfkit.ppo.rollout import Rollout
 from rlhfkit.stage import Stage, run_stage
@@ -274,6 +276,7 @@ def ppo_update(
     ptx_losses: list[torch.Tensor] = []
     has_value = accelerator.unwrap_model(module).value is not None
     sharded = is_sharded(accelerator.unwrap_model(module).policy)
+    zero = optimizer if isinstance(optimizer, ZeroModels) else None  # DeepSpeed ZeRO-2: its engines own the AdamWs
     kl_term = config.algorithm == "grpo" and kl_coef > 0
     per_response = config.importance_sampling_level == "sequence"
     # the statistics logged, in this order: only those that apply ("approxkl" first: target_kl reads it)
@@ -290,13 +293,17 @@ def ppo_update(
                 idx = mb[mc_start:mc_start + micro]
                 batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
                 m = batch["mask"]
+                ptx_term = 0.0
                 if ptx:
-                    # its own backward first, without a gradient sync: the PPO backward below syncs
-                    # the sum (accelerate divides both by the accumulation steps, DDP averages both)
                     pick = torch.randint(len(demonstrations.pairs), (micro,), generator=generator).tolist()
-                    with accelerator.no_sync(module):
-                        nll = demonstrations.nll(accelerator.unwrap_model(module).policy, pick, device)
-                        accelerator.backward(config.ptx_coef * nll)
+                    if zero is not None:  # joins the policy's loss below (ZeRO-2 has no no_sync)
+                        nll = demonstrations.nll(module.policy, pick, device)
+                        ptx_term = config.ptx_coef * nll
+                    else:  # its own backward first, without a gradient sync: the PPO backward below syncs
+                        # the sum (accelerate divides both by the accumulation steps, DDP averages both)
+                        with accelerator.no_sync(module):
+                            nll = demonstrations.nll(accelerator.unwrap_model(module).policy, pick, device)
+                            accelerator.backward(config.ptx_coef * nll)
                     ptx_losses.append(nll.detach())
                 with accelerator.accumulate(module):
                     if sharded:  # FSDP: keep the gradients local until the minibatch's last micro-batch, then
@@ -321,32 +328,38 @@ def ppo_update(
                         pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
                                                            config.cliprange)
                         pg_term = pg_loss * share
-                    loss = pg_term if train_policy else 0.0 * pg_term
+                    # the policy's loss and the value model's, apart (under ZeRO each has its own engine)
+                    policy_part = (pg_term if train_policy else 0.0 * pg_term) + ptx_term
+                    value_part = None
                     stats = [pg_clipfrac, pg_loss.detach()]
                     if has_value:
                         vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
                                                           config.cliprange_value)
-                        loss = loss + config.vf_coef * vf_loss * share
+                        value_part = config.vf_coef * vf_loss * share
                         stats += [vf_loss.detach(), vf_clipfrac]
                     if kl_term:
                         kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m)
-                        loss = loss + kl_coef * kl_loss * share
+                        policy_part = policy_part + kl_coef * kl_loss * share
                         stats.append(kl_loss.detach())
+                    loss = policy_part if value_part is None else policy_part + value_part
                     if not torch.isfinite(loss):
                         raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:  # the last micro-batch of the minibatch: one optimizer step
-                        unwrapped = accelerator.unwrap_model(module)
-                        for part in (p for p in (unwrapped.policy, unwrapped.value) if p is not None):
-                            trained = [p for p in part.parameters() if p.requires_grad]
-                            # sharded gradients: torch's clip, over the DTensors (accelerate's needs its own FSDP prepare)
-                            norm = (clip_grad_norm_(trained, config.max_grad_norm) if sharded
-                                    else accelerator.clip_grad_norm_(trained, config.max_grad_norm))
-                            if norm is not None and not math.isfinite(float(norm)):
-                                raise RlhfkitError("gradient norm is not finite: lower learning_rate or check the reward scale")
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
+                    if zero is not None:  # DeepSpeed: each engine clips its model's gradients and steps at the boundary
+                        zero.backward_and_step([policy_part] + ([value_part] if has_value else []))
+                    else:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:  # the minibatch's last micro-batch: one optimizer step
+                            unwrapped = accelerator.unwrap_model(module)
+                            for part in (p for p in (unwrapped.policy, unwrapped.value) if p is not None):
+                                trained = [p for p in part.parameters() if p.requires_grad]
+                                # sharded gradients: torch's clip, over the DTensors (accelerate's needs its own FSDP prepare)
+                                norm = (clip_grad_norm_(trained, config.max_grad_norm) if sharded
+                                        else accelerator.clip_grad_norm_(trained, config.max_grad_norm))
+                                if norm is not None and not math.isfinite(float(norm)):
+                                    raise RlhfkitError("gradient norm is not finite: lower learning_rate or check the reward scale")
+                            optimizer.step()
+                            scheduler.step()
+                            optimizer.zero_grad()
                 with torch.no_grad():  # minibatch means: of tokens; clipfrac and pg_loss as the policy loss means
                     tokens = m.sum() / minibatch_tokens * accelerator.num_processes
                     responses = torch.tensor(m.shape[0] / config.mini_batch_size * accelerator.num_processes, device=device)
@@ -587,11 +600,21 @@ def make_accelerator(config: PPOStageConfig, out: Path):
     """accelerate's Accelerator for this run, refused when the launcher disagrees with the batch arithmetic."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if config.report_to == ["none"] else config.report_to,
-        project_dir=str(out),
-    )
+    key = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+    launcher_value = os.environ.get(key)
+    if zero_stage() is not None and launcher_value == "1":
+        # a DeepSpeed launch exports its config file's gradient_accumulation_steps (1 in the shipped
+        # files): the RL stage's engines take the batch arithmetic's instead (any other value is refused below)
+        os.environ.pop(key)
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=None if config.report_to == ["none"] else config.report_to,
+            project_dir=str(out),
+        )
+    finally:
+        if launcher_value is not None:
+            os.environ[key] = launcher_value
     if (accelerator.num_processes, accelerator.gradient_accumulation_steps) != (config.num_processes,
                                                                              config.gradient_accumulation_steps):
         # `accelerate launch --gradient_accumulation_steps N` overrides the accumulation through the
@@ -671,7 +694,7 @@ class RunState:
     unwrapped: PolicyAndValue
     ref_policy: torch.nn.Module | None  # None with LoRA: the reference is the adapter-disabled policy
     scorer: Scorer
-    optimizer: Any
+    optimizer: Any  # torch's AdamW (as accelerate prepared it), or ZeroModels under DeepSpeed (its engines own the AdamWs)
     scheduler: Any
     kl_ctl: AdaptiveKLController | FixedKLController
     sample_gen: torch.Generator
@@ -688,7 +711,7 @@ class RunState:
         return self.sample_gen, self.shuffle_gen
 
 
-def set_up(config: PPOStageConfig, accelerator, sharded: bool, *, policy=None, tokenizer=None, reward_model=None,
+def set_up(config: PPOStageConfig, accelerator, sharded: bool, zero: bool = False, *, policy=None, tokenizer=None, reward_model=None,
            reward_tokenizer=None, reward_fn=None, value_model=None, prompts=None, demonstrations=None) -> RunState:
     """Prompts, demonstrations, models (every process loads full weights), optimizer, scheduler, KL controller
     and generators; under FSDP the models are sharded before the optimizer is built."""
@@ -737,13 +760,28 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, *, policy=None, t
                   f"{accelerator.num_processes} processes (one unit per decoder layer), "
                   f"{'the reference and ' if ref_policy is not None else ''}{len(scorer.models)} reward model(s) too",
                   flush=True)
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    # fused: one kernel over all parameters (on CPU 4-5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
-    total_steps = config.updates * config.optimizer_steps_per_update
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=total_steps)
-    if not sharded:  # data parallel (DDP) or one process; sharded modules are not wrapped again
+
+    def make_optimizer(params):  # fused: one kernel over all parameters (on CPU 4-5x faster than the per-tensor loop)
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+
+    def make_scheduler(optimizer):
+        return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                             num_training_steps=config.updates * config.optimizer_steps_per_update)
+
+    if zero:  # DeepSpeed ZeRO-2: an engine (its own AdamW and schedule) per trained model, the weights whole
+        module.to(accelerator.device)
+        optimizer = ZeroModels([m for m in (module.policy, module.value) if m is not None], make_optimizer,
+                               make_scheduler, micro_batch=config.per_device_train_batch_size,
+                               accumulation=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm)
+        scheduler = optimizer.scheduler
+        if accelerator.is_main_process:
+            print(f"DeepSpeed ZeRO-2: the optimizer state and gradients of the policy"
+                  f"{' and value model' if value_model is not None else ''} partitioned over "
+                  f"{accelerator.num_processes} processes", flush=True)
+    else:
+        optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
+        scheduler = make_scheduler(optimizer)
+    if not (sharded or zero):  # data parallel (DDP) or one process; sharded modules are not wrapped again
         module, optimizer = accelerator.prepare(module, optimizer)
     for model in frozen:
         model.to(accelerator.device)
@@ -820,10 +858,12 @@ def load_run(config: PPOStageConfig, out: Path, given: dict[str, Any]) -> RunSta
     accelerator = make_accelerator(config, out)
     # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
     sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
+    # DeepSpeed ZeRO-2 when the launcher asks for it: our own deepspeed.initialize, on CPU and GPU alike
+    zero = zero_stage() is not None and accelerator.num_processes > 1
     if accelerator.is_main_process:
         claim_dir(out)
         print(config.batch_arithmetic(), flush=True)
-    r = set_up(config, accelerator, sharded, **given)
+    r = set_up(config, accelerator, sharded, zero, **given)
     r.start_update, r.elapsed_before = resume(config, out, accelerator, r.module, r.optimizer, r.scheduler, r.kl_ctl,
                                               r.generators)
     if accelerator.is_main_process:
