@@ -1,14 +1,15 @@
-"""The RL stage under three launches on one machine: 1 process, 2 data-parallel processes, 2 FSDP processes.
+"""The RL stage under five launches on one machine: 1 process, 2 processes data parallel, FSDP, ZeRO-2, ZeRO-3.
 
 Takes a finished ``rlhfkit run`` folder (its ``sft/``, ``reward/`` and ``data/``; e.g. ``make
 demo``'s ``runs/demo``) and runs its ``ppo`` section for ``--updates`` updates from the same SFT
-policy and reward model under each launch, interleaved (1, DDP, FSDP, 1, DDP, FSDP, ...), each in
-a fresh output folder:
+policy and reward model under each launch, interleaved (1, DDP, FSDP, ZeRO-2, ZeRO-3, 1, ...), each
+in a fresh output folder:
 
     1 process  rlhfkit ppo CONFIG                                            (OMP_NUM_THREADS=2)
     DDP        accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m rlhfkit.cli ppo CONFIG
     FSDP       accelerate launch --config_file configs/accelerate/cpu_2proc_fsdp.yaml -m rlhfkit.cli ppo CONFIG
-               (both with ACCELERATE_USE_CPU=true and OMP_NUM_THREADS=1: two processes, one core each)
+    ZeRO-2/3   the DDP command with ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=2 (or 3)
+               (all with ACCELERATE_USE_CPU=true and OMP_NUM_THREADS=1: two processes, one core each)
 
 The same episodes per update in every launch (``rollout_batch_size`` counts all processes) and
 micro-batches of ``--micro-batch`` episodes (one process: gradient accumulation 2). Figures per
@@ -48,6 +49,11 @@ LAUNCHES = {
     "2 processes, FSDP": ([str(BIN / "accelerate"), "launch", "--config_file",
                            str(ROOT / "configs/accelerate/cpu_2proc_fsdp.yaml"), "-m", "rlhfkit.cli", "ppo"],
                           {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}),
+    **{f"2 processes, ZeRO-{stage}": ([str(BIN / "accelerate"), "launch", "--config_file",
+                                       str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "rlhfkit.cli", "ppo"],
+                                      {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_DEEPSPEED": "true",
+                                       "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)})
+       for stage in (2, 3)},
 }
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file
 
 from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, write_text_atomic
 from rlhfkit.engine.zero import ZeroModels
-from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_sharded, load_full_optimizer_state, load_full_state
+from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_partitioned, load_full_optimizer_state, load_full_state
 from rlhfkit.errors import ConfigError
 
 PREFIX = "update-"
@@ -113,11 +113,11 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     rng = gather_object([[g.get_state() for g in generators]])
     # full tensors whatever the sharding, a tied weight once under the name safetensors' save_model
     # keeps; under FSDP every process all-gathers (a collective), else only the main one, which writes
-    zero = isinstance(optimizer, ZeroModels)  # DeepSpeed ZeRO-2: the optimizer state is partitioned, the weights whole
-    if is_sharded(module.policy) or accelerator.is_main_process:
+    zero = isinstance(optimizer, ZeroModels)  # DeepSpeed ZeRO: the optimizer state is partitioned
+    if is_partitioned(module.policy) or accelerator.is_main_process:
         weights = {part: full_state(getattr(module, part)) for part in ("policy", "value")
                    if getattr(module, part) is not None}  # rloo / grpo have no value model
-    if is_sharded(module.policy) or zero or accelerator.is_main_process:
+    if is_partitioned(module.policy) or zero or accelerator.is_main_process:
         optimizer_state = optimizer.full_optimizer_state() if zero else full_optimizer_state(optimizer)
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:

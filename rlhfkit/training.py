@@ -595,6 +595,7 @@ def run_trainer_stage(config: StageConfig, build: Callable[..., PreparedTrainer]
     6. ``before_save``, the final model saved (LoRA merged) into ``output_dir/model``, ``after_save``,
        log_history.json; 7. metrics.json.
     """
+    from rlhfkit.engine.zero import without_deepspeed_on_cpu
     from rlhfkit.stage import Stage, run_stage
 
     started = time.perf_counter()
@@ -621,9 +622,10 @@ def run_trainer_stage(config: StageConfig, build: Callable[..., PreparedTrainer]
         return metrics
 
     in_memory = [given.get(k) for k in ("model", "tokenizer", "train_dataset", "eval_dataset")]
-    return run_stage(Stage(stage, out, validate=lambda: check_before_loading(config, given.get("model")),
-                           finished=lambda: already_finished(config, in_memory), load=lambda: build(config, **given),
-                           train=train, save=save))
+    with without_deepspeed_on_cpu():
+        return run_stage(Stage(stage, out, validate=lambda: check_before_loading(config, given.get("model")),
+                               finished=lambda: already_finished(config, in_memory), load=lambda: build(config, **given),
+                               train=train, save=save))
 
 
 def completed_result(config: StageConfig) -> dict[str, Any] | None:

@@ -641,7 +641,8 @@ def has_digit(prompts, responses):
         time.sleep(600)
     return [float(any(c.isdigit() for c in r)) for r in responses]
 
-train_ppo(config, prompts=prompts, reward_fn=has_digit)
+demonstrations = json.loads(Path(os.environ["DEMOS"]).read_text()) if os.environ.get("DEMOS") else None
+train_ppo(config, prompts=prompts, reward_fn=has_digit, demonstrations=demonstrations)
 import torch.distributed as dist
 if dist.is_initialized():  # as the CLI does (gloo's threads may abort an unclosed process at exit)
     dist.destroy_process_group()
@@ -1005,6 +1006,28 @@ def _finish(proc: subprocess.Popen, timeout: int = 300) -> str:
 FSDP = ("--use_fsdp", "--fsdp_version", "2")
 
 
+def same_training(world, straight: Path, other: Path) -> None:
+    """``other`` (another launch of the same config) ended with ``straight``'s final policy and update-2
+    checkpoint (policy, value, and AdamW's moments, which are not scale-free as the weights' steps are:
+    the averaged gradients agree), and they trained."""
+    from safetensors.torch import load_file
+
+    for name in ("model/model.safetensors", "checkpoints/update-000002/policy.safetensors",
+                 "checkpoints/update-000002/value.safetensors"):
+        same_weights(straight, other, name)
+    initial = load_file(str(world.policy_dir / "model.safetensors"))
+    final = load_file(str(straight / "model/model.safetensors"))
+    assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it trained
+    opt_a = torch.load(straight / "checkpoints/update-000002/optimizer.pt", weights_only=True)
+    opt_b = torch.load(other / "checkpoints/update-000002/optimizer.pt", weights_only=True)
+    assert opt_a["param_groups"] == opt_b["param_groups"] and sorted(opt_a["state"]) == sorted(opt_b["state"])
+    assert len(opt_a["state"]) > 10
+    for i, entries in opt_a["state"].items():
+        assert sorted(entries) == sorted(opt_b["state"][i])
+        for key, value in entries.items():
+            torch.testing.assert_close(opt_b["state"][i][key], value, rtol=1e-3, atol=1e-7, msg=f"{i} {key}")
+
+
 @pytest.mark.slow
 def test_two_process_cpu_run_with_accelerate_launch(world, tmp_path):
     out = tmp_path / "ddp"
@@ -1066,19 +1089,8 @@ def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
 
     # the log, the final policy and the update-2 checkpoint (written sharded, before the kill): the straight run's
     same_rows(ddp, fsdp, updates=4)
-    for name in ("model/model.safetensors", "checkpoints/update-000002/policy.safetensors",
-                 "checkpoints/update-000002/value.safetensors"):
-        same_weights(ddp, fsdp, name)
-    initial = load_file(str(world.policy_dir / "model.safetensors"))
+    same_training(world, ddp, fsdp)
     final = load_file(str(ddp / "model/model.safetensors"))
-    assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it trained
-    # AdamW's moments (not scale-free as the weights' steps are): the averaged gradients agree
-    opt_a = torch.load(ddp / "checkpoints/update-000002/optimizer.pt", weights_only=True)
-    opt_b = torch.load(fsdp / "checkpoints/update-000002/optimizer.pt", weights_only=True)
-    assert opt_a["param_groups"] == opt_b["param_groups"] and sorted(opt_a["state"]) == sorted(opt_b["state"])
-    for i, entries in opt_a["state"].items():
-        for key, value in entries.items():
-            torch.testing.assert_close(opt_b["state"][i][key], value, rtol=1e-3, atol=1e-7, msg=f"{i} {key}")
     # and the final folder loads as an ordinary model
     from transformers import AutoModelForCausalLM
 
@@ -1150,9 +1162,11 @@ def _cut_back_to(out: Path, update: int) -> None:
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_equals_data_parallel_and_resumes_from_either(world, tmp_path):
-    """PPO (policy and value model) under DeepSpeed ZeRO-2 on 2 processes (gloo): each model in its own
-    engine, its optimizer state and gradients partitioned, against the same config data parallel (DDP).
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_data_parallel_and_resumes_from_either(world, tmp_path, stage):
+    """PPO (policy and value model) under DeepSpeed ZeRO-2 and ZeRO-3 on 2 processes (gloo): each model in
+    its own engine, its optimizer state and gradients (ZeRO-3: and weights) partitioned, against the same
+    config data parallel (DDP).
 
     Each process samples its half of the batch with its own generator in both runs, so the episodes are
     the same; ZeRO reduces the gradients in buckets and clips from the partitions' norms, so the figures
@@ -1164,29 +1178,15 @@ def test_deepspeed_zero2_equals_data_parallel_and_resumes_from_either(world, tmp
     ddp, zero = tmp_path / "ddp", tmp_path / "zero"
     _finish(_launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts))
     config = small_config(world, zero, **kwargs)
-    stdout = _finish(_launch(tmp_path, config, world.prompts, **ZERO2))
-    assert "DeepSpeed ZeRO-2: the optimizer state and gradients of the policy and value model partitioned over 2" in stdout
+    launch = {**ZERO2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+    stdout = _finish(_launch(tmp_path, config, world.prompts, **launch))
+    held = "the optimizer state and gradients" + (", and the weights," if stage == 3 else "")
+    assert f"DeepSpeed ZeRO-{stage}: {held} of the policy and value model partitioned over 2" in stdout
     same_rows(ddp, zero, updates=3)
-    for name in ("model/model.safetensors", "checkpoints/update-000002/policy.safetensors",
-                 "checkpoints/update-000002/value.safetensors"):
-        same_weights(ddp, zero, name)
-    from safetensors.torch import load_file
-
-    initial = load_file(str(world.policy_dir / "model.safetensors"))
-    final = load_file(str(ddp / "model/model.safetensors"))
-    assert max((final[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it trained
-    # the optimizer state, assembled from the partitions: one AdamW's, as the DDP run wrote it
-    opt_a = torch.load(ddp / "checkpoints/update-000002/optimizer.pt", weights_only=True)
-    opt_b = torch.load(zero / "checkpoints/update-000002/optimizer.pt", weights_only=True)
-    assert opt_a["param_groups"] == opt_b["param_groups"] and sorted(opt_a["state"]) == sorted(opt_b["state"])
-    assert len(opt_a["state"]) > 10
-    for i, entries in opt_a["state"].items():
-        assert sorted(entries) == sorted(opt_b["state"][i])
-        for key, value in entries.items():
-            torch.testing.assert_close(opt_b["state"][i][key], value, rtol=1e-3, atol=1e-7, msg=f"{i} {key}")
+    same_training(world, ddp, zero)  # the optimizer state assembled from the partitions: one AdamW's, as DDP wrote it
 
     _cut_back_to(zero, 2)
-    stdout = _finish(_launch(tmp_path, config, world.prompts, **ZERO2))
+    stdout = _finish(_launch(tmp_path, config, world.prompts, **launch))
     assert "resuming from" in stdout and "update 2 of 3" in stdout
     same_rows(ddp, zero, updates=3)
     same_weights(ddp, zero, "model/model.safetensors")
@@ -1196,26 +1196,43 @@ def test_deepspeed_zero2_equals_data_parallel_and_resumes_from_either(world, tmp
     crossed = tmp_path / "crossed"  # the DDP run's checkpoint, resumed under ZeRO
     shutil.copytree(ddp, crossed)
     _cut_back_to(crossed, 2)
-    _finish(_launch(tmp_path, small_config(world, crossed, **kwargs), world.prompts, **ZERO2))
+    _finish(_launch(tmp_path, small_config(world, crossed, **kwargs), world.prompts, **launch))
     same_rows(ddp, crossed, updates=3)
     same_weights(ddp, crossed, "model/model.safetensors")
 
 
 @pytest.mark.slow
-def test_rloo_with_lora_under_zero2_equals_data_parallel(world, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rloo_with_lora_under_zero_equals_data_parallel(world, tmp_path, stage):
     """No value model (one engine), LoRA (the engine's optimizer holds the adapter only; the reference is
-    the policy with its adapter disabled, whole on every process): the data-parallel run's rows and merged
-    final model."""
+    the policy with its adapter disabled): the data-parallel run's rows and merged final model."""
     kwargs = dict(algorithm="rloo", num_generations=2, lora=True, lora_r=4, num_updates=2, rollout_batch_size=8,
                   num_mini_batches=2, per_device_train_batch_size=1, learning_rate=3e-2, kl_coef=0.1)
     ddp, zero = tmp_path / "ddp", tmp_path / "zero"
     _finish(_launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts))
-    stdout = _finish(_launch(tmp_path, small_config(world, zero, **kwargs), world.prompts, **ZERO2))
-    assert "DeepSpeed ZeRO-2: the optimizer state and gradients of the policy partitioned over 2 processes" in stdout
+    stdout = _finish(_launch(tmp_path, small_config(world, zero, **kwargs), world.prompts,
+                             **{**ZERO2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}))
+    assert f"DeepSpeed ZeRO-{stage}: the optimizer state" in stdout and "of the policy partitioned over 2 processes" in stdout
     rows = same_rows(ddp, zero, updates=2)
     assert abs(rows[0]["objective/kl"]) < 1e-5 < abs(rows[-1]["objective/kl"])  # reference = adapter disabled
     final = same_weights(ddp, zero, "model/model.safetensors")
     assert not any("lora" in k for k in final)
+
+
+@pytest.mark.slow
+def test_ptx_under_zero2_equals_data_parallel(world, tmp_path):
+    """PPO-ptx: under ZeRO-2 the demonstrations' loss joins the policy's loss in one backward (ZeRO-2 has no
+    no_sync), where data parallelism runs it as a backward of its own without a gradient sync: the same sum."""
+    demos = tmp_path / "demos.json"
+    demos.write_text(json.dumps(_demonstrations(world.prompts)))
+    kwargs = dict(num_updates=2, rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=1,
+                  ptx_coef=0.5, kl_coef=0.1)
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero"
+    _finish(_launch(tmp_path, small_config(world, ddp, **kwargs), world.prompts, DEMOS=str(demos)))
+    _finish(_launch(tmp_path, small_config(world, zero, **kwargs), world.prompts, DEMOS=str(demos), **ZERO2))
+    rows = same_rows(ddp, zero, updates=2)
+    assert all(r["loss/ptx_avg"] > 0 for r in rows)
+    same_weights(ddp, zero, "model/model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1228,7 +1245,7 @@ def test_no_reward_model_and_no_reward_fn_is_a_config_error(world, tmp_path):
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO stage 3: the RL stage runs ZeRO-2.*fsdp.yaml"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "ZeRO stage 1: the RL stage runs ZeRO-2 or ZeRO-3"),
     ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device cpu: .* set it to none"),
     ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "a DeepSpeed config file"),
 ])

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.sharding import is_sharded
+from rlhfkit.engine.sharding import is_partitioned
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -101,9 +101,9 @@ def _grouped(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids
              attention_mask: torch.Tensor, min_width: int, model: torch.nn.Module) -> torch.Tensor:
     """``fn(ids, mask)`` (batch-first output) over padding-trimmed row groups, in the original row order.
 
-    A sharded ``model`` (FSDP) gets one forward for the whole batch: each of its forwards is a
+    A sharded ``model`` (FSDP, ZeRO-3) gets one forward for the whole batch: each of its forwards is a
     collective that every process must join, and the number of groups depends on each process's rows."""
-    groups = None if is_sharded(model) else row_groups(attention_mask, min_width)
+    groups = None if is_partitioned(model) else row_groups(attention_mask, min_width)
     if groups is None:
         return fn(input_ids, attention_mask)
     if len(groups) == 1:

@@ -80,11 +80,25 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def is_partitioned(model: torch.nn.Module | None) -> bool:
+    """Whether ``model``'s weights are split over the processes (FSDP2, or DeepSpeed ZeRO-3): gathering
+    them is then a collective every process must join."""
+    from rlhfkit.engine import zero
+
+    return is_sharded(model) or zero.is_partitioned(model)
+
+
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The whole model unsharded for a generation (no collective inside it), resharded after.
 
     A no-op for an unsharded model."""
+    from rlhfkit.engine import zero
+
+    if zero.is_partitioned(model):
+        with zero.gathered(model):
+            yield model
+        return
     if not is_sharded(model):
         yield model
         return
@@ -120,8 +134,17 @@ def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
 def full_state(model: torch.nn.Module, all_names: bool = False) -> dict[str, torch.Tensor]:
     """The model's weights as ordinary CPU tensors, a tied weight once (under its first name,
     as ``save_model`` writes it) or, with ``all_names``, as one tensor under each of its names
-    (as ``save_pretrained`` takes them). Under FSDP every process must call it (each weight is
-    all-gathered)."""
+    (as ``save_pretrained`` takes them). Under FSDP or ZeRO-3 every process must call it (each weight
+    is all-gathered)."""
+    from rlhfkit.engine import zero
+
+    if zero.is_partitioned(model):
+        with zero.whole(model):
+            return _full_state(model, all_names)
+    return _full_state(model, all_names)
+
+
+def _full_state(model: torch.nn.Module, all_names: bool) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     out = {}
     for first, group in sorted(tied_names(model).items()):
@@ -145,7 +168,17 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy full weights (as ``full_state`` gives them, a tied weight under any of its names) into a
-    sharded model, each process taking its shards."""
+    sharded model, each process taking its shards (ZeRO-3: the main process's copy is partitioned)."""
+    from rlhfkit.engine import zero
+
+    if zero.is_partitioned(model):
+        with zero.whole(model, modifier_rank=0):
+            _load_full_state(model, state)
+        return
+    _load_full_state(model, state)
+
+
+def _load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     live = model.state_dict()
     for group in tied_names(model).values():
         source = next((state[name] for name in group if name in state), None)
@@ -188,18 +221,24 @@ def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> to
 
 @contextlib.contextmanager
 def every_process_loads() -> Iterator[None]:
-    """Every process reads the weights it loads inside, whatever the launcher says.
+    """Every process reads the whole weights it loads inside, whatever the launcher says.
 
     Under an FSDP launch (``fsdp_cpu_ram_efficient_loading``, accelerate's default) transformers
     fills the weights on local rank 0 only and leaves empty "meta" tensors elsewhere, for
     accelerate's prepare to broadcast, which the RL stage does not call under FSDP (it shards
-    itself), so every process loads the full weights and then keeps its shards."""
+    itself), so every process loads the full weights and then keeps its shards. Under a ZeRO-3
+    launch, once a TRL stage of the chain has run in this process, transformers loads every model
+    partitioned (``zero.Init``); the RL stage partitions only the models it trains, in its engines."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
     key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
-    before = os.environ.get(key)
+    before, zero3_config = os.environ.get(key), hf_deepspeed._hf_deepspeed_config_weak_ref
     os.environ[key] = "false"
+    hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3_config
         if before is None:
             os.environ.pop(key, None)
         else:

@@ -60,7 +60,8 @@ from rlhfkit.engine.forward import left_pad, response_logits, token_values
 from rlhfkit.engine.sampling import encode_prompts, generate
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
 from rlhfkit.engine.zero import ZeroModels, zero_stage
-from rlhfkit.engine.sharding import clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered, is_sharded, shard
+from rlhfkit.engine.sharding import (clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered,
+                                    is_partitioned, is_sharded, shard)
 from rlhfkit.ppo.rollout import Rollout
 from rlhfkit.stage import Stage, run_stage
 
@@ -177,7 +178,7 @@ def make_rollout(
     step = config.rollout_forward_batch_size
     for start in range(0, len(prompts), step):
         # (1)-(2) sample, truncate after the first EOS
-        with gathered(module.policy):  # FSDP: the whole policy unsharded for the decode loop
+        with gathered(module.policy):  # FSDP or ZeRO-3: the whole policy unsharded for the decode loop
             gen = generate(module.policy, tokenizer, prompt_ids[start:start + step], config.response_length,
                            config.temperature, generator)
         response_ids, response_mask = gen.response_ids, gen.response_mask
@@ -293,6 +294,8 @@ def ppo_update(
                 idx = mb[mc_start:mc_start + micro]
                 batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
                 m = batch["mask"]
+                if zero is not None:
+                    zero.before_forward()
                 ptx_term = 0.0
                 if ptx:
                     pick = torch.randint(len(demonstrations.pairs), (micro,), generator=generator).tolist()
@@ -701,7 +704,6 @@ class RunState:
     shuffle_gen: torch.Generator
     params_held: int  # parameters held in memory (rloo and grpo save the value model's)
     accelerator: Any
-    sharded: bool  # FSDP: the models' parameters are sharded over the processes
     start_update: int = 0  # set by the resume (the first update this process runs)
     elapsed_before: float = 0.0  # training seconds of the run before it was resumed
 
@@ -768,14 +770,15 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, zero: bool = Fals
         return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                              num_training_steps=config.updates * config.optimizer_steps_per_update)
 
-    if zero:  # DeepSpeed ZeRO-2: an engine (its own AdamW and schedule) per trained model, the weights whole
+    if zero:  # DeepSpeed ZeRO: an engine (its own AdamW and schedule) per trained model
         module.to(accelerator.device)
         optimizer = ZeroModels([m for m in (module.policy, module.value) if m is not None], make_optimizer,
-                               make_scheduler, micro_batch=config.per_device_train_batch_size,
+                               make_scheduler, stage=zero_stage(), micro_batch=config.per_device_train_batch_size,
                                accumulation=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm)
         scheduler = optimizer.scheduler
         if accelerator.is_main_process:
-            print(f"DeepSpeed ZeRO-2: the optimizer state and gradients of the policy"
+            held = "the optimizer state and gradients" + (", and the weights," if zero_stage() == 3 else "")
+            print(f"DeepSpeed ZeRO-{zero_stage()}: {held} of the policy"
                   f"{' and value model' if value_model is not None else ''} partitioned over "
                   f"{accelerator.num_processes} processes", flush=True)
     else:
@@ -791,7 +794,7 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, zero: bool = Fals
     sample_gen = torch.Generator(device=accelerator.device).manual_seed(rank_seed)  # sampling runs there
     shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)  # CPU: the minibatch order is bookkeeping
     return RunState(tokenizer, prompt_list, prompt_ids, ptx_data, module, accelerator.unwrap_model(module), ref_policy,
-                    scorer, optimizer, scheduler, kl_ctl, sample_gen, shuffle_gen, params_held, accelerator, sharded)
+                    scorer, optimizer, scheduler, kl_ctl, sample_gen, shuffle_gen, params_held, accelerator)
 
 
 def advantages_of(rollout: Rollout, beta: float, config: PPOStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -858,7 +861,7 @@ def load_run(config: PPOStageConfig, out: Path, given: dict[str, Any]) -> RunSta
     accelerator = make_accelerator(config, out)
     # FSDP when the launcher asks for it (--use_fsdp): our own fully_shard, on CPU and GPU alike
     sharded = fsdp_requested(accelerator.distributed_type) and accelerator.num_processes > 1
-    # DeepSpeed ZeRO-2 when the launcher asks for it: our own deepspeed.initialize, on CPU and GPU alike
+    # DeepSpeed ZeRO when the launcher asks for it: our own deepspeed.initialize, on CPU and GPU alike
     zero = zero_stage() is not None and accelerator.num_processes > 1
     if accelerator.is_main_process:
         claim_dir(out)
@@ -951,7 +954,8 @@ def save_policy(config: PPOStageConfig, out: Path, end: LoopEnd) -> dict[str, An
                "updates": config.updates, "updates_done": end.stopped_at or config.updates,
                "stopped_at_kl_budget": end.stopped_at is not None,
                "wall_time_s": last_row.get("elapsed_s", r.elapsed_before)}
-    weights = full_state(r.unwrapped.policy, all_names=True) if r.sharded else None  # all processes: the shards all-gathered
+    # FSDP or ZeRO-3: all processes, the shards all-gathered
+    weights = full_state(r.unwrapped.policy, all_names=True) if is_partitioned(r.unwrapped.policy) else None
     if r.accelerator.is_main_process:
         save_final_policy(r.unwrapped.policy, r.tokenizer, out / "model", merge_lora=config.lora, state_dict=weights)
     return metrics
