@@ -1249,7 +1249,7 @@ def test_no_reward_model_and_no_reward_fn_is_a_config_error(world, tmp_path):
     ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device cpu: .* set it to none"),
     ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "a DeepSpeed config file"),
 ])
-def test_what_zero2_cannot_do_is_refused_before_loading(world, tmp_path, monkeypatch, env, message):
+def test_what_a_deepspeed_launch_asks_that_the_rl_stage_cannot_do_is_refused_before_loading(world, tmp_path, monkeypatch, env, message):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed file exports
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -86,7 +86,7 @@ def zero_problems() -> list[str]:
             problems.append(f"DeepSpeed offload_{kind.lower()}_device {device}: the RL stage does not offload; set it to none")
     if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         problems.append("a DeepSpeed config file (deepspeed_config_file): the RL stage builds its own DeepSpeed config "
-                        "from its fields; launch with zero_stage: 2 in the accelerate config instead")
+                        "from its fields; set zero_stage (2 or 3) in the accelerate config instead")
     if importlib.util.find_spec("deepspeed") is None:
         problems.append("DeepSpeed launch: deepspeed is not installed (pip install deepspeed)")
     return problems
