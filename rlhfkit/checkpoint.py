@@ -114,10 +114,11 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     # full tensors whatever the sharding, a tied weight once under the name safetensors' save_model
     # keeps; under FSDP every process all-gathers (a collective), else only the main one, which writes
     zero = isinstance(optimizer, ZeroModels)  # DeepSpeed ZeRO: the optimizer state is partitioned
-    if is_partitioned(module.policy) or accelerator.is_main_process:
+    weights_partitioned = is_partitioned(module.policy)  # FSDP or ZeRO-3: gathering them is a collective
+    if weights_partitioned or accelerator.is_main_process:
         weights = {part: full_state(getattr(module, part)) for part in ("policy", "value")
                    if getattr(module, part) is not None}  # rloo / grpo have no value model
-    if is_partitioned(module.policy) or zero or accelerator.is_main_process:
+    if weights_partitioned or zero or accelerator.is_main_process:
         optimizer_state = optimizer.full_optimizer_state() if zero else full_optimizer_state(optimizer)
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:

@@ -207,8 +207,10 @@ class ZeroModels:
 
 
 def is_partitioned(model: torch.nn.Module | None) -> bool:
-    """Whether ``model``'s weights are ZeRO-3 partitions (each process holds a slice of each)."""
-    return model is not None and any(hasattr(p, "ds_id") for p in model.parameters())
+    """Whether ``model``'s weights are ZeRO-3 partitions (each process holds a slice of each). ZeRO-3
+    converts every parameter of the model it wraps, so the first one says (asked before every forward)."""
+    first = None if model is None else next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
 
 
 @contextlib.contextmanager
