@@ -20,12 +20,19 @@ whatever ran after them in one process).
     .venv/bin/python benchmarks/trl_peers.py RUN_DIR [RUN_DIR ...] [--updates 60] [--seeds 0,1]
         [--systems rlhfkit-rloo,trl-rloo,rlhfkit-grpo,trl-grpo] [--out runs/trl-peers]
 
+``rlhfkit-ppo`` is rlhfkit's PPO (value model from the reward model, GAE), which TRL 1.16 no longer
+has: one sample of each of 64 prompts per generation, the same episodes and optimizer steps.
 A system ``rlhfkit-<algorithm>-sequence`` sets ``importance_sampling_level: sequence`` (one
 clipped ratio per response, the policy loss a mean over responses: TRL's RLOOTrainer loss for
 rloo, GSPO for grpo); ``rlhfkit-<algorithm>-ptx`` adds PPO-ptx at the demo's ptx_coef 1.0 (the
 SFT demonstrations' NLL in every step, which TRL's trainers do not offer); both may be combined
-(``rlhfkit-rloo-sequence-ptx``). With several seeds the table ends with each system's mean ± SE across
-seeds and the per-seed gold difference against TRL's trainer of the same algorithm. Several
+(``rlhfkit-rloo-sequence-ptx``). ``-ensemble`` (ours and TRL's alike; the chain trained with
+``reward_ensemble: K``) trains against all K reward models: ours their mean of standardised scores
+(each member's held-out mean and std), TRL's ``reward_funcs=[K folders]`` with ``reward_weights``
+1/(K std_k), the same reward up to a constant per prompt; ours may reduce them instead by their
+minimum (``-ensemble-min``) or mean - std (``-ensemble-msd``, Coste et al. 2023), which TRL's
+weighted sum cannot. With several seeds the table ends with each system's mean ± SE across
+seeds and the per-seed gold difference against TRL's trainer of the same algorithm (and reward models). Several
 RUN_DIRs, one per seed (say the seed-0, -1 and -2 chains of a sweep), make each seed a full
 replicate: its own SFT policy and reward model, not only its own RL seed.
 
@@ -50,20 +57,43 @@ SIZES = dict(num_generations=4, rollout_batch_size=64, per_device_train_batch_si
              num_ppo_epochs=2, response_length=24, temperature=1.0, kl_coef=0.02, cliprange=0.2, learning_rate=5e-5)
 
 
-VARIANTS = {"sequence": {"importance_sampling_level": "sequence"}, "ptx": {"ptx_coef": 1.0}}
+VARIANTS = {"sequence": {"importance_sampling_level": "sequence"}, "ptx": {"ptx_coef": 1.0},
+            "ensemble": {}, "min": {"ensemble_reduction": "min"}, "msd": {"ensemble_reduction": "mean_minus_std"}}
+TRL_VARIANTS = {"ensemble"}  # TRL's trainers sum weighted reward functions: the ensemble's mean, not min or mean - std
+
+
+def reward_members(run: Path) -> list[Path]:
+    """The chain's reward-model folders: ``reward/`` (member 0) and ``reward/members/N`` (``reward_ensemble``)."""
+    members = run / "reward" / "members"
+    found = sorted((p for p in members.iterdir() if p.is_dir()), key=lambda p: int(p.name)) if members.is_dir() else []
+    return [run / "reward", *found]
+
+
+def trl_reward_weights(members: list[Path]) -> list[float]:
+    """TRL's ``reward_weights`` that make its weighted sum the ensemble's mean of standardised scores.
+
+    rlhfkit's reward is (1/K) sum_k (s_k - mu_k) / sigma_k (each member's held-out mean and std);
+    TRL's is sum_k w_k s_k. With w_k = 1 / (K sigma_k) the two differ by a constant per prompt,
+    which every group baseline (RLOO's, GRPO's) removes; the KL penalty sees the same scale.
+    """
+    from rlhfkit.engine.scoring import held_out_norm
+
+    return [1.0 / (len(members) * held_out_norm(m)[1]) for m in members]
 
 
 def train_rlhfkit(algorithm: str, run: Path, out: Path, updates: int, seed: int, variants: list[str]) -> float:
     from rlhfkit.ppo import PPOStageConfig, train_ppo
 
-    config = PPOStageConfig(model=str(run / "sft"), reward_model=str(run / "reward"), data=str(run / "data"),
+    reward = [str(m) for m in reward_members(run)] if "ensemble" in variants else str(run / "reward")
+    config = PPOStageConfig(model=str(run / "sft"), reward_model=reward, data=str(run / "data"),
                             output_dir=str(out), algorithm=algorithm, num_updates=updates, seed=seed,
                             missing_eos_penalty=None, save_steps=0, sample_every=0,
-                            **SIZES, **{k: v for name in variants for k, v in VARIANTS[name].items()})
+                            **{**SIZES, **({"num_generations": 1} if algorithm == "ppo" else {})},
+                            **{k: v for name in variants for k, v in VARIANTS[name].items()})
     return train_ppo(config).metrics["wall_time_s"]
 
 
-def train_trl(algorithm: str, run: Path, out: Path, updates: int, seed: int) -> float:
+def train_trl(algorithm: str, run: Path, out: Path, updates: int, seed: int, variants: list[str]) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -72,6 +102,9 @@ def train_trl(algorithm: str, run: Path, out: Path, updates: int, seed: int) -> 
 
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
     extra = {} if algorithm == "rloo" else {"scale_rewards": "group", "loss_type": "dapo"}
+    members = reward_members(run) if "ensemble" in variants else [run / "reward"]
+    if len(members) > 1:
+        extra["reward_weights"] = trl_reward_weights(members)
     steps_per_update = SIZES["num_mini_batches"] * SIZES["num_ppo_epochs"]
     args = config_cls(
         output_dir=str(out), seed=seed, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10,
@@ -84,8 +117,9 @@ def train_trl(algorithm: str, run: Path, out: Path, updates: int, seed: int) -> 
     tokenizer = AutoTokenizer.from_pretrained(run / "sft" / "model", padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(run / "sft" / "model")
     prompts = Dataset.from_dict({"prompt": prompts_from_data_dir(run / "data", "train")})
-    trainer = trainer_cls(model=policy, reward_funcs=str(run / "reward" / "model"), args=args, train_dataset=prompts,
-                          processing_class=tokenizer)
+    reward_funcs = [str(m / "model") for m in members]
+    trainer = trainer_cls(model=policy, reward_funcs=reward_funcs[0] if len(reward_funcs) == 1 else reward_funcs,
+                          args=args, train_dataset=prompts, processing_class=tokenizer)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -114,10 +148,11 @@ def run_system(system: str, seed: int, run: Path, a: argparse.Namespace) -> dict
     if owner == "rlhfkit":
         seconds = train_rlhfkit(algorithm, run, out / "train", a.updates, seed, variants)
     else:
-        seconds = train_trl(algorithm, run, out / "train", a.updates, seed)
+        seconds = train_trl(algorithm, run, out / "train", a.updates, seed, variants)
     policy = out / "train" if owner == "rlhfkit" else out / "train" / "model"
     m = evaluate(run, policy, out / "eval", a.prompts)
     return {"system": system, "seed": seed, "train_s": round(seconds, 1),
+            "reward_models": len(reward_members(run)) if "ensemble" in variants else 1,
             **{k: m.get(k) for k in ("gold_gain", "gold_gain_se", "greedy_gold_gain", "greedy_gold_gain_se")},
             "kl": m["ppo"]["kl"], "kl_se": m["ppo"]["kl_se"]}
 
@@ -151,9 +186,17 @@ def main() -> None:
     run_of = dict(zip(seeds, a.runs * len(seeds) if len(a.runs) == 1 else a.runs))
     for system in a.systems.split(","):
         owner, algorithm, *variants = system.split("-")
-        if owner not in ("rlhfkit", "trl") or algorithm not in ("rloo", "grpo") or set(variants) - set(VARIANTS) or (
-                owner == "trl" and variants):
-            parser.error(f"system {system!r}: rlhfkit-<rloo|grpo>[-sequence][-ptx] or trl-<rloo|grpo>")
+        ours = owner == "rlhfkit"
+        if owner not in ("rlhfkit", "trl") or algorithm not in ("rloo", "grpo", "ppo")[:3 if ours else 2] or (
+                not set(variants) <= (set(VARIANTS) if ours else TRL_VARIANTS)) or (
+                {"min", "msd"} & set(variants) and "ensemble" not in variants):
+            parser.error(f"system {system!r}: rlhfkit-<rloo|grpo|ppo>[-sequence][-ptx][-ensemble[-min|-msd]] or "
+                         "trl-<rloo|grpo>[-ensemble]")
+        if "ensemble" in variants:
+            for run in a.runs:
+                if len(reward_members(run)) < 2:
+                    parser.error(f"system {system!r}: {run} has one reward model; train the chain with "
+                                 "reward_ensemble=3 (reward/members/N)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the children inherit it
     if a.child:  # one system, one seed: print its row
         import torch
@@ -188,7 +231,8 @@ def main() -> None:
         print(f"\nacross seeds {seeds} (mean ± SE of the per-seed figures; paired: minus TRL's trainer, same seed)")
     for system in systems:
         mine = [by[system, s] for s in seeds if (system, s) in by]
-        peer = "trl-" + system.split("-")[1]
+        owner, algorithm, *variants = system.split("-")
+        peer = f"trl-{algorithm}" + ("-ensemble" if "ensemble" in variants else "")
         if len(seeds) > 1:
             line = f"{system:22}" + "".join(f" {key} {_mean_se([r[key] for r in mine])}"
                                             for key in ("train_s", "gold_gain", "greedy_gold_gain", "kl"))

@@ -286,6 +286,52 @@ def test_reward_ensemble_trains_seeded_members_and_ppo_optimises_their_combinati
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["objective/ensemble_std"] > 0 for r in rows)  # three different models disagree somewhere
     assert "Reward ensemble of 3: agreement with gold" in (out / "report.html").read_text()
+    # the TRL peer benchmark on this ensemble: ours reduces the three by their minimum, TRL sums them weighted
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "trl_peers.py"
+    proc = subprocess.run([sys.executable, str(script), str(out), "--systems", "rlhfkit-rloo-ensemble-min,trl-rloo-ensemble",
+                           "--updates", "1", "--prompts", "4", "--threads", "1", "--out", str(tmp_path / "peers")],
+                          capture_output=True, text=True, timeout=600, cwd=script.parent,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peers = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["system"], r["reward_models"]) for r in peers] == [("rlhfkit-rloo-ensemble-min", 3),
+                                                                  ("trl-rloo-ensemble", 3)]
+    ours = tmp_path / "peers" / "rlhfkit-rloo-ensemble-min-seed0" / "train"
+    # logged only when the RL stage's reward_model is several folders; > 0: three models disagree
+    assert json.loads((ours / "metrics.jsonl").read_text().splitlines()[0])["objective/ensemble_std"] > 0
+    assert (tmp_path / "peers" / "trl-rloo-ensemble-seed0" / "train" / "model" / "model.safetensors").is_file()
+    single = subprocess.run([sys.executable, str(script), str(finished_run[0]), "--systems", "trl-rloo-ensemble"],
+                            capture_output=True, text=True, cwd=script.parent)
+    assert single.returncode == 2 and "has one reward model; train the chain with reward_ensemble=3" in single.stderr
+
+
+def test_trl_peer_reward_weights_make_trls_weighted_sum_the_ensemble_mean(tmp_path, monkeypatch):
+    """TRL sums reward functions with weights; with w_k = 1/(K sigma_k) its reward is rlhfkit's mean of
+    standardised scores plus a constant, sum_k mu_k/(K sigma_k), which RLOO's and GRPO's baselines remove.
+    Members (mu, sigma) = (1, 2) and (-1, 0.5): w = (1/4, 1); scores (3, 0): ours ((3-1)/2 + (0+1)/0.5)/2
+    = 1.5, TRL's 3/4 + 0 = 0.75; scores (-1, 2): ours (-1 + 6)/2 = 2.5, TRL's -1/4 + 2 = 1.75."""
+    import torch
+
+    from rlhfkit.core import ensemble_reward
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import trl_peers
+
+    members = []
+    for i, (mean, std) in enumerate([(1.0, 2.0), (-1.0, 0.5)]):
+        members.append(tmp_path / f"m{i}")
+        members[-1].mkdir()
+        (members[-1] / "metrics.json").write_text(json.dumps({"eval_reward_mean": mean, "eval_reward_std": std}))
+    weights = trl_peers.trl_reward_weights(members)
+    assert weights == [0.25, 1.0]
+    raw = [[3.0, -1.0], [0.0, 2.0]]  # [K, B]
+    ours, _ = ensemble_reward(torch.tensor([[(s - m) / d for s in row] for row, (m, d) in zip(raw, [(1, 2), (-1, .5)])]))
+    theirs = [sum(w * raw[k][b] for k, w in enumerate(weights)) for b in range(2)]
+    assert ours.tolist() == [1.5, 2.5] and theirs == [0.75, 1.75]
+    (run := tmp_path / "run" / "reward" / "members").mkdir(parents=True)
+    for n in (2, 10, 1):
+        (run / str(n)).mkdir()
+    assert [p.name for p in trl_peers.reward_members(tmp_path / "run")] == ["reward", "1", "2", "10"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -408,7 +454,7 @@ def test_the_trl_peer_benchmark_runs_every_system_on_a_finished_chain(finished_r
     rlhfkit's evaluation scores each policy."""
     run, _ = finished_run
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "trl_peers.py"
-    systems = ["rlhfkit-rloo", "trl-rloo", "rlhfkit-rloo-sequence-ptx", "rlhfkit-grpo", "trl-grpo"]
+    systems = ["rlhfkit-rloo", "trl-rloo", "rlhfkit-rloo-sequence-ptx", "rlhfkit-grpo", "trl-grpo", "rlhfkit-ppo"]
     proc = subprocess.run([sys.executable, str(script), str(run), str(run), "--seeds", "0,1", "--systems",
                            ",".join(systems), "--updates", "1", "--prompts", "4", "--threads", "1",
                            "--out", str(tmp_path / "peers")], capture_output=True, text=True, timeout=900,
@@ -431,9 +477,12 @@ def test_the_trl_peer_benchmark_runs_every_system_on_a_finished_chain(finished_r
     with_ptx = json.loads((tmp_path / "peers" / "rlhfkit-rloo-sequence-ptx-seed0" / "train" / "metrics.jsonl")
                           .read_text().splitlines()[0])
     assert with_ptx["loss/ptx_avg"] > 0  # the variant trained on the SFT demonstrations too
+    ppo = tmp_path / "peers" / "rlhfkit-ppo-seed0" / "train"  # PPO: a value model, one sample of each of 64 prompts
+    first = json.loads((ppo / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss/value_avg"] > 0 and "reward_std" not in first  # no groups: one sample per prompt
     unknown = subprocess.run([sys.executable, str(script), str(run), "--systems", "trl-rloo-ptx"],
                              capture_output=True, text=True, cwd=script.parent)
-    assert unknown.returncode == 2 and "system 'trl-rloo-ptx': rlhfkit-<rloo|grpo>[-sequence][-ptx]" in unknown.stderr
+    assert unknown.returncode == 2 and "system 'trl-rloo-ptx': rlhfkit-<rloo|grpo|ppo>[-sequence][-ptx]" in unknown.stderr
     # each TRL policy was saved and evaluated against the same SFT reference
     for system in ("trl-rloo", "trl-grpo"):
         assert (tmp_path / "peers" / f"{system}-seed0" / "train" / "model" / "model.safetensors").is_file()
