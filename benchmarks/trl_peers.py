@@ -29,7 +29,7 @@ SFT demonstrations' NLL in every step, which TRL's trainers do not offer); both 
 (``rlhfkit-rloo-sequence-ptx``). ``-ensemble`` (ours and TRL's alike; the chain trained with
 ``reward_ensemble: K``) trains against all K reward models: ours their mean of standardised scores
 (each member's held-out mean and std), TRL's ``reward_funcs=[K folders]`` with ``reward_weights``
-1/(K std_k), the same reward up to a constant per prompt; ours may reduce them instead by their
+1/(K std_k), the same reward up to a constant; ours may reduce them instead by their
 minimum (``-ensemble-min``) or mean - std (``-ensemble-msd``, Coste et al. 2023), which TRL's
 weighted sum cannot. With several seeds the table ends with each system's mean ± SE across
 seeds and the per-seed gold difference against TRL's trainer of the same algorithm (and reward models). Several
@@ -73,8 +73,9 @@ def trl_reward_weights(members: list[Path]) -> list[float]:
     """TRL's ``reward_weights`` that make its weighted sum the ensemble's mean of standardised scores.
 
     rlhfkit's reward is (1/K) sum_k (s_k - mu_k) / sigma_k (each member's held-out mean and std);
-    TRL's is sum_k w_k s_k. With w_k = 1 / (K sigma_k) the two differ by a constant per prompt,
-    which every group baseline (RLOO's, GRPO's) removes; the KL penalty sees the same scale.
+    TRL's is sum_k w_k s_k. With w_k = 1 / (K sigma_k) the two differ by one constant,
+    sum_k mu_k / (K sigma_k), which every group baseline (RLOO's, GRPO's) removes; the KL penalty
+    sees the same scale.
     """
     from rlhfkit.engine.scoring import held_out_norm
 
