@@ -63,10 +63,12 @@ TRL_VARIANTS = {"ensemble"}  # TRL's trainers sum weighted reward functions: the
 
 
 def reward_members(run: Path) -> list[Path]:
-    """The chain's reward-model folders: ``reward/`` (member 0) and ``reward/members/N`` (``reward_ensemble``)."""
-    members = run / "reward" / "members"
-    found = sorted((p for p in members.iterdir() if p.is_dir()), key=lambda p: int(p.name)) if members.is_dir() else []
-    return [run / "reward", *found]
+    """The chain's reward-model folders, as many as its ``config.json`` says it trained (``reward_ensemble``)."""
+    from rlhfkit.reward.ensemble import member_folders
+
+    config = run / "config.json"
+    size = json.loads(config.read_text()).get("reward_ensemble", 1) if config.is_file() else 1
+    return member_folders(run / "reward", size)
 
 
 def trl_reward_weights(members: list[Path]) -> list[float]:
@@ -188,7 +190,7 @@ def main() -> None:
     for system in a.systems.split(","):
         owner, algorithm, *variants = system.split("-")
         ours = owner == "rlhfkit"
-        if owner not in ("rlhfkit", "trl") or algorithm not in ("rloo", "grpo", "ppo")[:3 if ours else 2] or (
+        if owner not in ("rlhfkit", "trl") or algorithm not in (("rloo", "grpo", "ppo") if ours else ("rloo", "grpo")) or (
                 not set(variants) <= (set(VARIANTS) if ours else TRL_VARIANTS)) or (
                 {"min", "msd"} & set(variants) and "ensemble" not in variants):
             parser.error(f"system {system!r}: rlhfkit-<rloo|grpo|ppo>[-sequence][-ptx][-ensemble[-min|-msd]] or "

@@ -338,7 +338,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     from rlhfkit.ppo import PPOStageConfig, train_ppo
     from rlhfkit.ppo.config import launch_problems
     from rlhfkit.reward import RewardStageConfig, train_reward
-    from rlhfkit.reward.ensemble import ensemble_metrics
+    from rlhfkit.reward.ensemble import ensemble_metrics, member_folders
     from rlhfkit.sft import SFTStageConfig, train_sft
     from rlhfkit.world import ModelInitConfig, SynthConfig, gold_score, init_model, synth_data
 
@@ -392,14 +392,11 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
         SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))), all_processes=True)
 
-    def reward_members(out: Path) -> list[Path]:
-        return [out] + [out / "members" / str(i) for i in range(1, c.reward_ensemble)]
-
     def train_rewards(out: Path) -> dict[str, Any]:
         """Member 0 is the reward stage's folder itself (its metrics are the stage's); member i trains with seed + i.
 
         The evaluation's reward-model score is member 0's; PPO optimises the combination."""
-        members = reward_members(out)
+        members = member_folders(out, c.reward_ensemble)
         for i, member in enumerate(members):
             result = train_reward(stage_config(RewardStageConfig, {**c.reward, "seed": c.seed + i},
                                                model=c.reward.get("model") or str(chain.path("sft")), data=data_path,
@@ -415,7 +412,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     chain.stage("reward", ["sft", "data"], reward_spec, train_rewards, all_processes=True)
 
     def ppo_config(out: Path):
-        members = [str(m) for m in reward_members(chain.path("reward"))]
+        members = [str(m) for m in member_folders(chain.path("reward"), c.reward_ensemble)]
         return stage_config(PPOStageConfig, c.rl_section(), model=str(chain.path("sft")),
                             reward_model=members[0] if len(members) == 1 else members, data=data_path, output_dir=str(out))
 

@@ -328,10 +328,11 @@ def test_trl_peer_reward_weights_make_trls_weighted_sum_the_ensemble_mean(tmp_pa
     ours, _ = ensemble_reward(torch.tensor([[(s - m) / d for s in row] for row, (m, d) in zip(raw, [(1, 2), (-1, .5)])]))
     theirs = [sum(w * raw[k][b] for k, w in enumerate(weights)) for b in range(2)]
     assert ours.tolist() == [1.5, 2.5] and theirs == [0.75, 1.75]
-    (run := tmp_path / "run" / "reward" / "members").mkdir(parents=True)
-    for n in (2, 10, 1):
-        (run / str(n)).mkdir()
-    assert [p.name for p in trl_peers.reward_members(tmp_path / "run")] == ["reward", "1", "2", "10"]
+    (run := tmp_path / "run").mkdir()
+    assert trl_peers.reward_members(run) == [run / "reward"]  # no config.json: one reward model
+    (run / "config.json").write_text(json.dumps({"reward_ensemble": 3}))  # what the chain trained
+    assert trl_peers.reward_members(run) == [run / "reward", run / "reward" / "members" / "1",
+                                             run / "reward" / "members" / "2"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -21,6 +21,12 @@ from rlhfkit.errors import ConfigError
 SCORES_FILE = "eval_scores.jsonl"  # the reward stage's per-pair held-out scores
 
 
+def member_folders(reward_dir: str | Path, size: int) -> list[Path]:
+    """Where a chain keeps its ``size`` reward models: member 0 is the reward stage's folder itself,
+    member i (seed + i) its ``members/i``."""
+    return [Path(reward_dir)] + [Path(reward_dir) / "members" / str(i) for i in range(1, size)]
+
+
 def agreement_with_gold(r_chosen: Sequence[float], r_rejected: Sequence[float],
                         golds: Sequence[tuple[float, float] | None]) -> tuple[float | None, int]:
     """``(agreement, pairs counted)``: of the pairs whose gold scores differ, the fraction whose
