@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file
 
-from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, write_text_atomic
+from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, sanitize, write_text_atomic
 from rlhfkit.engine.zero import ZeroModels
 from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_partitioned, load_full_optimizer_state, load_full_state
 from rlhfkit.errors import ConfigError
@@ -173,7 +173,7 @@ def load_policy(path: Path, policy) -> None:
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one row and flush it to disk: a killed run loses at most the row being written."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(sanitize(row), allow_nan=False) + "\n")  # strict JSON: a NaN figure is null
         f.flush()
         os.fsync(f.fileno())
 

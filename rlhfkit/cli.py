@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Callable
 
 from rlhfkit.artifacts import launch_main
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 
 # Stages configured by a YAML file plus KEY=VALUE overrides: name -> (module, config class, function).
 CONFIG_STAGES: dict[str, tuple[str, str, str, str]] = {
@@ -109,6 +109,9 @@ def _config_stage(name: str) -> Callable[[argparse.Namespace], None]:
         cls = _load(module, cls_name)
         extra: dict[str, Any] = {}
         if getattr(args, "out", None):
+            given = [o.strip() for o in args.overrides if o.partition("=")[0].strip() == "output_dir"]
+            if given:  # else --out would replace output_dir=... without a word
+                raise ConfigError(f"output_dir given twice on the command line ({given[0]}, --out {args.out}); give it once")
             extra["output_dir"] = args.out
         config = load_config(cls, args.config, args.overrides, **extra)
         result = _load(module, fn_name)(config)
@@ -211,6 +214,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
+    given = [a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+    twice = sorted({f for f in given if given.count(f) > 1} - {"--grid"})  # --grid is given once per key
+    if twice:  # argparse keeps the last without a word
+        print(f"rlhfkit: error: {twice[0]} given twice on the command line; give it once", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may also follow options such as --out
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):

@@ -34,11 +34,7 @@ def mean_se(values: Sequence[float | None]) -> tuple[float | None, float | None]
     SE of None for a single value (no spread to estimate), so that the CSV shows an empty cell."""
     from rlhfkit.evaluate import mean_se as evaluation_mean_se
 
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not values:
-        return None, None
-    mean, se = evaluation_mean_se(values)
-    return mean, None if math.isnan(se) else se
+    return evaluation_mean_se([float(v) for v in values if v is not None and math.isfinite(float(v))])
 
 
 def _derived(row: Mapping[str, Any]) -> dict[str, float | None]:

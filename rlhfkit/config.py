@@ -52,9 +52,27 @@ class Passthrough:
         return getattr(importlib.import_module(module), name)
 
 
+class DuplicateKey(ConfigError):
+    """A mapping names a key twice (PyYAML would keep the last silently)."""
+
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(f"key '{key}' given twice")
+        self.key, self.line, self.first = key, line, first
+
+
 class _Loader(yaml.SafeLoader):
     """YAML with the YAML 1.2 scalars users expect: only true/false are booleans (``no``,
-    ``off``, ``yes``, ``on`` stay text, e.g. ``eval_strategy: no``) and ``1e-3`` is a number."""
+    ``off``, ``yes``, ``on`` stay text, e.g. ``eval_strategy: no``) and ``1e-3`` is a number;
+    a key given twice in one mapping is refused, as YAML itself requires."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, _ in node.value:  # before a merge (<<) adds its keys, which the mapping's own replace
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                first = seen.setdefault((key_node.tag, key_node.value), key_node)
+                if first is not key_node:
+                    raise DuplicateKey(key_node.value, key_node.start_mark.line + 1, first.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -75,6 +93,8 @@ def parse_value(text: str) -> Any:
     """A KEY=VALUE override's value: YAML (numbers, booleans, null, lists), else the text itself."""
     try:
         return yaml_load(text)
+    except DuplicateKey as e:
+        raise ConfigError(f"{text}: {e}; give it once") from None
     except yaml.YAMLError:
         return text
 
@@ -252,14 +272,29 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def keys_overlap(a: str, b: str) -> bool:
+    """Whether setting dotted keys ``a`` and ``b`` touches the same value (equal, or one a section of the other)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
-    """``['ppo.kl_coef=0.1', 'seed=3']`` -> ``[('ppo.kl_coef', 0.1), ('seed', 3)]``."""
-    out = []
+    """``['ppo.kl_coef=0.1', 'seed=3']`` -> ``[('ppo.kl_coef', 0.1), ('seed', 3)]``.
+
+    A key given twice is refused: the last would win without a word."""
+    out, texts = [], {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not KEY=VALUE (for example learning_rate=1e-4)")
         key, text = item.split("=", 1)
-        out.append((key.strip(), parse_value(text)))
+        key, shown = key.strip(), text.strip()
+        for prev, prev_text in texts.items():
+            if prev == key:
+                raise ConfigError(f"{key} given twice on the command line ({prev_text}, {shown}); give it once")
+            if keys_overlap(prev, key):
+                raise ConfigError(f"{prev} and {key} both given on the command line ({prev}={prev_text}, {key}={shown}); "
+                                  "one would replace the other: give each key once")
+        texts[key] = shown
+        out.append((key, parse_value(text)))
     return out
 
 
@@ -269,6 +304,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
+    except DuplicateKey as e:
+        raise ConfigError(f"{path} line {e.line}: {e} (first on line {e.first}); give it once") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML config") from None
     except OSError as e:

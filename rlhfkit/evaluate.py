@@ -16,15 +16,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, locks_output, refuse_other_stage,
-                               write_json_atomic)
+from rlhfkit.artifacts import (StageResult, atomic_dir, check_output_dir, length_problem, locks_output, positions_of,
+                               refuse_other_stage, write_json_atomic)
 from rlhfkit import checkpoint
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError
 from rlhfkit.processes import Processes
 from rlhfkit.core import logprobs_from_logits
 from rlhfkit.engine.forward import model_device, response_logits
-from rlhfkit.engine.sampling import as_messages, encode_prompts, generate as sample_responses
+from rlhfkit.engine.sampling import as_messages, check_chat_template, encode_prompts, generate as sample_responses
 from rlhfkit.engine.scoring import Scorer
 
 GoldFn = Callable[[Any, str], float]
@@ -58,16 +58,25 @@ class EvalConfig:
         return problems
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)).
+
+    None where undefined -- the mean of nothing, the standard error of one value, any figure over
+    a value that is not finite (a sample no reward model scored) -- so that eval.json stays JSON
+    and the report shows "–".
+    """
     n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
+    if n == 0 or not all(math.isfinite(v) for v in values):
+        return None, None
     mean = sum(values) / n
     if n == 1:
-        return mean, float("nan")
+        return mean, None
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -130,9 +139,9 @@ def _per_prompt(values: list[list[float]]) -> list[float]:
     return [sum(v) / len(v) for v in values if v]
 
 
-def sqrt_kl(kl: float) -> float:
+def sqrt_kl(kl: float | None) -> float | None:
     """The x-axis of the over-optimisation plots; a small sampled KL can come out slightly negative."""
-    return math.sqrt(max(kl, 0.0))
+    return None if kl is None else math.sqrt(max(kl, 0.0))
 
 
 def best_of_n_kl(n: int) -> float:
@@ -172,16 +181,17 @@ def _summary(samples: Samples, gold: list[list[float]] | None) -> dict[str, Any]
     return out
 
 
-def _paired_gain(ppo: list[list[float]], sft: list[list[float]]) -> tuple[float, float]:
+def _paired_gain(ppo: list[list[float]], sft: list[list[float]]) -> tuple[float | None, float | None]:
     """Mean and standard error of the per-prompt difference PPO - SFT (paired over prompts)."""
     return mean_se([a - b for a, b in zip(_per_prompt(ppo), _per_prompt(sft))])
 
 
-def _win_rate(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+def _win_rate(a: list[list[float]], b: list[list[float]]) -> tuple[float | None, float | None]:
     per_prompt = []
     for xs, ys in zip(a, b):
-        wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(xs, ys)]
-        per_prompt.append(sum(wins) / len(wins))
+        # an unscored sample (NaN: no reward model) neither wins nor loses: the prompt's rate is NaN
+        wins = [math.nan if math.isnan(x - y) else 1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(xs, ys)]
+        per_prompt.append(sum(wins) / len(wins) if wins else math.nan)
     return mean_se(per_prompt)
 
 
@@ -290,15 +300,15 @@ def evaluate(
     for i in range(min(config.num_examples, len(prompts))):
         examples.append({
             "prompt": as_messages(prompts[i])[-1]["content"],
-            "sft": sft.texts[i][0], "sft_reward": sft.rewards[i][0],
+            "sft": sft.texts[i][0], "sft_reward": _finite(sft.rewards[i][0]),
             "sft_gold": sft_gold[i][0] if sft_gold else None,
-            "ppo": ppo.texts[i][0], "ppo_reward": ppo.rewards[i][0],
+            "ppo": ppo.texts[i][0], "ppo_reward": _finite(ppo.rewards[i][0]),
             "ppo_gold": ppo_gold[i][0] if ppo_gold else None,
         })
     scatter = [
         {"policy": name, "reward": r, "gold": g}
         for name, s, gold in (("sft", sft, sft_gold), ("ppo", ppo, ppo_gold)) if gold is not None
-        for rs, gs in zip(s.rewards, gold) for r, g in zip(rs, gs)
+        for rs, gs in zip(s.rewards, gold) for r, g in zip(rs, gs) if math.isfinite(r)  # no reward model: no point
     ]
     metrics["scatter"] = scatter
     return metrics, examples
@@ -312,13 +322,18 @@ def verdict(metrics: dict[str, Any], z: float = 2.0) -> str:
     rose while gold did not is called out as over-optimisation. Without one, only the
     proxy is known, and the line says so.
     """
-    def sig(gain, se) -> int:  # +1 significantly up, -1 significantly down, 0 neither
+    def sig(gain, se) -> int:  # +1 significantly up, -1 significantly down, 0 neither (no SE: one prompt)
         if gain is None or se is None or not math.isfinite(se):
             return 0
         return 1 if gain > z * se else -1 if gain < -z * se else 0
 
+    def num(value, spec: str) -> str:  # None (undefined: no prompts, one prompt, no reward model) reads "–"
+        return "–" if value is None else format(value, spec)
+
     def fig(gain, se) -> str:
-        return f"{gain:+.3f} ± {se:.3f}"
+        return f"{num(gain, '+.3f')} ± {num(se, '.3f')}"
+
+    kl = num(metrics["ppo"]["kl"], ".2f")
 
     reward = sig(metrics.get("reward_gain"), metrics.get("reward_gain_se"))
     gold_gain, gold_se = metrics.get("gold_gain"), metrics.get("gold_gain_se")
@@ -326,14 +341,14 @@ def verdict(metrics: dict[str, Any], z: float = 2.0) -> str:
         greedy = (f" (greedy {fig(metrics['greedy_reward_gain'], metrics['greedy_reward_gain_se'])})"
                   if metrics.get("greedy_reward_gain") is not None else "")
         return (f"No gold judge: the reward-model score changed by {fig(metrics['reward_gain'], metrics['reward_gain_se'])}"
-                f"{greedy} at KL {metrics['ppo']['kl']:.2f} nats; a learned reward can be over-optimised, so read the samples.")
+                f"{greedy} at KL {kl} nats; a learned reward can be over-optimised, so read the samples.")
     sampled = sig(gold_gain, gold_se)
     greedy_gain, greedy_se = metrics.get("greedy_gold_gain"), metrics.get("greedy_gold_gain_se")
     greedy = sig(greedy_gain, greedy_se)
     parts = [f"sampled {fig(gold_gain, gold_se)}"]
     if greedy_gain is not None:
         parts.append(f"greedy {fig(greedy_gain, greedy_se)}")
-    figures = f" (gold gain {', '.join(parts)}; KL {metrics['ppo']['kl']:.2f} nats)"
+    figures = f" (gold gain {', '.join(parts)}; KL {kl} nats)"
     if sampled > 0 and greedy > 0:
         return "PPO improved the true score, sampled and greedy" + figures + "."
     if sampled > 0 and greedy == 0:
@@ -377,17 +392,18 @@ class EvalStageConfig(EvalConfig):
 
 def _load_eval_models(config: EvalStageConfig, device):
     """(tokenizer, reference, policy, reward scorer | None), safetensors only, through the project's loaders."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
-    from rlhfkit.artifacts import load_pretrained, load_tokenizer, resolve_model_path
+    from rlhfkit.artifacts import load_pretrained, load_scoring_model, load_tokenizer, resolve_model_path
     from rlhfkit.engine.scoring import shares_tokenizer
 
     tokenizer = load_tokenizer(resolve_model_path(config.reference))
+    check_chat_template(tokenizer)  # a template that fails on any conversation: before the models load
     reference = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.reference)).to(device)
     policy = load_pretrained(AutoModelForCausalLM, resolve_model_path(config.policy)).to(device)
     scorer = None
     if config.reward_model:
-        model = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(config.reward_model), num_labels=1)
+        model = load_scoring_model(resolve_model_path(config.reward_model))
         model.to(device).eval()
         reward_tokenizer = load_tokenizer(resolve_model_path(config.reward_model))
         same = shares_tokenizer(reward_tokenizer, tokenizer)  # else decode and re-encode, as PPO did
@@ -427,7 +443,7 @@ def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> St
         raise ConfigError("eval: " + "; ".join(problems))
     out = Path(config.output_dir)
     refuse_other_stage(out, "eval")  # e.g. the policy's own PPO folder: its model would be replaced
-    check_output_dir(out)  # a folder of the user's own is refused before any work
+    check_output_dir(out, "eval")  # a user's folder, or one inside another run or stage: refused before any work
     # (2) models and prompts
     prompts = prompts_from_data_dir(config.data, "validation")
     if not prompts:
@@ -439,6 +455,11 @@ def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> St
     tokenizer, reference, policy, scorer = _load_eval_models(config, device)
     temperature = config.temperature if config.temperature is not None else 1.0
     length = config.response_length or 64
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, prompts, config.max_prompt_length or 10**9))
+    problem = length_problem("eval: response_length", longest + length, positions_of(policy.config),
+                             f"the longest prompt ({longest} tokens) + response_length {length}")
+    if problem:  # past its trained positions the model would sample from positions it never saw
+        raise ConfigError(problem + (" or set max_prompt_length" if not config.max_prompt_length else ""))
     # (3) the comparison
     metrics, examples = evaluate(reference, policy, scorer, tokenizer, prompts, config, temperature, length, gold_fn,
                                  processes)
@@ -450,7 +471,7 @@ def evaluate_stage(config: EvalStageConfig, gold_fn: GoldFn | None = None) -> St
     # (5) write
     scatter = metrics.pop("scatter")
     if processes.main:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "eval") as tmp:
             write_json_atomic(tmp / "examples.json", examples)
             write_json_atomic(tmp / "scatter.json", scatter)
             write_json_atomic(tmp / "eval.json", metrics)

@@ -52,7 +52,7 @@ def _import(source: Path, out: Path) -> StageResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_output_dir(out)  # before minutes of work: a user's folder is refused now
+    check_output_dir(out, "model")  # before minutes of work: a user's folder, or one inside a run, is refused now
     start = time.time()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -71,7 +71,7 @@ def _import(source: Path, out: Path) -> StageResult:
     probe = _probe_ids(tokenizer)
     with torch.no_grad():
         expected = model(input_ids=probe).logits
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhfkit.artifacts import (StageResult, claim_dir, damage, file_digests, locks_output, missing_model_folder,
-                               read_json, remove_ours, sha256_file, write_json_atomic)
+from rlhfkit.artifacts import (RUN, StageResult, claim_dir, damage, file_digests, hub_problem, locks_output,
+                               missing_model_folder, not_a_model_folder, read_json, remove_ours, sha256_file,
+                               write_json_atomic)
 from rlhfkit.config import collect_errors, field, section_of
 from rlhfkit.errors import ConfigError
 from rlhfkit.processes import Processes
@@ -26,6 +27,24 @@ from rlhfkit.evaluate import EvalConfig, EvalStageConfig, evaluate_stage
 from rlhfkit.summary import collect
 
 STAGES = ("world", "data", "model", "sft", "reward", "ppo", "eval")
+RESULT_FILES = ("summary.json", "report.md", "report.html")  # the run's results, written after the last stage
+
+
+def stage_inputs(dpo_aligns: bool) -> dict[str, tuple[str, ...]]:
+    """Each stage's inputs: its hash covers theirs, and when one runs, every stage after it in this
+    graph is out of date. The evaluation reads the reference (sft), the reward model and the data too."""
+    return {"world": (), "data": ("world",), "model": ("world",), "sft": ("data", "model"),
+            "reward": ("sft", "data"), "ppo": ("sft", "data") if dpo_aligns else ("sft", "reward", "data"),
+            "eval": ("ppo", "sft", "reward", "data")}
+
+
+def downstream(inputs: dict[str, tuple[str, ...]], name: str) -> list[str]:
+    """The stages that read ``name``'s output, directly or through others, in chain order."""
+    after: set[str] = set()
+    for stage in STAGES:  # chain order: a stage's inputs come before it
+        if name in inputs[stage] or after & set(inputs[stage]):
+            after.add(stage)
+    return [s for s in STAGES if s in after]
 # Keys the chain fills in for each training stage; a section must not set them, except reward.model:
 # another backbone for the reward model (e.g. an encoder with its own tokenizer) instead of the SFT model.
 WIRED_KEYS = ("model", "data", "output_dir", "reward_model")
@@ -54,7 +73,7 @@ def _validate_model(self) -> list[str]:
     if self.name is not None:
         if not self.name.strip():
             return ["name: empty; give a hub id or a folder, or null for the embedded model"]
-        missing = missing_model_folder(self.name)
+        missing = missing_model_folder(self.name) or not_a_model_folder(self.name)
         return [f"name: {missing}"] if missing else []
     fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
     return ModelInitConfig(out="<chain>", corpus="<world>", **fields).validate()
@@ -109,14 +128,15 @@ class RunConfig:
         if self.reward_ensemble < 1:
             problems.append(f"reward_ensemble must be at least 1, got {self.reward_ensemble}")
         problems.extend(self._curve_problems(problems))
+        if not problems:
+            problems.extend(self._length_problems())
         if self.model.name is None and self.data.source is not None:
             local = [s for s in self.data.source if Path(s).is_file()]
             if not local:
                 problems.append("model.name: set a model when data.source is not a local file (the tokenizer is trained on it)")
-        for source in self.data.source or []:
-            looks_local = source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".gz", ".parquet", ".json"))
-            if looks_local and not Path(source).exists():  # owner/name without a suffix is a hub id
-                problems.append(f"data.source: {source} not found")
+        from rlhfkit.data.sources import source_problem
+
+        problems += [f"data.source: {p}" for source in self.data.source or [] if (p := source_problem(source))]
         return problems
 
     def _curve_problems(self, problems: list[str]) -> list[str]:
@@ -137,6 +157,27 @@ class RunConfig:
             out.append(f"eval.checkpoints evaluates the kept PPO checkpoints: set ppo.save_total_limit to at least "
                        f"{needed} (num_updates {ppo.num_updates} / save_steps {ppo.save_steps}) to keep them all")
         return out
+
+    def _length_problems(self) -> list[str]:
+        """Every length against the starting model's positions, before any stage runs (the stages check again)."""
+        from rlhfkit.artifacts import length_problem, model_positions
+        from rlhfkit.config import load_config
+        from rlhfkit.ppo import PPOStageConfig
+
+        positions = self.model.max_position_embeddings if self.model.name is None else model_positions(self.model.name)
+        out = [length_problem(f"{name}.max_length", section["max_length"], positions)
+               for name, section in (("sft", self.sft), ("reward", self.reward), ("dpo", self.dpo))
+               if isinstance(section.get("max_length"), int) and not section.get("packing")]  # packed: positions restart
+        ppo = load_config(PPOStageConfig, {**self.rl_section(), **_placeholders(PPOStageConfig)})
+        if not self.dpo_aligns:
+            out.append(length_problem("ppo.response_length", ppo.max_prompt_length + ppo.response_length, positions,
+                                      f"max_prompt_length {ppo.max_prompt_length} + response_length {ppo.response_length}"))
+        if self.eval.max_prompt_length or self.eval.response_length or self.dpo_aligns:  # else the ppo line says it
+            prompt = self.eval.max_prompt_length or ppo.max_prompt_length
+            response = self.eval.response_length or ppo.response_length
+            out.append(length_problem("eval.response_length", prompt + response, positions,
+                                      f"max_prompt_length {prompt} + response_length {response}"))
+        return [p for p in out if p]
 
     @property
     def dpo_aligns(self) -> bool:
@@ -222,6 +263,7 @@ class _Chain:
     def __init__(self, config: RunConfig, log: Callable[[str], None], store: Path | None = None,
                  processes: Processes | None = None):
         self.config = config
+        self.inputs = stage_inputs(config.dpo_aligns)
         self.run_dir = Path(config.output_dir)
         self.processes = processes or Processes()
         self.manifest = Manifest(self.run_dir, log) if self.processes.main else None
@@ -229,20 +271,24 @@ class _Chain:
         self.store = store
         self.hashes: dict[str, str] = {}
         self.paths: dict[str, Path] = {}
+        self.kinds: dict[str, str] = {}  # stage -> what writes its folder: its name, or dpo in ppo's place
         self.ran: list[str] = []
+        self.changed: set[str] = set()  # stages redone (damaged output) that came out different
         self.skipped: list[str] = []
 
     def path(self, name: str) -> Path:
         """Where stage ``name``'s output is (its store folder in a sweep)."""
         return self.paths.get(name, self.run_dir / name)
 
-    def stage(self, name: str, inputs: list[str], spec: Any, fn: Callable[[Path], dict[str, Any]],
-              all_processes: bool = False) -> dict[str, Any]:
-        """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes.
+    def stage(self, name: str, spec: Any, fn: Callable[[Path], dict[str, Any]],
+              all_processes: bool = False, kind: str | None = None) -> dict[str, Any]:
+        """Run ``fn(out_dir)`` unless done with the same hash of config and upstream hashes, and no input ran now.
 
-        ``all_processes``: under a multi-process launch every process runs ``fn`` (else the main one alone)."""
-        h = _hash(spec, [self.hashes[i] for i in inputs])
+        ``all_processes``: under a multi-process launch every process runs ``fn`` (else the main one alone);
+        ``kind``: the stage that writes the folder, when not ``name`` (DPO in the RL stage's place)."""
+        h = _hash(spec, [self.hashes[i] for i in self.inputs[name]])
         self.hashes[name] = h
+        self.kinds[name] = kind or name
         if not self.processes.main:  # follow the main process: its decision (_skip or _run), then its metrics
             decision, out = self.processes.share()
             self.paths[name] = Path(out)
@@ -257,11 +303,11 @@ class _Chain:
         entry = self.manifest.stage(name)
         out = self.run_dir / name
         if entry.get("status") == "done" and entry.get("hash") == h and out.exists():
-            problem = damage(out, entry.get("files"))
+            problem = damage(out, entry.get("files")) or self._input_changed(name)
             if problem is None:
                 return self._skip(name, entry, "unchanged", out)
             self._discard(name, out, problem)
-            entry = {}
+            return self._run(name, h, out, fn, resumed=False, earlier=0.0, redo=entry.get("files"))
         if entry.get("hash") not in (None, h) and (out.exists() or out.is_symlink()):
             remove_ours(out, recorded=True)  # changed config or inputs: start this stage afresh (the manifest's own)
         resumed = entry.get("hash") == h and entry.get("status") == "running"
@@ -274,16 +320,45 @@ class _Chain:
         _link(self.run_dir / name, out)
         if marker.is_file():
             entry = read_json(marker)
-            problem = damage(out, entry.get("files"))
+            problem = damage(out, entry.get("files")) or self._input_changed(name)
             if problem is None:
                 self.manifest.set(name, status="done", hash=h, shared=str(out), wall_time_s=entry["wall_time_s"],
                                   metrics=entry["metrics"], files=entry.get("files"))
                 return self._skip(name, entry, "shared", out)
             marker.unlink()
             self._discard(name, out, problem)
-        metrics = self._run(name, h, out, fn, resumed=out.exists(), earlier=0.0)
+            metrics = self._run(name, h, out, fn, resumed=False, earlier=0.0, redo=entry.get("files"))
+        else:
+            metrics = self._run(name, h, out, fn, resumed=out.exists(), earlier=0.0)
         write_json_atomic(marker, self.manifest.stage(name))
         return metrics
+
+    def _input_changed(self, name: str) -> str | None:
+        """An input redone in this run came out other than it was: this stage read the old output."""
+        changed = [i for i in self.inputs[name] if i in self.changed]
+        return f"its input {changed[0]} came out different when it was redone" if changed else None
+
+    def _withdraw_downstream(self, name: str) -> None:
+        """Stage ``name`` starts: every result that read its old output is out of date from now on, so it
+        goes now (the later stages would replace it anyway), and an interrupt leaves no old figure shown as
+        current: the run's summary and report, and the later stages' folders (a sweep's shared ones are
+        only unlinked from this run: other runs may use them)."""
+        later = [s for s in downstream(self.inputs, name) if self.manifest.stage(s).get("status") not in (None, "stale")
+                 or (self.run_dir / s).exists() or (self.run_dir / s).is_symlink()]
+        for stage in later:
+            out = self.run_dir / stage
+            if out.is_symlink():
+                out.unlink()
+            elif out.exists():
+                remove_ours(out, recorded=True)
+            self.manifest.data["stages"][stage] = {"status": "stale"}  # no figure of the old output stays
+        self.manifest.set(name)  # written once for all
+        withdrawn = [f for f in RESULT_FILES if (self.run_dir / f).is_file()]
+        for f in withdrawn:
+            (self.run_dir / f).unlink()
+        if later or withdrawn:
+            self.log(f"    the results after {name} are out of date and were removed: "
+                     + ", ".join(later + withdrawn))
 
     def _discard(self, name: str, out: Path, problem: str) -> None:
         """A finished stage's output changed since (``problem``): say so and remove it (its record proves it ours)."""
@@ -298,16 +373,24 @@ class _Chain:
         return entry.get("metrics", {})
 
     def _run(self, name: str, h: str, out: Path, fn: Callable[[Path], dict[str, Any]], resumed: bool,
-             earlier: float) -> dict[str, Any]:
+             earlier: float, redo: dict[str, str] | None = None) -> dict[str, Any]:
+        """Run the stage. ``redo``: the files a finished run of the same config recorded (its output was damaged):
+        the later stages read that output, so they stay valid if the redo writes the same files again."""
         index = STAGES.index(name) + 1
         self.log(f"[{index}/{len(STAGES)}] {name}: {'resuming' if resumed else 'running'}")
         started = time.time()
         self.manifest.set(name, status="running", hash=h, started=started)
-        claim_dir(out)
+        if redo is None:
+            self._withdraw_downstream(name)
+        claim_dir(out, self.kinds[name])
         self.processes.share(("run", str(out)))  # the other processes join a training stage here
         metrics = fn(out)
+        files = file_digests(out, skip=("checkpoints",))
         self.manifest.set(name, status="done", finished=time.time(), wall_time_s=time.time() - started + earlier,
-                          metrics=metrics, files=file_digests(out, skip=("checkpoints",)))
+                          metrics=metrics, files=files)
+        if redo is not None and files != redo:
+            self.changed.add(name)
+            self._withdraw_downstream(name)
         self.ran.append(name)
         return metrics
 
@@ -345,6 +428,8 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     problems = config.validate()
     if not config.dpo_aligns:  # e.g. a DeepSpeed launch: refused before the first stage, not at the RL stage
         problems.extend(launch_problems())
+    if config.model.name and not problems:  # a hub id: in the local cache, or the hub answers at once
+        problems.extend(f"model.name: {p}" for p in [hub_problem(config.model.name)] if p)
     if problems:
         raise ConfigError("; ".join(problems))
     processes = Processes()  # under `accelerate launch` with N processes: the main one writes, all train
@@ -353,7 +438,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     chain = _Chain(config, log, Path(store) if store is not None else None, processes)
     run = chain.run_dir
     if processes.main:
-        claim_dir(run)  # refused, before any work, if it holds files rlhfkit did not write
+        claim_dir(run, RUN)  # refused, before any work: files rlhfkit did not write, another run's or stage's folder
         write_json_atomic(run / "config.json", dataclasses.asdict(config))
     synthetic = config.data.source is None
     c = config
@@ -361,7 +446,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     # world: the synthetic trees (embedded default only)
     if synthetic:
         world_spec = dataclasses.asdict(c.world) | {"seed": c.seed}
-        chain.stage("world", [], world_spec, lambda out: _metrics_only(synth_data(SynthConfig(
+        chain.stage("world", world_spec, lambda out: _metrics_only(synth_data(SynthConfig(
             out=str(out / "trees.jsonl"), seed=c.seed, **dataclasses.asdict(c.world)))))
         sources = [str(chain.path("world") / "trees.jsonl")]
     else:
@@ -370,13 +455,18 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
     # data
     data_spec = dataclasses.asdict(c.data) | {"seed": c.seed}
     data_fields = {k: v for k, v in dataclasses.asdict(c.data).items() if k != "source"}
-    chain.stage("data", ["world"], data_spec, lambda out: _metrics_only(build_data(DataBuildConfig(
+    chain.stage("data", data_spec, lambda out: _metrics_only(build_data(DataBuildConfig(
         sources=sources, out=str(out), seed=c.seed, **data_fields))))
     data_path = str(chain.path("data"))
+    from rlhfkit.data import prompts_from_data_dir
+
+    if not prompts_from_data_dir(data_path, "validation"):  # the evaluation's prompts: said now, not after training
+        raise ConfigError(f"data: {data_path} holds no held-out prompts for the evaluation (data.val_fraction "
+                          f"{c.data.val_fraction}); raise data.val_fraction or give more trees")
     # model: the embedded tokenizer + untrained model, or the user's model as is
     if c.model.name is None:
         corpus = next(s for s in sources if Path(s).is_file())
-        chain.stage("model", ["world"], dataclasses.asdict(c.model) | {"seed": c.seed}, lambda out: _metrics_only(
+        chain.stage("model", dataclasses.asdict(c.model) | {"seed": c.seed}, lambda out: _metrics_only(
             init_model(ModelInitConfig(out=str(out), corpus=corpus, seed=c.seed,
                                        **{k: v for k, v in dataclasses.asdict(c.model).items() if k != "name"}))))
         model_path = str(chain.path("model"))
@@ -389,7 +479,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 
         return load_config(cls, {"seed": c.seed, **section, **wired})
 
-    chain.stage("sft", ["data", "model"], c.sft, lambda out: _metrics_only(train_sft(stage_config(
+    chain.stage("sft", c.sft, lambda out: _metrics_only(train_sft(stage_config(
         SFTStageConfig, c.sft, model=model_path, data=data_path, output_dir=str(out)))), all_processes=True)
 
     def train_rewards(out: Path) -> dict[str, Any]:
@@ -409,7 +499,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
         return metrics
 
     reward_spec = c.reward if c.reward_ensemble == 1 else {**c.reward, "ensemble": c.reward_ensemble}
-    chain.stage("reward", ["sft", "data"], reward_spec, train_rewards, all_processes=True)
+    chain.stage("reward", reward_spec, train_rewards, all_processes=True)
 
     def ppo_config(out: Path):
         members = [str(m) for m in member_folders(chain.path("reward"), c.reward_ensemble)]
@@ -418,11 +508,11 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
 
     gold_fn = (lambda prompts, responses: [gold_score(p, r) for p, r in zip(prompts, responses)]) if synthetic else None
     if c.dpo_aligns:  # sft -> dpo: the pairs themselves, no reward model (it still scores the evaluation)
-        chain.stage("ppo", ["sft", "data"], {"algorithm": "dpo", **c.dpo}, lambda out: _metrics_only(train_dpo(
+        chain.stage("ppo", {"algorithm": "dpo", **c.dpo}, lambda out: _metrics_only(train_dpo(
             stage_config(DPOStageConfig, c.dpo, model=str(chain.path("sft")), data=data_path, output_dir=str(out)))),
-            all_processes=True)
+            all_processes=True, kind="dpo")
     else:
-        chain.stage("ppo", ["sft", "reward", "data"], c.ppo,
+        chain.stage("ppo", c.ppo,
                     lambda out: _metrics_only(train_ppo(ppo_config(out), gold_fn=gold_fn)), all_processes=True)
 
     def run_eval(out: Path) -> dict[str, Any]:
@@ -437,7 +527,7 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
             output_dir=str(out), gold="off")
         return evaluate_stage(config, gold_fn=gold_score if synthetic else None).metrics
 
-    chain.stage("eval", ["ppo"], dataclasses.asdict(c.eval), run_eval, all_processes=True)  # its draws spread
+    chain.stage("eval", dataclasses.asdict(c.eval), run_eval, all_processes=True)  # its draws spread
     summary = None
     if processes.main:
         summary = build_summary(run, chain.manifest)

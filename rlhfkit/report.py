@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,23 @@ def log_history(stage_dir: Path) -> list[dict]:
     return read_json(states[-1]).get("log_history", []) if states else []
 
 
-def _fmt(value: Any, se: Any = None) -> str:
-    if value is None:
+NO_SE = object()  # a figure that has no standard error (an SE of None is one that is undefined: one prompt)
+
+
+def _fmt(value: Any, se: Any = NO_SE) -> str:
+    """A figure for the report and the summary text; "–" where it is undefined (None, not finite)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
         text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
-        if se is not None and isinstance(se, float):
-            text += f" ± {se:.2g}"
+        if se is not NO_SE:
+            text += f" ± {se:.2g}" if isinstance(se, (int, float)) and math.isfinite(se) else " ± –"
         return text
     return str(value)
+
+
+def _figure(summary: dict[str, Any], key: str) -> str:
+    return figure_text(summary, key, _fmt, NO_SE)
 
 
 def _sft_loss(summary: dict[str, Any]) -> str:
@@ -67,10 +76,10 @@ def label(summary: dict[str, Any], key: str) -> str:
 def summary_text(run: Path, summary: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a run."""
     def line(key: str) -> str:
-        return f"  {label(summary, key):<42} {figure_text(summary, key, _fmt)}"
+        return f"  {label(summary, key):<42} {_figure(summary, key)}"
 
     def pair(label: str, sft_key: str, ppo_key: str) -> str:
-        return f"  {label:<42} {figure_text(summary, sft_key, _fmt):<18} {figure_text(summary, ppo_key, _fmt)}"
+        return f"  {label:<42} {_figure(summary, sft_key):<18} {_figure(summary, ppo_key)}"
 
     walls = summary.get("wall_time_s") or {}
     lines = [f"run {run}", f"  {'SFT eval loss':<42} {_sft_loss(summary)}",
@@ -95,6 +104,11 @@ def moving_mean(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - half): i + half + 1]) for i in range(len(values))]
 
 
+def _y(value: Any) -> float:
+    """A plotted value; an undefined one (None: no reward model) is NaN, which matplotlib leaves out."""
+    return math.nan if value is None else value
+
+
 def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str) -> None:
     """Gold and proxy (reward-model) score against sqrt(KL to SFT), as in Gao et al. 2022:
     one line per PPO run (points = checkpoints), best-of-n dashed, error bars one SE."""
@@ -112,9 +126,9 @@ def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str
         pts = curve.get("ppo", [])
         xs = [p["sqrt_kl"] for p in pts]
         if pts and pts[0].get("gold") is not None:
-            gold_ax.errorbar(xs, [p["gold"] for p in pts], yerr=[p.get("gold_se") or 0 for p in pts], marker="o",
+            gold_ax.errorbar(xs, [_y(p["gold"]) for p in pts], yerr=[p.get("gold_se") or 0 for p in pts], marker="o",
                              ms=3, color=color, label=f"PPO {label}".strip(), capsize=2)
-        proxy_ax.errorbar(xs, [p["reward"] for p in pts], yerr=[p.get("reward_se") or 0 for p in pts], marker="o",
+        proxy_ax.errorbar(xs, [_y(p["reward"]) for p in pts], yerr=[p.get("reward_se") or 0 for p in pts], marker="o",
                           ms=3, color=color, label=f"PPO {label}".strip(), capsize=2)
         bon = curve.get("best_of_n")
         if bon and bon not in seen_bon:  # runs that share SFT and reward model share one best-of-n curve
@@ -123,7 +137,7 @@ def plot_overoptimization(curves: list[tuple[str, dict]], path: Path, title: str
             bx = [b["sqrt_kl"] for b in bon]
             if bon[0].get("gold") is not None:
                 gold_ax.plot(bx, [b["gold"] for b in bon], "s--", ms=3, color=color, alpha=0.7, label=name)
-            proxy_ax.plot(bx, [b["reward"] for b in bon], "s--", ms=3, color=color, alpha=0.7, label=name)
+            proxy_ax.plot(bx, [_y(b["reward"]) for b in bon], "s--", ms=3, color=color, alpha=0.7, label=name)
     for ax, ylabel in ((gold_ax, "gold score"), (proxy_ax, "proxy (reward-model) score")):
         ax.set_xlabel("sqrt(KL to SFT)  [sqrt(nats/seq)]")
         ax.set_ylabel(ylabel)
@@ -146,17 +160,21 @@ def best_budget_sentence(curve: dict) -> str:
     def at(point: dict) -> str:  # a policy without updates (DPO's) is "the final policy"
         return "the final policy" if point.get("update") is None else f"update {point['update']}"
 
-    text = (f"Gold peaked at {at(best)} (KL {best['kl']:.2f} nats, sqrt(KL) {best['sqrt_kl']:.2f}): "
-            f"gold {best['gold']:.3f} ± {best['gold_se']:.3f}, proxy {best['reward']:.3f}. "
-            f"At the end ({at(last)}, KL {last['kl']:.2f}): gold {last['gold']:.3f} ± {last['gold_se']:.3f}, "
-            f"proxy {last['reward']:.3f}.")
-    if best["update"] != last["update"] and last["reward"] > best["reward"] and last["gold"] < best["gold"]:
+    def num(value: Any, spec: str = ".3f") -> str:  # one prompt: no SE; no reward model: no proxy
+        return "–" if value is None else format(value, spec)
+
+    text = (f"Gold peaked at {at(best)} (KL {num(best['kl'], '.2f')} nats, sqrt(KL) {num(best['sqrt_kl'], '.2f')}): "
+            f"gold {num(best['gold'])} ± {num(best['gold_se'])}, proxy {num(best['reward'])}. "
+            f"At the end ({at(last)}, KL {num(last['kl'], '.2f')}): gold {num(last['gold'])} ± "
+            f"{num(last['gold_se'])}, proxy {num(last['reward'])}.")
+    if (best["update"] != last["update"] and None not in (last["reward"], best["reward"])
+            and last["reward"] > best["reward"] and last["gold"] < best["gold"]):
         text += " The proxy kept rising after gold peaked: the reward model was over-optimised."
     bon = [b for b in curve.get("best_of_n") or [] if b.get("gold") is not None]
     if bon:
         top = max(bon, key=lambda b: b["gold"])
-        text += (f" Best-of-n peaked at n={top['n']} (KL {top['kl']:.2f}): gold {top['gold']:.3f} ± {top['gold_se']:.3f}, "
-                 f"proxy {top['reward']:.3f}.")
+        text += (f" Best-of-n peaked at n={top['n']} (KL {num(top['kl'], '.2f')}): gold {num(top['gold'])} ± "
+                 f"{num(top['gold_se'])}, proxy {num(top['reward'])}.")
     return text
 
 
@@ -257,25 +275,28 @@ def write_report(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
     plots = _plots(run, scatter, curve, method)
 
     headline = [("SFT eval loss", _sft_loss(summary))]
-    headline += [(label(summary, key), figure_text(summary, key, _fmt))
+    headline += [(label(summary, key), _figure(summary, key))
                  for key in ("reward.eval_accuracy", "reward.gold_agreement")]
     if summary.get("reward.ensemble_size", 1) > 1:
         headline.append((f"Reward ensemble of {summary['reward.ensemble_size']}: agreement with gold",
                          _fmt(summary.get("reward.ensemble_gold_agreement"))))
     policy_columns = ["policy", "reward", "reward (greedy)", "gold", "gold (greedy)", "length", "KL to SFT"]
     policy_rows = []
+
+    def cell(figures: dict, key: str) -> str:  # an SE the evaluation wrote as null (one prompt) reads "± –"
+        return _fmt(figures.get(key), figures.get(key + "_se", NO_SE))
+
     for name in ("sft", "ppo"):
         e = ev.get(name, {})
         greedy = e.get("greedy", {})
-        policy_rows.append(["SFT" if name == "sft" else method, _fmt(e.get("reward"), e.get("reward_se")),
-                            _fmt(greedy.get("reward"), greedy.get("reward_se")), _fmt(e.get("gold"), e.get("gold_se")),
-                            _fmt(greedy.get("gold"), greedy.get("gold_se")), _fmt(e.get("length"), e.get("length_se")),
-                            _fmt(e.get("kl"), e.get("kl_se")) if name == "ppo" else "0"])
+        policy_rows.append(["SFT" if name == "sft" else method, cell(e, "reward"), cell(greedy, "reward"),
+                            cell(e, "gold"), cell(greedy, "gold"), cell(e, "length"),
+                            cell(e, "kl") if name == "ppo" else "0"])
     # a column nobody measured (gold without a gold judge, greedy without greedy draws) is left out
     keep = [i for i in range(len(policy_columns)) if i == 0 or any(row[i] != _fmt(None) for row in policy_rows)]
     policy_columns = [policy_columns[i] for i in keep]
     policy_rows = [[row[i] for i in keep] for row in policy_rows]
-    gains = [(label(summary, key), figure_text(summary, key, _fmt)) for key in GAIN_KEYS]
+    gains = [(label(summary, key), _figure(summary, key)) for key in GAIN_KEYS]
     stage_rows = []
     for name, entry in manifest.get("stages", {}).items():
         metrics = entry.get("metrics", {})

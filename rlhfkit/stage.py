@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from rlhfkit.artifacts import StageResult, check_output_dir, refuse_other_stage, write_json_atomic
+from rlhfkit.artifacts import StageResult, check_output_dir, refuse_other_stage, sanitize, write_json_atomic
 
 METRICS_FILE = "metrics.json"
 
@@ -47,7 +47,7 @@ def run_stage(stage: Stage) -> StageResult:
     """Steps 1-7 of the module docstring, in order; every process of a launch runs them."""
     stage.validate()  # 1.
     refuse_other_stage(stage.output_dir, stage.name)  # 2.
-    check_output_dir(stage.output_dir)
+    check_output_dir(stage.output_dir, stage.name)
     done = stage.finished()  # 3.
     if done is not None:
         return done
@@ -64,18 +64,3 @@ def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     if state.is_main_process:
         write_json_atomic(out / METRICS_FILE, sanitize(metrics))
     state.wait_for_everyone()
-
-
-def sanitize(obj: Any) -> Any:
-    """JSON-safe: non-finite floats become None (strict JSON has no NaN)."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [sanitize(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        return sanitize(obj.item())
-    return obj

@@ -78,7 +78,8 @@ def collect(stage_metrics: Mapping[str, Mapping[str, Any]], eval_json: Mapping[s
     return out
 
 
-def figure_text(summary: Mapping[str, Any], key: str, fmt) -> str:
-    """``key``'s value formatted by ``fmt(value, se)``, with its standard error where it has one."""
+def figure_text(summary: Mapping[str, Any], key: str, fmt, no_se: Any = None) -> str:
+    """``key``'s value formatted by ``fmt(value, se)``, with its standard error where it has one, else
+    ``no_se``: a figure without a standard error differs from one whose SE is None (undefined: one prompt)."""
     se = BY_KEY[key].se
-    return fmt(summary.get(key), summary.get(se) if se else None)
+    return fmt(summary.get(key), summary.get(se) if se else no_se)

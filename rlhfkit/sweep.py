@@ -20,8 +20,8 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from rlhfkit.artifacts import StageResult, claim_dir, output_lock, read_json, write_json_atomic, write_text_atomic
-from rlhfkit.config import load_config, parse_value, read_yaml
+from rlhfkit.artifacts import SWEEP, StageResult, claim_dir, output_lock, read_json, write_json_atomic, write_text_atomic
+from rlhfkit.config import keys_overlap, load_config, parse_overrides, parse_value, read_yaml
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import STAGES, RunConfig, no_log, run_chain
 from rlhfkit.processes import Processes
@@ -123,6 +123,13 @@ def plan_sweep(
     out = Path(output_dir)
     label = "" if isinstance(config, Mapping) else f"{config}: "
     data, grid, seeds = _with_sweep_section(config, grid, seeds)
+    for key, value in parse_overrides(overrides):  # refuses a key given twice among the overrides
+        if key == "output_dir":
+            raise ConfigError(f"output_dir={_yaml_text(value)}: a sweep puts each run in SWEEP_DIR/runs/NAME; remove it")
+        clash = next((k for k in grid if keys_overlap(k, key)), None)
+        if clash:  # the grid's value would replace the override's without a word
+            raise ConfigError(f"{key} is both a KEY=VALUE override ({_yaml_text(value)}) and a grid key ({clash}, from "
+                              "--grid or sweep.grid); give it in one place")
     try:
         base = load_config(RunConfig, data, overrides)
     except ConfigError as e:
@@ -130,9 +137,11 @@ def plan_sweep(
     runs, problems = [], []
     for i, point in enumerate(expand_grid(grid, seeds, base.seed)):
         name = run_name(i, point)
+        # the point's seed replaces a seed=N override (its base); no other override is a grid key
+        own = [o for o in overrides if o.partition("=")[0].strip() not in point]
         try:  # load_config also runs RunConfig.validate
             runs.append((name, point, load_config(
-                RunConfig, data, [*overrides, *(f"{k}={_yaml_text(v)}" for k, v in point.items())],
+                RunConfig, data, [*own, *(f"{k}={_yaml_text(v)}" for k, v in point.items())],
                 output_dir=str(out / "runs" / name))))
         except ConfigError as e:
             problems.append(f"run {name}: {e}")
@@ -161,7 +170,7 @@ def run_sweep(
         log = no_log
     with output_lock(out):  # one sweep per folder; each run's chain holds its own run folder too
         if main:
-            claim_dir(out)  # refused, before any work, if it holds files rlhfkit did not write
+            claim_dir(out, SWEEP)  # refused, before any work, if it holds files rlhfkit did not write
             write_json_atomic(out / "sweep.json", {"grid": plan.grid, "seeds": plan.seeds, "overrides": list(overrides),
                                                    "runs": [name for name, _, _ in plan.runs], "base": plan.config})
         rows: list[dict[str, Any]] = []
@@ -194,7 +203,29 @@ def _with_sweep_section(config: str | os.PathLike | Mapping[str, Any], grid: Map
     merged.update({k: list(v) for k, v in grid.items()})
     if not merged:
         raise ConfigError("sweep: nothing to vary; give --grid KEY=V1,V2,... or a sweep.grid section in the config")
+    for key, values in merged.items():
+        other = next((k for k in merged if k != key and keys_overlap(k, key)), None)
+        if other:
+            raise ConfigError(f"grid keys {other} and {key} set the same value; vary it under one key")
+        seen: dict[Any, Any] = {}
+        for v in values:  # 0.1 and 1e-1 parse to the same float: two identical runs
+            if _same(v) in seen:
+                a, b = _yaml_text(seen[_same(v)]), _yaml_text(v)
+                raise ConfigError(f"grid {key}: the value {a} is given twice{f' (as {a} and {b})' if a != b else ''}; "
+                                  "give each value once")
+            seen[_same(v)] = v
     return data, merged, seeds if seeds != 1 else int(section.get("seeds", 1))
+
+
+def _same(value: Any) -> Any:
+    """A hashable form under which equal config values are equal (1 and 1.0 alike; True is not 1)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_same(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _same(v)) for k, v in value.items()))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return (type(value).__name__, value)
 
 
 def _yaml_text(value: Any) -> str:
@@ -267,7 +298,8 @@ def write_sweep_report(out: Path, rows: list[dict[str, Any]], varied: list[str])
         label, curve = max(scored, key=lambda c: c[1]["best"]["gold"])
         b = curve["best"]
         best_line = (f"Best KL budget over all runs: {label}, update {b['update']}: KL {b['kl']:.2f} nats "
-                     f"(sqrt {b['sqrt_kl']:.2f}), gold {b['gold']:.3f} ± {b['gold_se']:.3f}.")
+                     f"(sqrt {b['sqrt_kl']:.2f}), gold {b['gold']:.3f} ± "
+                     + ("–" if b.get("gold_se") is None else f"{b['gold_se']:.3f}") + ".")
     # configurations compared over seeds (e.g. one per RL algorithm), best-of-n on the same axes
     groups = compare.group_runs(rows, varied)
     bon = compare.best_of_n_gains(seeded_curves)

@@ -36,11 +36,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from rlhfkit.artifacts import (atomic_dir, check_output_dir, claim_dir, read_json, refuse_other_stage, refuse_pickle_only,
-                               resolve_model_path, write_json_atomic)
+from rlhfkit.artifacts import (atomic_dir, check_output_dir, claim_dir, length_problem, model_positions, positions_of,
+                               read_json, refuse_non_generative, refuse_other_stage, refuse_pickle_only,
+                               resolve_model_path, sanitize, write_json_atomic)
 from rlhfkit.config import Passthrough, field, to_dict
 from rlhfkit.errors import ConfigError, DataError, TrainingError, first_line
-from rlhfkit.stage import METRICS_FILE, sanitize
+from rlhfkit.stage import METRICS_FILE
 
 logger = logging.getLogger("rlhfkit")
 
@@ -106,6 +107,7 @@ class StageConfig(Passthrough):
             if not self.lora_target_modules:
                 problems.append("lora_target_modules: must name at least one module (or 'all-linear')")
         problems.extend(_check_trl_args(self.trl_args))
+        problems.extend(chat_template_path_problems(self.trl_args.get("chat_template_path")))
         return problems
 
 
@@ -289,6 +291,11 @@ def check_before_loading(config: StageConfig, model=None) -> None:
     """Every config problem in one line, then a model folder holding only pickles (unless ``model``
     is given in memory): raised before any data is read or folder touched."""
     problems = config.validate()
+    max_length = config.trl_args.get("max_length")
+    packed = config.trl_args.get("packing")  # packed documents restart their positions: max_length may exceed them
+    if isinstance(max_length, int) and not packed and (model is not None or config.model):
+        positions = positions_of(model.config) if model is not None else model_positions(model_source(config))
+        problems += [p for p in [length_problem("max_length", max_length, positions)] if p]
     if problems:
         raise ConfigError("; ".join(problems))
     if model is None and config.model:
@@ -324,6 +331,8 @@ def load_model(path: str, auto_cls, model_init_kwargs: dict[str, Any] | None, tr
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     kwargs.update(extra, use_safetensors=True)  # never a pickle (refuse_pickle_only says how to convert one)
     refuse_pickle_only(path)
+    if auto_cls.__name__ == "AutoModelForCausalLM":  # the reward stage starts its new head on purpose
+        refuse_non_generative(path)
     try:
         if PartialState().distributed_type == "FSDP":  # accelerate shards it: rank 0 may load alone and broadcast
             return create_model_from_path(path, auto_cls, **kwargs)
@@ -333,6 +342,33 @@ def load_model(path: str, auto_cls, model_init_kwargs: dict[str, Any] | None, tr
         raise ConfigError(f"{path}: cannot load the model ({first_line(e)})") from None
 
 
+def chat_template_path_problems(path: Any) -> list[str]:
+    """A ``chat_template_path`` file rendered once on a sample conversation, as transformers renders it (its
+    sandbox, ``raise_exception``): a template that fails does so here, before any folder is written or any
+    stage trains. A tokenizer folder or hub id is left to TRL (and ``ensure_chat_template``)."""
+    if not isinstance(path, str) or not path.endswith((".jinja", ".j2")):
+        return []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return [f"chat_template_path: {path}: cannot read the template ({first_line(e)})"]
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from rlhfkit.engine.sampling import SAMPLE_CONVERSATION, chat_template_error
+
+    tokens = {name: f"<{name}>" for name in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token",
+                                             "cls_token", "mask_token")}  # stand-ins for the tokenizer's
+    try:
+        for messages, prompt in ((SAMPLE_CONVERSATION, False), (SAMPLE_CONVERSATION[:1], True)):
+            render_jinja_template([messages], chat_template=text, add_generation_prompt=prompt, **tokens)
+    except jinja2.exceptions.UndefinedError:
+        return []  # a variable only the stage's tokenizer gives: ensure_chat_template renders it with that one
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # its own code failed (a TypeError: 'a' + 1)
+        return [f"chat_template_path: {chat_template_error(path, e)}"]
+    return []
+
+
 def ensure_chat_template(stage: str, tokenizer, args, source: str | None, model=None, *, apply: bool = False):
     """Conversational rows need a chat template: the tokenizer's own or TRL's ``chat_template_path``.
 
@@ -340,6 +376,8 @@ def ensure_chat_template(stage: str, tokenizer, args, source: str | None, model=
     exists) the path is applied here, as TRL would, and cleared from ``args``.
     Returns ``(model, tokenizer)``.
     """
+    from rlhfkit.engine.sampling import TEMPLATE_SOURCE, check_chat_template
+
     path = getattr(args, "chat_template_path", None)
     if path is None:
         if not getattr(tokenizer, "chat_template", None):
@@ -347,8 +385,12 @@ def ensure_chat_template(stage: str, tokenizer, args, source: str | None, model=
                 f"{stage}: the tokenizer of {source or 'the given model'} has no chat template; give one with "
                 "chat_template_path (a .jinja file or a tokenizer folder)"
             )
+        check_chat_template(tokenizer)  # the model's own template (a user's folder, a hub model)
         return model, tokenizer
-    if apply:
+    if not apply:
+        if os.path.isfile(path) and path.endswith((".jinja", ".j2")):  # TRL applies it; checked with this tokenizer
+            check_chat_template(tokenizer, Path(path).read_text(encoding="utf-8"), path)
+    else:
         if os.path.isfile(path) and path.endswith((".jinja", ".j2")):
             tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
         else:
@@ -358,6 +400,8 @@ def ensure_chat_template(stage: str, tokenizer, args, source: str | None, model=
                 model, tokenizer, _ = clone_chat_template(model, tokenizer, path)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"chat_template_path: {path}: {first_line(e)}") from None
+        setattr(tokenizer, TEMPLATE_SOURCE, path)  # errors name this file, not the model folder's template
+        check_chat_template(tokenizer)
         args.chat_template_path = None
     return model, tokenizer
 
@@ -511,7 +555,7 @@ def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
     # the skeleton checked these (step 2); again here for a stage's public build_* called on its own,
     # since half-written checkpoints are removed below
     refuse_other_stage(out, config.stage_name)
-    check_output_dir(out)
+    check_output_dir(out, config.stage_name)
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, remove_incomplete=is_main)
     if resume_from is not None and not config.resume:
@@ -519,7 +563,7 @@ def prepare_output_dir(config: StageConfig, is_main: bool) -> Path | None:
             f"{checkpoints}: holds checkpoints from an earlier run; remove them or set resume=true"
         )
     if is_main:
-        claim_dir(out)
+        claim_dir(out, config.stage_name)
         # A new run invalidates an earlier completion marker before recording its own config.
         (out / METRICS_FILE).unlink(missing_ok=True)
         write_json_atomic(out / STAGE_CONFIG_FILE, to_dict(config))

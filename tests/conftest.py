@@ -18,3 +18,14 @@ def oasst_sample() -> Path:
     from data_helpers import SAMPLE, require_shared
 
     return require_shared(SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished tiny chain (test_pipeline.TINY), shared read-only: a test that changes it works on a copy."""
+    from rlhfkit.pipeline import run_chain
+    from test_pipeline import tiny_config
+
+    out = tmp_path_factory.mktemp("tiny-chain") / "run"
+    run_chain(tiny_config(out), log=lambda _: None)
+    return out

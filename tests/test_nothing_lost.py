@@ -20,22 +20,7 @@ import pytest
 from rlhfkit.artifacts import OWNER_FILE, atomic_dir, claim_dir, output_lock, remove_ours
 from rlhfkit.cli import main
 from rlhfkit.errors import OutputError, RlhfkitError
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    (line,) = lines
-    assert line.startswith("rlhfkit: error: ")
-    return line
+from cli_helpers import one_line_error, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +35,19 @@ def test_data_build_into_a_users_folder_is_refused_and_nothing_changes(tmp_path,
     (users / "notes").mkdir(parents=True)
     (users / "keep.txt").write_text("keep")
     (users / "notes" / "n.md").write_text("mine")
-    before = _snapshot(users)
-    line = _one_line_error(capsys, ["data", "build", str(trees), "--out", str(users)])
+    before = snapshot(users)
+    line = one_line_error(capsys, ["data", "build", str(trees), "--out", str(users)])
     assert str(users) in line and "rlhfkit did not write (keep.txt, notes)" in line and "nothing was changed" in line
-    assert _snapshot(users) == before
+    assert snapshot(users) == before
     assert not list(tmp_path.glob(".tmp-*"))
     # a relative path is the same folder
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        _one_line_error(capsys, ["data", "build", str(trees), "--out", "d"])
+        one_line_error(capsys, ["data", "build", str(trees), "--out", "d"])
     finally:
         os.chdir(cwd)
-    assert _snapshot(users) == before
+    assert snapshot(users) == before
 
 
 def test_rlhfkits_own_and_empty_folders_are_written_and_replaced(tmp_path, capsys, trees):
@@ -79,7 +64,7 @@ def test_rlhfkits_own_and_empty_folders_are_written_and_replaced(tmp_path, capsy
 def test_data_synth_does_not_overwrite_a_users_file(tmp_path, capsys):
     target = tmp_path / "mine.jsonl"
     target.write_text("my data\n")
-    line = _one_line_error(capsys, ["data", "synth", "--out", str(target), "--trees", "5"])
+    line = one_line_error(capsys, ["data", "synth", "--out", str(target), "--trees", "5"])
     assert f"{target}: exists" in line
     assert target.read_text() == "my data\n"
 
@@ -87,7 +72,7 @@ def test_data_synth_does_not_overwrite_a_users_file(tmp_path, capsys):
 def test_a_file_where_a_folder_goes_is_refused(tmp_path, capsys, trees):
     target = tmp_path / "out"
     target.write_text("not a folder")
-    line = _one_line_error(capsys, ["data", "build", str(trees), "--out", str(target)])
+    line = one_line_error(capsys, ["data", "build", str(trees), "--out", str(target)])
     assert "is a file, not a folder" in line and target.read_text() == "not a folder"
 
 
@@ -161,7 +146,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_holder_leaves_n
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = _one_line_error(capsys, ["data", "build", str(trees), "--out", str(out)])
+        line = one_line_error(capsys, ["data", "build", str(trees), "--out", str(out)])
         assert f"{out}: another rlhfkit run is writing it (pid {holder.pid}" in line
         assert not out.exists()
     finally:
@@ -220,7 +205,7 @@ def test_sft_and_reward_refuse_pickle_weights_before_touching_the_output(tmp_pat
     for stage in ("sft", "reward"):
         config = tmp_path / f"{stage}.yaml"
         config.write_text(f"model: {folder}\ndata: {data}\noutput_dir: {tmp_path / stage}\n")
-        line = _one_line_error(capsys, [stage, str(config)])
+        line = one_line_error(capsys, [stage, str(config)])
         assert f"{folder}: holds only pickle weights (pytorch_model.bin)" in line
         assert "safetensors only" in line and "save_pretrained(" in line  # how to convert, if trusted
         assert not (tmp_path / stage).exists()
@@ -238,12 +223,12 @@ def test_a_model_path_that_does_not_exist_is_named_before_anything_runs(tmp_path
     for stage in ("sft", "reward"):
         config = tmp_path / f"{stage}.yaml"
         config.write_text(f"model: {missing}\ndata: {data}\noutput_dir: {tmp_path / stage}\n")
-        line = _one_line_error(capsys, [stage, str(config)])
+        line = one_line_error(capsys, [stage, str(config)])
         assert f"{missing}: no such model folder" in line and "rlhfkit model import" in line
         assert not (tmp_path / stage).exists()
     chain = tmp_path / "chain.yaml"
     chain.write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  name: ./typo-model\n")
-    line = _one_line_error(capsys, ["run", str(chain)])
+    line = one_line_error(capsys, ["run", str(chain)])
     assert "model.name: ./typo-model: no such model folder" in line
     assert not (tmp_path / "run").exists()
     assert missing_model_folder("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: the loader decides
@@ -301,7 +286,7 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 ])
 def test_the_chain_rejects_every_bad_section_before_writing_anything(tmp_path, capsys, overrides, expected):
     out = tmp_path / "run"
-    line = _one_line_error(capsys, ["run", str(DEMO), "--out", str(out), *overrides])
+    line = one_line_error(capsys, ["run", str(DEMO), "--out", str(out), *overrides])
     for problem in expected:
         assert problem in line
     assert list(tmp_path.iterdir()) == []
@@ -310,10 +295,10 @@ def test_the_chain_rejects_every_bad_section_before_writing_anything(tmp_path, c
 def test_a_binary_config_and_non_text_keys_are_one_line(tmp_path, capsys):
     binary = tmp_path / "model.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
-    assert "not a text file (byte 0 is not UTF-8)" in _one_line_error(capsys, ["run", str(binary)])
+    assert "not a text file (byte 0 is not UTF-8)" in one_line_error(capsys, ["run", str(binary)])
     keys = tmp_path / "keys.yaml"
     keys.write_text("ppo:\n  3: x\n")
-    assert "key ppo.3 is not a name" in _one_line_error(capsys, ["run", str(keys)])
+    assert "key ppo.3 is not a name" in one_line_error(capsys, ["run", str(keys)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.yaml", "model.yaml"]
 
 
@@ -332,7 +317,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_then_completes(tmp_path, c
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(build, "write_json_atomic", full)
-    line = _one_line_error(capsys, ["data", "build", str(trees), "--out", str(out)])
+    line = one_line_error(capsys, ["data", "build", str(trees), "--out", str(out)])
     assert "the disk is full: free some space, then run the same command again" in line and "stats.json" in line
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no half-written folder, no temp left
     monkeypatch.setattr(build, "write_json_atomic", real)
@@ -390,12 +375,12 @@ def test_a_users_training_folder_is_refused_before_its_checkpoints_are_touched(t
     half = users / "checkpoints" / "checkpoint-5"
     half.mkdir(parents=True)
     (half / "model.safetensors").write_bytes(b"their bytes")
-    before = _snapshot(users)
+    before = snapshot(users)
     model = tmp_path / "unread-model"  # exists (a missing one is refused first); never loaded: the output check comes first
     model.mkdir()
     with pytest.raises(OutputError, match="rlhfkit did not write"):
         train_sft(SFTStageConfig(model=str(model), data=str(data), output_dir=str(users)))
-    assert _snapshot(users) == before
+    assert snapshot(users) == before
 
 
 def test_stale_temp_sweep_removes_only_rlhfkits_temps(tmp_path):

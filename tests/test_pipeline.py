@@ -338,7 +338,7 @@ def test_trl_peer_reward_weights_make_trls_weighted_sum_the_ensemble_mean(tmp_pa
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coeff=0.1", "unknown key 'ppo.kl_coeff' (did you mean 'kl_coef'?)"),
     ("sft.num_train_epochs=many", "sft.num_train_epochs: expected a number, got 'many'"),
-    ("data.source=/nonexistent/export.jsonl", "data.source: /nonexistent/export.jsonl not found"),
+    ("data.source=/nonexistent/export.jsonl", "data.source: /nonexistent/export.jsonl: no such file or folder"),
     ("ppo.num_mini_batches=3", "does not split into num_mini_batches=3"),
 ])
 def test_config_errors_one_line_no_traceback(tmp_path, capsys, override, message):

@@ -303,7 +303,7 @@ def test_a_tokenizer_without_chat_template_is_refused_before_loading(oasst_data,
     (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
     for train, make in ((train_sft, sft_config), (train_reward, reward_config)):
         with pytest.raises(ConfigError, match="has no chat template; give one with chat_template_path"):
-            train(make(tmp_path / "out", bare, oasst_data))
+            train(make(tmp_path / make.__name__, bare, oasst_data))
     # the template given as a file works for the reward stage, which tokenizes pairs itself
     m = train_reward(reward_config(tmp_path / "rm", bare, oasst_data, max_steps=1, eval_strategy="no",
                                    chat_template_path=str(micro_model_dir / "chat_template.jinja"))).metrics

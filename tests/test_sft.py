@@ -330,7 +330,9 @@ def test_packed_batches_keep_documents_apart(oasst_data, micro_model_dir, tmp_pa
     losses = {}
     for packing in (False, True):
         prepared = build_sft_trainer(
-            sft_config(tmp_path / f"p{packing}", micro_model_dir, packing=packing, max_length=2048),
+            # packed: one row of all four documents (positions restart per document); padded: each within the
+            # model's 512 positions, untruncated
+            sft_config(tmp_path / f"p{packing}", micro_model_dir, packing=packing, max_length=2048 if packing else 512),
             train_dataset=train,
         )
         trainer = prepared.trainer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from rlhfkit.data.output import SPLITS, quiet_datasets, save_splits
 from rlhfkit.data.split import split_corpus
 from rlhfkit.data.sources import RowStream, dataset_streams, open_source
 from rlhfkit.errors import ConfigError, DataError
+
+logger = logging.getLogger("rlhfkit")
 
 # Bump when the same inputs and options would give different output (cache keys, docs/pitfalls.md#7).
 OUTPUT_VERSION = 1
@@ -154,6 +157,15 @@ def load_sources(
     return corpus, read
 
 
+def _warn_skipped_rows(corpus: Corpus) -> None:
+    """One line for instruction rows that gave no SFT example: legitimate input, but a user
+    would otherwise learn of them only from stats.json."""
+    why = {"no_prompt": "with no user turn before the assistant's reply", "no_reply": "with no assistant reply"}
+    parts = [f"{n} row{'s' * (n != 1)} {text}" for key, text in why.items() if (n := corpus.dropped[key])]
+    if parts:
+        logger.warning("data build: skipped %s (counted in stats.json 'dropped')", " and ".join(parts))
+
+
 def _stats(corpus: Corpus, in_val: np.ndarray, sft_rows: dict, pair_rows: dict) -> dict[str, Any]:
     """stats.json: counts after filtering, in total and per split, and the drops by reason."""
     messages = int64_view(corpus.tree_messages)
@@ -181,7 +193,7 @@ def build_data(config: DataBuildConfig, *, datasets: list | None = None) -> Stag
     if problems:
         raise ConfigError("; ".join(problems))
     out = Path(config.out)
-    check_output_dir(out)  # a file, or a folder of the user's own, is refused before any work
+    check_output_dir(out, "data")  # a file, a user's folder, or one inside a run or stage: refused before any work
     corpus, read = load_sources(
         config.sources, datasets=datasets, lang=config.lang, include_synthetic=config.include_synthetic,
         drop_orphans=config.drop_orphans, top_k=config.top_k, format=config.format,
@@ -189,13 +201,14 @@ def build_data(config: DataBuildConfig, *, datasets: list | None = None) -> Stag
     if not corpus.sft_tree and not corpus.pair_tree:
         dropped = ", ".join(f"{k} {v}" for k, v in corpus.dropped.items() if v) or "none"
         raise DataError(f"no SFT examples or pairs left after filtering (dropped: {dropped})")
+    _warn_skipped_rows(corpus)
     in_val, sft_rows, pair_rows = split_corpus(corpus, config.seed, config.val_fraction)
     stats = _stats(corpus, in_val, sft_rows, pair_rows)
     fingerprint = _fingerprint(config, read)
     manifest = {"fingerprint": fingerprint, "output_version": OUTPUT_VERSION, "rlhfkit": __version__,
                 "config": {**asdict(config), "sources": [os.fspath(s) for s in config.sources]},
                 "inputs": read}  # fmt: skip
-    with atomic_dir(out) as tmp, quiet_datasets(), ThreadPoolExecutor(max_workers=2) as pool:
+    with atomic_dir(out, "data") as tmp, quiet_datasets(), ThreadPoolExecutor(max_workers=2) as pool:
         # Both folders at once: Arrow's gathers and the file writes release the GIL.
         jobs = [
             pool.submit(save_splits, {s: corpus.sft_batches(r) for s, r in sft_rows.items()}, "sft", tmp / "sft", fingerprint),

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DROP_REASONS = ("deleted", "review_failed", "lang", "synthetic", "orphan", "no_reply", "degenerate_pairs")
+DROP_REASONS = ("deleted", "review_failed", "lang", "synthetic", "orphan", "no_reply", "no_prompt", "degenerate_pairs")
 ROLE_NAMES = ("user", "assistant", "system")
 _ROLE_CODES = {name: code for code, name in enumerate(ROLE_NAMES)}
 # Output is built and written in batches: bounded memory, and each batch's text stays far
@@ -57,7 +57,8 @@ class Corpus:
     (split stats) and ``tree_order``, the sort key that makes the output independent of
     the input's row order (oasst trees by id, other rows in input order). ``dropped``
     counts removed messages by reason, plus ``no_reply`` (instruction rows without an
-    assistant turn) and ``degenerate_pairs`` (docs/pitfalls.md#5).
+    assistant turn), ``no_prompt`` (rows without a user turn before the last assistant turn)
+    and ``degenerate_pairs`` (docs/pitfalls.md#5).
     """
 
     def __init__(self) -> None:

@@ -166,6 +166,9 @@ def read_rows(stream: RowStream, fmt: str, corpus: Corpus, stem: str, group: int
         if last < 0:
             corpus.dropped["no_reply"] += 1
             continue
+        if not any(role == "user" for role, _ in turns[:last]):  # a reply to nothing: nothing to learn to answer
+            corpus.dropped["no_prompt"] += 1
+            continue
         ids = [corpus.add_message(r, t) for r, t in turns[: last + 1]]
         tree = corpus.add_tree(tree_id, (group, "", i))
         corpus.add_sft(tree, f"{tree_id}:{last}", ids)

@@ -221,7 +221,8 @@ class TreeReader:
         return kept
 
     def _emit(self, root: Message, tree_id: str | None, where: Callable[[], str]) -> None:
-        """Depth-first over kept messages; a dropped message takes its subtree with it.
+        """Depth-first over kept messages; a dropped message takes its subtree with it. A kept
+        tree must start with a prompter message and alternate roles, else it is refused.
 
         A path holds the pool indices from the root: the conversation of an SFT example
         (when it ends at an assistant reply) or the prompt of pairs (at a user message).
@@ -232,6 +233,9 @@ class TreeReader:
             if not top:
                 return
             tree_id = tree_id or top[0][2]
+            if top[0][4] != "user":  # its paths would be SFT examples without a user turn
+                raise _BadMessage(f"message {top[0][2]} is the root of tree {tree_id} but has role {root.role}; "
+                                  "a tree starts with the prompter's message (fix or remove the tree)", root)
             tree = corpus.add_tree(tree_id, (0, tree_id, 0))
             kept_count = 1
             stack = [(top[0], (top[0][6],), True)]
@@ -243,6 +247,10 @@ class TreeReader:
                 if not replies:
                     continue
                 kept = self._kept(replies)
+                for k in kept:  # roles alternate: many chat templates refuse two turns of one role in a row
+                    if k[4] == role:
+                        raise _BadMessage(f"message {k[2]} ({k[7].role}) replies to {m.role} message {mid} in tree "
+                                          f"{tree_id}; roles must alternate prompter, assistant (fix or remove the tree)", k[7])
                 kept_count += len(kept)
                 if role == "user" and len(kept) > 1:
                     self._pairs(tree, path, kept)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import msgspec
 
+from rlhfkit.artifacts import link_problem
 from rlhfkit.errors import DataError
 
 BATCH_ROWS = 4096
@@ -257,6 +258,26 @@ def open_source(source: str) -> list[RowStream]:
         else:
             ds = _load_dataset(str(path))
         return dataset_streams(ds, source, path.name)
-    if _HUB_ID.fullmatch(source) and Path(source).suffix not in _FILE_SUFFIXES:
-        return dataset_streams(_load_dataset(source), source, source.rsplit("/", 1)[-1])
-    raise DataError(f"{source}: no such file or folder")
+    problem = source_problem(source)
+    if problem:
+        raise DataError(problem)
+    return dataset_streams(_load_dataset(source), source, source.rsplit("/", 1)[-1])
+
+
+def source_problem(source: str) -> str | None:
+    """The one-line problem of a SOURCE that is neither a file, a folder nor a hub id, else None.
+
+    Only an ``owner/name`` that does not look local goes to the hub: a path that is absolute,
+    starts with ``.`` or ``~``, has a file suffix, or lies under a folder that exists here is
+    named as missing instead of as a dataset the hub cannot find."""
+    if Path(source).expanduser().exists():
+        return None
+    problem = link_problem(source)
+    if problem:
+        return problem
+    first = source.split("/", 1)[0]
+    local = (os.path.isabs(source) or source.startswith((".", "~")) or Path(source).suffix in _FILE_SUFFIXES
+             or ("/" in source and os.path.isdir(first)))
+    if local or not _HUB_ID.fullmatch(source):
+        return f"{source}: no such file or folder"
+    return None

@@ -19,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Sequence
 
+import jinja2
+
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
 from rlhfkit.data.output import PAIR_COLUMNS
+from rlhfkit.engine.sampling import chat_template_error, template_source
 from rlhfkit.errors import ConfigError, first_line
 from rlhfkit.training import (
     PreparedTrainer,
@@ -104,6 +107,8 @@ def build_dpo_trainer(config: DPOStageConfig, *, model=None, tokenizer=None, tra
                              callbacks=[make_stage_callback(stage, check_grad_norm=not args.fp16), *callbacks])
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"{stage}: {first_line(e)}") from None
+    except jinja2.TemplateError as e:  # a template that fails on some rows only (the stage checked a sample)
+        raise chat_template_error(args.chat_template_path or template_source(tokenizer), e) from None
 
     # 4. the figures this stage reports (run_trainer_stage calls it after training)
     def figures(trainer, session) -> dict[str, Any]:

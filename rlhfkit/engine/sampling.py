@@ -10,13 +10,70 @@ the CPU takes the fast path of ``rlhfkit.engine.fast_cpu``; every other model it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
+import jinja2
 import torch
 
 from rlhfkit.core import mask_after_eos
+from rlhfkit.errors import ConfigError, first_line
 from rlhfkit.engine.fast_cpu import LlamaDecoder, fast_multinomial_ok, multinomial_one
 from rlhfkit.engine.forward import left_pad, model_device, position_ids
+
+
+# The file a chat template was read from when it is not the tokenizer folder's own (a stage's
+# chat_template_path), recorded on the tokenizer by ``rlhfkit.training.ensure_chat_template``.
+TEMPLATE_SOURCE = "rlhfkit_chat_template_file"
+
+
+def template_source(tokenizer) -> str:
+    """Where ``tokenizer``'s chat template comes from, for error messages: the file it was read from."""
+    named = getattr(tokenizer, TEMPLATE_SOURCE, None)
+    if named:
+        return str(named)
+    folder = str(getattr(tokenizer, "name_or_path", "") or "")
+    for name in ("chat_template.jinja", "tokenizer_config.json"):  # where transformers reads it from
+        if folder and (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    return f"the chat template of {folder or 'the tokenizer'}"
+
+
+def chat_template_error(where: str, e: Exception) -> ConfigError:
+    """One line for a chat template that failed: its raise_exception, a syntax error, or an operation
+    Jinja's sandbox refused (the sandbox holds; the template is the user's to fix)."""
+    line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+    if isinstance(e, jinja2.exceptions.SecurityError):
+        return ConfigError(f"{where}: the chat template did something Jinja's sandbox forbids{line} ({first_line(e)}); "
+                           "a chat template may only format the messages it is given")
+    return ConfigError(f"{where}: the chat template failed{line} ({first_line(e)}); fix the template")
+
+
+def apply_chat_template(tokenizer, messages: list[dict], **kwargs) -> Any:
+    """``tokenizer.apply_chat_template``; a template that raises is one line naming its file, not a traceback."""
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except jinja2.TemplateError as e:  # SecurityError (the sandbox) included
+        raise chat_template_error(template_source(tokenizer), e) from None
+
+
+# The conversations rlhfkit gives a chat template: a reply to train on or score, a prompt to answer.
+SAMPLE_CONVERSATION = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+
+
+def check_chat_template(tokenizer, template: str | None = None, where: str | None = None) -> None:
+    """``template`` (default: the tokenizer's own) rendered with ``tokenizer`` on a sample conversation, so
+    that a template that fails on any conversation does so before a model loads: a ConfigError naming its
+    file (``where``, default the tokenizer's). No template: nothing to check."""
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return
+    try:
+        tokenizer.apply_chat_template(SAMPLE_CONVERSATION, chat_template=template, tokenize=False)
+        tokenizer.apply_chat_template(SAMPLE_CONVERSATION[:1], chat_template=template, add_generation_prompt=True,
+                                      tokenize=False)
+    except jinja2.TemplateError as e:
+        raise chat_template_error(where or template_source(tokenizer), e) from None
 
 
 def as_messages(prompt: Any) -> list[dict]:
@@ -32,8 +89,8 @@ def encode_prompts(tokenizer, prompts: Sequence[Any], max_prompt_length: int) ->
     encoded = []
     for prompt in prompts:
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"]
+            ids = apply_chat_template(tokenizer, as_messages(prompt), add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
         else:
             ids = tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"])["input_ids"]
         encoded.append(list(ids)[-max_prompt_length:])
@@ -47,7 +104,7 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     Templates such as ChatML write a newline after each turn's EOS (``<|im_end|>\\n``); a response
     the policy samples ends at the EOS. Cut there, training and PPO read the score at the same token.
     """
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    ids = list(apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None and eos in ids:
         last = len(ids) - 1 - ids[::-1].index(eos)

@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.artifacts import (StageResult, atomic_dir, claim_dir, load_pretrained, load_tokenizer, locks_output, read_json,
+from rlhfkit.artifacts import (StageResult, atomic_dir, claim_dir, head_problem, length_problem, load_pretrained,
+                               load_scoring_model, load_tokenizer, locks_output, model_positions, positions_of, read_json,
                                resolve_model_path)
 from rlhfkit.errors import ConfigError, RlhfkitError, first_line
 from rlhfkit import checkpoint as ckpt
@@ -57,7 +58,7 @@ from rlhfkit.core import (
     whiten,
 )
 from rlhfkit.engine.forward import left_pad, response_logits, token_values
-from rlhfkit.engine.sampling import encode_prompts, generate
+from rlhfkit.engine.sampling import apply_chat_template, encode_prompts, generate
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
 from rlhfkit.engine.zero import ZeroModels, zero_stage
 from rlhfkit.engine.sharding import (clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered,
@@ -103,7 +104,7 @@ class Demonstrations:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         pairs = []
         for messages, prompt in zip(conversations, encode_prompts(tokenizer, [m[:-1] for m in conversations], 10**9)):
-            full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) \
+            full = list(apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True)["input_ids"]) \
                 if tokenizer.chat_template else None
             if full is not None and full[:len(prompt)] == prompt:
                 reply = full[len(prompt):]
@@ -454,8 +455,6 @@ def load_scorer(config: PPOStageConfig, tokenizer, reward_model=None, reward_tok
                 reward_fn: RewardFn | None = None, value_from_reward: bool = False) -> tuple[EnsembleScorer, str | None]:
     """The reward: ``reward_fn``, an in-memory model, or the folder(s) of ``config.reward_model`` (an ensemble
     standardised by each member's held-out scores). Returns it and member 0's folder (the value model's start)."""
-    from transformers import AutoModelForSequenceClassification
-
     scorer = EnsembleScorer([Scorer(fn=reward_fn)], [(0.0, 1.0)])
     folders = [config.reward_model] if isinstance(config.reward_model, str) else list(config.reward_model or [])
     reward_path = resolve_model_path(folders[0]) if folders else None  # member 0: the value model's start
@@ -464,7 +463,7 @@ def load_scorer(config: PPOStageConfig, tokenizer, reward_model=None, reward_tok
             loaded, norms = [(reward_model, reward_tokenizer)], [(0.0, 1.0)]
         else:  # folders: each with its own tokenizer (member 0 may take the given one)
             paths = [resolve_model_path(f) for f in folders]
-            loaded = [(load_pretrained(AutoModelForSequenceClassification, path, config.trust_remote_code, num_labels=1),
+            loaded = [(load_scoring_model(path, "reward_model", config.trust_remote_code),
                        reward_tokenizer if i == 0 and reward_tokenizer is not None
                        else load_tokenizer(path, config.trust_remote_code)) for i, path in enumerate(paths)]
             norms = [held_out_norm(f) for f in folders] if len(folders) > 1 else [(0.0, 1.0)]
@@ -498,7 +497,8 @@ def load_value_model(config: PPOStageConfig, tokenizer, policy, policy_path: str
         value_source = {"reward": reward_path, "policy": policy_path}.get(config.value_model, config.value_model)
         if value_source is None:
             raise ConfigError("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
-        value_model = load_pretrained(AutoModelForSequenceClassification, value_source, config.trust_remote_code, num_labels=1)
+        value_model = load_scoring_model(value_source, "value_model", config.trust_remote_code,
+                                         new_head="initialised from the policy" if config.value_model == "policy" else None)
     if value_model.config.pad_token_id is None:
         value_model.config.pad_token_id = tokenizer.pad_token_id
     return value_model
@@ -682,7 +682,18 @@ def _config_problems(config: PPOStageConfig, policy, reward_model, reward_fn, va
     elif (config.uses_value_model and value_model is None and config.value_model == "reward" and reward_model is None
           and config.reward_model is None):
         problems.append("value_model: 'reward' needs reward_model; use value_model=policy with reward_fn")
-    return problems + _scheduler_problems(config) + launch_problems()
+    # a folder that would load with a newly initialised head: named now, before the output folder is touched
+    folders = [("model", config.model)] if policy is None and config.model else []
+    if reward_fn is None and reward_model is None:
+        members = [config.reward_model] if isinstance(config.reward_model, str) else config.reward_model or []
+        folders += [("reward_model", m) for m in members]
+    if config.uses_value_model and value_model is None and config.value_model not in ("reward", "policy"):
+        folders.append(("value_model", config.value_model))
+    problems += [p for role, path in folders if (p := head_problem(path, role))]
+    positions = positions_of(policy.config) if policy is not None else model_positions(config.model or "")
+    problem = length_problem("response_length", config.max_prompt_length + config.response_length, positions,
+                             f"max_prompt_length {config.max_prompt_length} + response_length {config.response_length}")
+    return problems + ([problem] if problem else []) + _scheduler_problems(config) + launch_problems()
 
 
 @dataclass
@@ -864,7 +875,7 @@ def load_run(config: PPOStageConfig, out: Path, given: dict[str, Any]) -> RunSta
     # DeepSpeed ZeRO when the launcher asks for it: our own deepspeed.initialize, on CPU and GPU alike
     zero = zero_stage() is not None and accelerator.num_processes > 1
     if accelerator.is_main_process:
-        claim_dir(out)
+        claim_dir(out, "ppo")
         print(config.batch_arithmetic(), flush=True)
     r = set_up(config, accelerator, sharded, zero, **given)
     r.start_update, r.elapsed_before = resume(config, out, accelerator, r.module, r.optimizer, r.scheduler, r.kl_ctl,

@@ -331,7 +331,8 @@ def build_reward_trainer(
             all_r = torch.cat([r_c, r_r])
             metrics.update(
                 eval_accuracy=eval_accuracy,
-                eval_accuracy_se=math.sqrt(eval_accuracy * (1 - eval_accuracy) / len(diff)),  # binomial, pairs independent
+                # binomial, pairs independent; undefined for one pair (null, shown as "–")
+                eval_accuracy_se=math.sqrt(eval_accuracy * (1 - eval_accuracy) / len(diff)) if len(diff) > 1 else None,
                 eval_loss=eval_loss,
                 eval_pairs=len(eval_tok),
                 eval_reward_mean=float(all_r.mean()),

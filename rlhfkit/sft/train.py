@@ -21,7 +21,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Sequence
 
+import jinja2
+
 from rlhfkit.artifacts import StageResult, load_tokenizer, locks_output
+from rlhfkit.engine.sampling import chat_template_error, template_source
 from rlhfkit.errors import ConfigError, DataError, first_line
 from rlhfkit.training import (
     PreparedTrainer,
@@ -146,6 +149,8 @@ def build_sft_trainer(
         )
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"{stage}: {first_line(e)}") from None
+    except jinja2.TemplateError as e:  # a template that fails on some rows only (the stage checked a sample)
+        raise chat_template_error(args.chat_template_path or template_source(tokenizer), e) from None
     lost = len(train_dataset) - len(trainer.train_dataset)
     if not args.packing and lost:
         logger.warning(

@@ -154,13 +154,13 @@ def init_model(config: ModelInitConfig, *, texts: Iterable[str] | None = None) -
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
-    check_output_dir(config.out)  # a folder of the user's own is refused before any work
+    check_output_dir(config.out, "model")  # a user's folder, or one inside a run or stage, is refused before any work
     corpus = list(texts) if texts is not None else list(iter_corpus_texts(config.corpus))
     if not corpus:
         raise DataError(f"{config.corpus}: no text found to train the tokenizer on")
     tokenizer = train_tokenizer(corpus, config.vocab_size)
     model = build_model(tokenizer, config.size, config.seed, config.max_position_embeddings)
-    with atomic_dir(config.out) as tmp:
+    with atomic_dir(config.out, "model") as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
     parameters = sum(p.numel() for p in model.parameters())

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from rlhfkit.artifacts import StageResult, is_ours, locks_output, write_text_atomic
+from rlhfkit.artifacts import StageResult, claim_problem, is_ours, locks_output, write_text_atomic
 from rlhfkit.config import field
 from rlhfkit.errors import ConfigError, OutputError
 from rlhfkit.world import gold as G
@@ -458,6 +458,9 @@ def synth_data(config: SynthConfig) -> StageResult:
     if problems:
         raise ConfigError("data synth: " + "; ".join(problems))
     out = Path(config.out)
+    problem = claim_problem(out.parent, "world")  # e.g. inside another run's or stage's folder
+    if problem:
+        raise OutputError(problem)
     if (out.exists() or out.is_symlink()) and not is_ours(out.parent):
         # a file carries no owner mark: replace one only inside a folder of rlhfkit's (a chain's world/)
         raise OutputError(f"{out}: exists; nothing was changed. Choose a new output file, or delete this one yourself")
