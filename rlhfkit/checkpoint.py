@@ -30,8 +30,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from rlhfkit.artifacts import atomic_dir, damage, file_digests, read_json, sanitize, write_text_atomic
-from rlhfkit.engine.zero import ZeroModels
-from rlhfkit.engine.sharding import full_optimizer_state, full_state, is_partitioned, load_full_optimizer_state, load_full_state
+from rlhfkit.engine.sharding import full_state, is_partitioned, load_full_state
 from rlhfkit.errors import ConfigError
 
 PREFIX = "update-"
@@ -105,21 +104,19 @@ def check_processes(path: Path, num_processes: int) -> None:
                           f"(this launch has {num_processes}), or use a new output_dir")
 
 
-def save(accelerator, folder: Path, update: int, elapsed: float, module, optimizer, scheduler, kl_ctl,
-         generators, config) -> None:
+def save(accelerator, folder: Path, update: int, elapsed: float, module, backend, kl_ctl, generators, config) -> None:
     """Write checkpoint ``update`` (every process calls it: sharded weights are gathered first)."""
     from accelerate.utils import gather_object
 
     rng = gather_object([[g.get_state() for g in generators]])
     # full tensors whatever the sharding, a tied weight once under the name safetensors' save_model
     # keeps; under FSDP every process all-gathers (a collective), else only the main one, which writes
-    zero = isinstance(optimizer, ZeroModels)  # DeepSpeed ZeRO: the optimizer state is partitioned
     weights_partitioned = is_partitioned(module.policy)  # FSDP or ZeRO-3: gathering them is a collective
     if weights_partitioned or accelerator.is_main_process:
         weights = {part: full_state(getattr(module, part)) for part in ("policy", "value")
                    if getattr(module, part) is not None}  # rloo / grpo have no value model
-    if weights_partitioned or zero or accelerator.is_main_process:
-        optimizer_state = optimizer.full_optimizer_state() if zero else full_optimizer_state(optimizer)
+    if backend.collective_state or accelerator.is_main_process:  # sharded or partitioned: a collective
+        optimizer_state = backend.optimizer_state()
     if accelerator.is_main_process:
         with atomic_dir(folder / f"{PREFIX}{update:06d}") as tmp:
             for part, state in weights.items():
@@ -134,7 +131,7 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
                 "update": update,
                 "num_processes": accelerator.num_processes,  # each process has its own generators
                 "elapsed_s": elapsed,
-                "scheduler": scheduler.state_dict(),
+                "scheduler": backend.scheduler.state_dict(),
                 "kl_controller": kl_ctl.state_dict(),
                 "config": _resumable_config(config),
             }, indent=2))
@@ -144,7 +141,7 @@ def save(accelerator, folder: Path, update: int, elapsed: float, module, optimiz
     accelerator.wait_for_everyone()
 
 
-def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int) -> tuple[int, float]:
+def load(path: Path, module, backend, kl_ctl, generators, rank: int) -> tuple[int, float]:
     """Restore every piece of state; returns (updates done, seconds spent so far).
 
     The files hold full tensors whatever the run's sharding: a sharded module takes its shards of them."""
@@ -153,11 +150,7 @@ def load(path: Path, module, optimizer, scheduler, kl_ctl, generators, rank: int
     load_full_state(module.policy, load_file(str(path / POLICY_FILE)))  # a sharded module takes its shards
     if module.value is not None:
         load_full_state(module.value, load_file(str(path / "value.safetensors")))
-    if isinstance(optimizer, ZeroModels):  # after the weights: ZeRO refreshes its fp32 master copy from them
-        optimizer.load_full_optimizer_state(optimizer_state, state["scheduler"])
-    else:
-        load_full_optimizer_state(optimizer, optimizer_state)
-        scheduler.load_state_dict(state["scheduler"])
+    backend.load_optimizer_state(optimizer_state, state["scheduler"])  # after the weights (ZeRO reads them)
     kl_ctl.load_state_dict(state["kl_controller"])
     rng = load_file(str(path / "rng.safetensors"))
     for i, generator in enumerate(generators):

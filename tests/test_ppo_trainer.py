@@ -31,6 +31,7 @@ from rlhfkit.ppo import trainer as trainer_mod
 from rlhfkit.core import logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.engine import encode_prompts, left_pad, response_logits, sample, sequence_scores, token_values, truncate_at_eos
 from rlhfkit.ppo.rollout import Rollout
+from rlhfkit.backends import DataParallel
 from rlhfkit.ppo.trainer import PolicyAndValue, batch_indices, ppo_update
 from rlhfkit.world.model import build_model, train_tokenizer
 from weight_helpers import same_weights
@@ -309,8 +310,8 @@ def _one_ppo_update(policy, value, rollout, advantages, returns, micro, **change
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     assert accelerator.gradient_accumulation_steps == 8 // micro
     module, optimizer = accelerator.prepare(module, optimizer)
-    stats = ppo_update(accelerator, module, optimizer, scheduler, rollout, advantages, returns, config,
-                       torch.Generator().manual_seed(0))
+    backend = DataParallel(accelerator, module, optimizer, scheduler, config.max_grad_norm)
+    stats = ppo_update(backend, rollout, advantages, returns, config, torch.Generator().manual_seed(0))
     return accelerator.unwrap_model(module), stats
 
 

@@ -9,12 +9,14 @@ One update, top to bottom:
      whiten A.  rloo / grpo: one advantage per episode from its group (``critic_free_advantages``);
   4. ``ppo_update``: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps of the clipped
      policy loss (+ vf_coef x clipped value loss for ppo; + beta x k3 KL for grpo), aggregated
-     as ``loss_type`` says over the minibatch;
+     as ``loss_type`` says over the minibatch (``micro_batch_losses``); how the gradients are
+     accumulated, synchronised and applied under this launch is the backend's (``rlhfkit.backends``);
   5. adapt beta (adaptive KL), log one metrics row (TRL's keys);
   6. stop once the KL budget is spent, else checkpoint every ``save_steps`` updates.
 
 ``train_ppo`` runs the stage skeleton (``rlhfkit.stage``): ``_config_problems``, ``_finished_run``,
-``load_run`` (``set_up``: models, optimizer, generators, a ``RunState``; ``resume``), ``update_loop``
+``load_run`` (``set_up``: models, the launch's backend with its optimizer, generators, a ``RunState``;
+``resume``), ``update_loop``
 (the update above; ``advantages_of`` is step 3) and ``save_policy``.
 
 The math lives in ``rlhfkit.core``; sampling and scoring in the rollout engine
@@ -36,6 +38,7 @@ import torch
 from rlhfkit.artifacts import (StageResult, atomic_dir, claim_dir, head_problem, length_problem, load_pretrained,
                                load_scoring_model, load_tokenizer, locks_output, model_positions, positions_of, read_json,
                                resolve_model_path)
+from rlhfkit.backends import Backend, DataParallel, Sharded, Zero
 from rlhfkit.errors import ConfigError, RlhfkitError, first_line
 from rlhfkit import checkpoint as ckpt
 from rlhfkit.ppo.config import PPOStageConfig, launch_problems
@@ -61,8 +64,8 @@ from rlhfkit.engine.forward import left_pad, response_logits, token_values
 from rlhfkit.engine.sampling import apply_chat_template, encode_prompts, generate
 from rlhfkit.engine.scoring import EnsembleScorer, RewardFn, Scorer, held_out_norm, shares_tokenizer
 from rlhfkit.engine.zero import ZeroModels, zero_stage
-from rlhfkit.engine.sharding import (clip_grad_norm_, every_process_loads, fsdp_requested, full_state, gathered,
-                                    is_partitioned, is_sharded, shard)
+from rlhfkit.engine.sharding import (every_process_loads, fsdp_requested, full_state, gathered,
+                                    is_partitioned, shard)
 from rlhfkit.ppo.rollout import Rollout
 from rlhfkit.stage import Stage, run_stage
 
@@ -235,10 +238,7 @@ def concat_rollouts(chunks: list[Rollout], pad_id: int) -> Rollout:
 
 
 def ppo_update(
-    accelerator,
-    module,
-    optimizer,
-    scheduler,
+    backend: Backend,
     rollout: Rollout,
     advantages: torch.Tensor,
     returns: torch.Tensor,
@@ -250,22 +250,22 @@ def ppo_update(
 ) -> dict[str, float]:
     """``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps over this process's episodes.
 
+    ``backend`` (``rlhfkit.backends``) is how gradients are accumulated, synchronised and applied under
+    this launch; the losses are ``micro_batch_losses``'s, the same under every launch.
     ``train_policy=False`` (critic warm-up) drops the policy loss: the policy gets zero
     gradients, so AdamW (whose moments are still zero) leaves it unchanged.
 
     Each micro-batch's loss is weighted (``loss_weight``) so that the accumulated gradient is the
     ``loss_type`` aggregate (dapo: the token mean) over the whole minibatch on all processes,
-    whatever the split into micro-batches (docs/pitfalls.md#8). Without a value model there is no
-    value loss; with grpo, ``kl_coef`` x the k3 KL to the reference joins the loss (``kl_coef`` is
-    the controller's beta of this update). With ``importance_sampling_level: sequence`` the policy
-    loss has one ratio per response (``sequence_policy_loss``) and is the mean over the
-    minibatch's responses; ``loss_type`` then weighs only the token terms.
-    With ``demonstrations`` and ``ptx_coef`` > 0 (PPO-ptx), each micro-batch also adds
-    ``ptx_coef`` x the NLL of ``per_device_train_batch_size`` random demonstrations, so each
-    optimizer step's gradient gains ``ptx_coef`` x the mean NLL over its demonstration batches.
-    Each micro-batch drops the response columns that are padding in all its rows
-    (``micro_batch``). The statistics stay on the device until one ``.tolist()`` at the end.
+    whatever the split into micro-batches (docs/pitfalls.md#8). With ``demonstrations`` and
+    ``ptx_coef`` > 0 (PPO-ptx), each micro-batch also adds ``ptx_coef`` x the NLL of
+    ``per_device_train_batch_size`` random demonstrations, so each optimizer step's gradient gains
+    ``ptx_coef`` x the mean NLL over its demonstration batches. Each micro-batch drops the response
+    columns that are padding in all its rows (``micro_batch``). The statistics stay on the device
+    until one ``.tolist()`` at the end: each a minibatch mean (of tokens; clipfrac and pg_loss as
+    the policy loss is averaged), then the mean over minibatches.
     """
+    accelerator, module = backend.accelerator, backend.module
     local = rollout.query_ids.shape[0]
     mini = local // config.num_mini_batches
     micro = config.per_device_train_batch_size
@@ -276,113 +276,111 @@ def ppo_update(
     lengths = rollout.response_mask.sum(1).tolist()  # one sync per update: the trimmed widths
     ptx = demonstrations is not None and config.ptx_coef > 0 and train_policy
     ptx_losses: list[torch.Tensor] = []
-    has_value = accelerator.unwrap_model(module).value is not None
-    sharded = is_sharded(accelerator.unwrap_model(module).policy)
-    zero = optimizer if isinstance(optimizer, ZeroModels) else None  # DeepSpeed ZeRO-2: its engines own the AdamWs
-    kl_term = config.algorithm == "grpo" and kl_coef > 0
     per_response = config.importance_sampling_level == "sequence"
-    # the statistics logged, in this order: only those that apply ("approxkl" first: target_kl reads it)
-    names = ["approxkl", "clipfrac", "pg_loss"] + ["vf_loss", "vf_clipfrac"] * has_value + ["kl_loss"] * kl_term
-    mb_stats_all: list[torch.Tensor] = []
+    minibatch_stats: list[torch.Tensor] = []  # each minibatch's statistics, in the order of names
     stop_early = False
     for _epoch in range(config.num_ppo_epochs):
         order = torch.randperm(local, generator=generator, device=generator.device)
         for mb_start in range(0, local, mini):
             mb = order[mb_start:mb_start + mini]
             minibatch_tokens = accelerator.reduce(rollout.response_mask[mb.to(device)].sum().float(), reduction="sum")
-            mb_stats = torch.zeros(len(names), device=device)
+            sums: dict[str, torch.Tensor] = {}
             for mc_start in range(0, mini, micro):
                 idx = mb[mc_start:mc_start + micro]
                 batch = micro_batch(rollout, advantages, returns, idx.to(device), max(lengths[i] for i in idx.tolist()))
                 m = batch["mask"]
-                if zero is not None:
-                    zero.before_forward()
+                backend.before_forward()
                 ptx_term = 0.0
                 if ptx:
                     pick = torch.randint(len(demonstrations.pairs), (micro,), generator=generator).tolist()
-                    if zero is not None:  # joins the policy's loss below (ZeRO-2 has no no_sync)
-                        nll = demonstrations.nll(module.policy, pick, device)
-                        ptx_term = config.ptx_coef * nll
-                    else:  # its own backward first, without a gradient sync: the PPO backward below syncs
-                        # the sum (accelerate divides both by the accumulation steps, DDP averages both)
-                        with accelerator.no_sync(module):
-                            nll = demonstrations.nll(accelerator.unwrap_model(module).policy, pick, device)
-                            accelerator.backward(config.ptx_coef * nll)
+                    nll, ptx_term = backend.ptx(lambda policy: demonstrations.nll(policy, pick, device), config.ptx_coef)
                     ptx_losses.append(nll.detach())
-                with accelerator.accumulate(module):
-                    if sharded:  # FSDP: keep the gradients local until the minibatch's last micro-batch, then
-                        # one reduce-scatter of their sum (what DDP's no_sync does for data parallelism)
-                        for part in (p for p in (module.policy, module.value) if p is not None):
-                            part.set_requires_gradient_sync(accelerator.sync_gradients)
+                with backend.micro_batch():
                     logits, new_values = module(batch["input_ids"], batch["attention_mask"], m.shape[1])
-                    new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
-                    del logits
                     # token losses are masked means over this micro-batch; `share` makes each its part of
                     # the minibatch's loss_type aggregate
                     share = loss_weight(config.loss_type, m.sum(), minibatch_tokens, config.mini_batch_size,
                                         config.response_length) * undo_means
-                    if per_response:  # one ratio per response; the policy loss is the minibatch's response mean
-                        seq_losses, clipped = sequence_policy_loss(new_logprobs, batch["logprobs"],
-                                                                   batch["advantages"][:, 0],  # A_i (token 0 is never masked)
-                                                                   m, config.cliprange,
-                                                                   length_normalise=config.algorithm == "grpo")
-                        pg_loss, pg_clipfrac = seq_losses.mean(), clipped.mean()
-                        pg_term = seq_losses.sum() / config.mini_batch_size * undo_means
-                    else:
-                        pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m,
-                                                           config.cliprange)
-                        pg_term = pg_loss * share
+                    losses = micro_batch_losses(logits, new_values, batch, config, share, undo_means,
+                                                kl_coef if config.algorithm == "grpo" else 0.0)
+                    del logits
                     # the policy's loss and the value model's, apart (under ZeRO each has its own engine)
-                    policy_part = (pg_term if train_policy else 0.0 * pg_term) + ptx_term
-                    value_part = None
-                    stats = [pg_clipfrac, pg_loss.detach()]
-                    if has_value:
-                        vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m,
-                                                          config.cliprange_value)
-                        value_part = config.vf_coef * vf_loss * share
-                        stats += [vf_loss.detach(), vf_clipfrac]
-                    if kl_term:
-                        kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m)
-                        policy_part = policy_part + kl_coef * kl_loss * share
-                        stats.append(kl_loss.detach())
-                    loss = policy_part if value_part is None else policy_part + value_part
+                    policy_part = (losses.policy if train_policy else 0.0 * losses.policy) + ptx_term
+                    if losses.kl is not None:
+                        policy_part = policy_part + losses.kl
+                    loss = policy_part if losses.value is None else policy_part + losses.value
                     if not torch.isfinite(loss):
                         raise RlhfkitError("PPO loss is not finite (NaN or inf): lower learning_rate or check the reward scale")
-                    if zero is not None:  # DeepSpeed: each engine clips its model's gradients and steps at the boundary
-                        zero.backward_and_step([policy_part] + ([value_part] if has_value else []))
-                    else:
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:  # the minibatch's last micro-batch: one optimizer step
-                            unwrapped = accelerator.unwrap_model(module)
-                            for part in (p for p in (unwrapped.policy, unwrapped.value) if p is not None):
-                                trained = [p for p in part.parameters() if p.requires_grad]
-                                # sharded gradients: torch's clip, over the DTensors (accelerate's needs its own FSDP prepare)
-                                norm = (clip_grad_norm_(trained, config.max_grad_norm) if sharded
-                                        else accelerator.clip_grad_norm_(trained, config.max_grad_norm))
-                                if norm is not None and not math.isfinite(float(norm)):
-                                    raise RlhfkitError("gradient norm is not finite: lower learning_rate or check the reward scale")
-                            optimizer.step()
-                            scheduler.step()
-                            optimizer.zero_grad()
-                with torch.no_grad():  # minibatch means: of tokens; clipfrac and pg_loss as the policy loss means
+                    backend.backward_and_step(policy_part, losses.value)
+                with torch.no_grad():  # this micro-batch's part of the minibatch means
                     tokens = m.sum() / minibatch_tokens * accelerator.num_processes
                     responses = torch.tensor(m.shape[0] / config.mini_batch_size * accelerator.num_processes, device=device)
                     policy_mean = responses if per_response else tokens
-                    weights = torch.stack([tokens, policy_mean, policy_mean] + [tokens] * (len(names) - 3))
-                    mb_stats += weights * torch.stack([approx_kl(new_logprobs, batch["logprobs"], m), *stats])
+                    for name, value in losses.stats.items():
+                        weight = policy_mean if name in ("clipfrac", "pg_loss") else tokens
+                        sums[name] = sums.get(name, torch.zeros((), device=device)) + weight * value
+            names = list(sums)  # "approxkl" first: target_kl reads it
+            mb_stats = torch.stack([sums[name] for name in names])
             mb_stats = accelerator.reduce(mb_stats, reduction="mean") if accelerator.num_processes > 1 else mb_stats
-            mb_stats_all.append(mb_stats)
+            minibatch_stats.append(mb_stats)
             if config.target_kl is not None and mb_stats[0].item() > config.target_kl:
                 stop_early = True
                 break
         if stop_early:
             break
-    out = dict(zip(names, torch.stack(mb_stats_all).mean(0).tolist()))
+    out = dict(zip(names, torch.stack(minibatch_stats).mean(0).tolist()))
     out["early_stopped"] = float(stop_early)
     if ptx_losses:
         ptx_mean = torch.stack(ptx_losses).mean()
         out["ptx_loss"] = (accelerator.reduce(ptx_mean, reduction="mean") if accelerator.num_processes > 1 else ptx_mean).item()
     return out
+
+
+@dataclass
+class MicroBatchLosses:
+    """One micro-batch's losses, each already weighted as its part of the minibatch aggregate."""
+
+    policy: torch.Tensor  # the clipped surrogate
+    value: torch.Tensor | None  # vf_coef x clipped value loss; None without a value model (rloo, grpo)
+    kl: torch.Tensor | None  # grpo: kl_coef x the k3 KL to the reference, joining the policy's loss; else None
+    stats: dict[str, torch.Tensor]  # detached, unweighted: approxkl, clipfrac, pg_loss[, vf_loss, vf_clipfrac][, kl_loss]
+
+
+def micro_batch_losses(logits: torch.Tensor, new_values: torch.Tensor | None, batch: dict[str, torch.Tensor],
+                       config: PPOStageConfig, share: torch.Tensor, undo_means: int, kl_coef: float) -> MicroBatchLosses:
+    """The losses of one micro-batch from the policy's logits [b, T, V] and values [b, T] (None without
+    a value model), whatever the launch.
+
+    Token level: L_clip = masked mean of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - logp_old),
+    times ``share``. ``importance_sampling_level: sequence``: one ratio per response
+    (``sequence_policy_loss``), the policy loss its mean over the minibatch's responses. With a value
+    model, vf_coef x the clipped value loss times ``share``; with grpo and ``kl_coef`` > 0 (the
+    controller's beta of this update), kl_coef x the k3 KL to the reference joins the policy's loss.
+    """
+    m = batch["mask"]
+    new_logprobs = logprobs_from_logits(logits, batch["response_ids"], config.temperature)
+    if config.importance_sampling_level == "sequence":  # the minibatch's response mean
+        seq_losses, clipped = sequence_policy_loss(new_logprobs, batch["logprobs"],
+                                                   batch["advantages"][:, 0],  # A_i (token 0 is never masked)
+                                                   m, config.cliprange, length_normalise=config.algorithm == "grpo")
+        pg_loss, pg_clipfrac = seq_losses.mean(), clipped.mean()
+        policy = seq_losses.sum() / config.mini_batch_size * undo_means
+    else:
+        pg_loss, pg_clipfrac = policy_loss(new_logprobs, batch["logprobs"], batch["advantages"], m, config.cliprange)
+        policy = pg_loss * share
+    with torch.no_grad():
+        stats = {"approxkl": approx_kl(new_logprobs, batch["logprobs"], m), "clipfrac": pg_clipfrac,
+                 "pg_loss": pg_loss.detach()}
+    value = kl = None
+    if new_values is not None:
+        vf_loss, vf_clipfrac = value_loss(new_values, batch["values"], batch["returns"], m, config.cliprange_value)
+        value = config.vf_coef * vf_loss * share
+        stats.update(vf_loss=vf_loss.detach(), vf_clipfrac=vf_clipfrac)
+    if kl_coef > 0:
+        kl_loss = kl_penalty_loss(new_logprobs, batch["ref_logprobs"], m)
+        kl = kl_coef * kl_loss * share
+        stats["kl_loss"] = kl_loss.detach()
+    return MicroBatchLosses(policy, value, kl, stats)
 
 
 def micro_batch(rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, idx: torch.Tensor,
@@ -633,8 +631,7 @@ def make_accelerator(config: PPOStageConfig, out: Path):
     return accelerator
 
 
-def resume(config: PPOStageConfig, out: Path, accelerator, module, optimizer, scheduler, kl_ctl,
-           generators) -> tuple[int, float]:
+def resume(config: PPOStageConfig, out: Path, accelerator, backend: Backend, kl_ctl, generators) -> tuple[int, float]:
     """Load the newest verified checkpoint, if any (the main process picks it, all load it): (first update, elapsed s)."""
     start_update, elapsed_before = 0, 0.0
     main = accelerator.is_main_process
@@ -647,8 +644,8 @@ def resume(config: PPOStageConfig, out: Path, accelerator, module, optimizer, sc
         ckpt.check_config(state, config)
         ckpt.check_processes(state, accelerator.num_processes)
         try:
-            start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(module), optimizer, scheduler,
-                                                     kl_ctl, generators, accelerator.process_index)
+            start_update, elapsed_before = ckpt.load(state, accelerator.unwrap_model(backend.module), backend, kl_ctl,
+                                                     generators, accelerator.process_index)
         except Exception as e:  # noqa: BLE001 - safetensors/torch errors of a damaged file without recorded digests
             raise RlhfkitError(f"checkpoint {state} cannot be loaded ({first_line(e)}); move it out of "
                                f"{state.parent} to resume from an older one or start over") from None
@@ -708,8 +705,7 @@ class RunState:
     unwrapped: PolicyAndValue
     ref_policy: torch.nn.Module | None  # None with LoRA: the reference is the adapter-disabled policy
     scorer: Scorer
-    optimizer: Any  # torch's AdamW (as accelerate prepared it), or ZeroModels under DeepSpeed (its engines own the AdamWs)
-    scheduler: Any
+    backend: Backend  # how the update steps under this launch: the optimizer(s) and schedule are its
     kl_ctl: AdaptiveKLController | FixedKLController
     sample_gen: torch.Generator
     shuffle_gen: torch.Generator
@@ -783,10 +779,10 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, zero: bool = Fals
 
     if zero:  # DeepSpeed ZeRO: an engine (its own AdamW and schedule) per trained model
         module.to(accelerator.device)
-        optimizer = ZeroModels([m for m in (module.policy, module.value) if m is not None], make_optimizer,
-                               make_scheduler, stage=zero_stage(), micro_batch=config.per_device_train_batch_size,
-                               accumulation=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm)
-        scheduler = optimizer.scheduler
+        backend = Zero(accelerator, module, ZeroModels(
+            [m for m in (module.policy, module.value) if m is not None], make_optimizer, make_scheduler,
+            stage=zero_stage(), micro_batch=config.per_device_train_batch_size,
+            accumulation=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm))
         if accelerator.is_main_process:
             held = "the optimizer state and gradients" + (", and the weights," if zero_stage() == 3 else "")
             print(f"DeepSpeed ZeRO-{zero_stage()}: {held} of the policy"
@@ -795,8 +791,9 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, zero: bool = Fals
     else:
         optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
         scheduler = make_scheduler(optimizer)
-    if not (sharded or zero):  # data parallel (DDP) or one process; sharded modules are not wrapped again
-        module, optimizer = accelerator.prepare(module, optimizer)
+        if not sharded:  # data parallel (DDP) or one process; sharded modules are not wrapped again
+            module, optimizer = accelerator.prepare(module, optimizer)
+        backend = (Sharded if sharded else DataParallel)(accelerator, module, optimizer, scheduler, config.max_grad_norm)
     for model in frozen:
         model.to(accelerator.device)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -805,7 +802,7 @@ def set_up(config: PPOStageConfig, accelerator, sharded: bool, zero: bool = Fals
     sample_gen = torch.Generator(device=accelerator.device).manual_seed(rank_seed)  # sampling runs there
     shuffle_gen = torch.Generator().manual_seed(rank_seed + 1)  # CPU: the minibatch order is bookkeeping
     return RunState(tokenizer, prompt_list, prompt_ids, ptx_data, module, accelerator.unwrap_model(module), ref_policy,
-                    scorer, optimizer, scheduler, kl_ctl, sample_gen, shuffle_gen, params_held, accelerator)
+                    scorer, backend, kl_ctl, sample_gen, shuffle_gen, params_held, accelerator)
 
 
 def advantages_of(rollout: Rollout, beta: float, config: PPOStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -878,7 +875,7 @@ def load_run(config: PPOStageConfig, out: Path, given: dict[str, Any]) -> RunSta
         claim_dir(out, "ppo")
         print(config.batch_arithmetic(), flush=True)
     r = set_up(config, accelerator, sharded, zero, **given)
-    r.start_update, r.elapsed_before = resume(config, out, accelerator, r.module, r.optimizer, r.scheduler, r.kl_ctl,
+    r.start_update, r.elapsed_before = resume(config, out, accelerator, r.backend, r.kl_ctl,
                                               r.generators)
     if accelerator.is_main_process:
         ckpt.truncate_log(out / "metrics.jsonl", r.start_update)
@@ -917,8 +914,7 @@ def update_loop(config: PPOStageConfig, out: Path, r: RunState, gold_fn: MetricF
         beta = r.kl_ctl.value
         kl, advantages, returns = advantages_of(rollout, beta, config)
         # 4. optimise
-        train_stats = ppo_update(accelerator, r.module, r.optimizer, r.scheduler, rollout, advantages, returns,
-                                 config, r.shuffle_gen, train_policy=update >= config.value_warmup_updates,
+        train_stats = ppo_update(r.backend, rollout, advantages, returns, config, r.shuffle_gen, train_policy=update >= config.value_warmup_updates,
                                  demonstrations=r.ptx_data, kl_coef=beta)
         # 5. bookkeeping: adapt beta, one metrics row, samples
         gold = (None if gold_fn is None else  # host data
@@ -928,7 +924,7 @@ def update_loop(config: PPOStageConfig, out: Path, r: RunState, gold_fn: MetricF
         r.kl_ctl.update(mean_kl, config.rollout_batch_size)
         elapsed = r.elapsed_before + time.perf_counter() - started
         last_row = metrics_row(update + 1, config.rollout_batch_size, episode_stats, train_stats,
-                               r.scheduler.get_last_lr()[0], elapsed)
+                               r.backend.scheduler.get_last_lr()[0], elapsed)
         if main and ((update + 1) % config.logging_steps == 0 or update + 1 == config.updates):
             ckpt.append_jsonl(out / "metrics.jsonl", last_row)
         if config.report_to != ["none"]:
@@ -948,8 +944,8 @@ def update_loop(config: PPOStageConfig, out: Path, r: RunState, gold_fn: MetricF
                       f"{window_kl:.2f} >= kl_budget {config.kl_budget}; this policy is final", flush=True)
             break
         if config.save_steps and (update + 1) % config.save_steps == 0 and update + 1 < config.updates:
-            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, r.unwrapped, r.optimizer, r.scheduler,
-                      r.kl_ctl, r.generators, config)
+            ckpt.save(accelerator, out / "checkpoints", update + 1, elapsed, r.unwrapped, r.backend, r.kl_ctl,
+                      r.generators, config)
     bar.close()
     accelerator.wait_for_everyone()
     if config.report_to != ["none"]:
