@@ -493,13 +493,18 @@ def run_chain(config: RunConfig, log: Callable[[str], None] = print, store: str 
                                                output_dir=str(member)))
             if i == 0:
                 metrics = _metrics_only(result)
-        if len(members) > 1:
-            ppo_section = stage_config(PPOStageConfig, c.rl_section(), **_placeholders(PPOStageConfig))
-            metrics.update(ensemble_metrics(members, ppo_section.ensemble_reduction, ppo_section.ensemble_std_coef))
         return metrics
 
     reward_spec = c.reward if c.reward_ensemble == 1 else {**c.reward, "ensemble": c.reward_ensemble}
     chain.stage("reward", reward_spec, train_rewards, all_processes=True)
+    if c.reward_ensemble > 1 and processes.main:
+        # the combination PPO optimises is a ppo setting (ensemble_reduction), not one the members trained with:
+        # its held-out figures are recomputed from the members' scores on every run (a few hundred rows), so a
+        # changed reduction never leaves the other reduction's figures in the summary
+        rl = stage_config(PPOStageConfig, c.rl_section(), **_placeholders(PPOStageConfig))
+        figures = ensemble_metrics(member_folders(chain.path("reward"), c.reward_ensemble), rl.ensemble_reduction,
+                                   rl.ensemble_std_coef)
+        chain.manifest.set("reward", metrics={**chain.manifest.stage("reward").get("metrics", {}), **figures})
 
     def ppo_config(out: Path):
         members = [str(m) for m in member_folders(chain.path("reward"), c.reward_ensemble)]

@@ -303,6 +303,14 @@ def test_reward_ensemble_trains_seeded_members_and_ppo_optimises_their_combinati
     single = subprocess.run([sys.executable, str(script), str(finished_run[0]), "--systems", "trl-rloo-ensemble"],
                             capture_output=True, text=True, cwd=script.parent)
     assert single.returncode == 2 and "has one reward model; train the chain with reward_ensemble=3" in single.stderr
+    # another reduction: the members are not retrained (the reduction is the RL stage's), and the summary's
+    # ensemble figures are the new combination's, not the one the members were first combined with
+    old, new = (ensemble_metrics(members, reduction) for reduction in ("mean_minus_std", "min"))
+    assert old["ensemble_gold_agreement"] != new["ensemble_gold_agreement"]  # the two differ on these pairs
+    again = run_chain(tiny_config(out, reward_ensemble=3, **{"ppo.ensemble_reduction": "min"}), log=lambda _: None)
+    assert again.ran == ["ppo", "eval"]
+    assert again.summary["reward.ensemble_gold_agreement"] == new["ensemble_gold_agreement"]
+    assert json.loads((out / "summary.json").read_text())["reward.ensemble_gold_agreement"] == new["ensemble_gold_agreement"]
 
 
 def test_trl_peer_reward_weights_make_trls_weighted_sum_the_ensemble_mean(tmp_path, monkeypatch):
