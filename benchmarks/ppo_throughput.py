@@ -204,7 +204,7 @@ def run_rlhfkit(workload_path: Path, threads: int | None = None) -> dict:
         train_ppo(config, policy=policy, tokenizer=tok, reward_model=reward, value_model=value, prompts=prompts)
     call_s = time.perf_counter() - t0
     call_cpu_s = time.process_time() - c0
-    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     import shutil
     shutil.rmtree(out_dir, ignore_errors=True)
     last = rows[-1]
@@ -343,7 +343,7 @@ def main() -> None:
           f"missing_eos_penalty={W['missing_eos_penalty']}, kl_coef={W['kl_coef']}, learning_rate={W['learning_rate']}, "
           f"max_prompt_length={W['prompts']['max_prompt_tokens']}, seed=0, save_steps=0, sample_every=0, report_to=none), "
           f"models passed in memory; reference = train_ppo's deepcopy of the policy")
-    print(f"  timing: elapsed_s of train_ppo's metrics.jsonl (its update loop only; models built before)")
+    print("  timing: elapsed_s of train_ppo's metrics.jsonl (its update loop only; models built before)")
     print(f"  repeats {args.repeats}, each in a fresh process" + (f", alternating with the peer ({args.peer})" if args.peer else ""))
 
     me = [sys.executable, str(Path(__file__).resolve()), "--workload", str(workload), "--child"]

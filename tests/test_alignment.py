@@ -11,6 +11,7 @@ sampling/EOS handling or the evaluation, not in a reward model).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhfkit.evaluate import EvalConfig, evaluate
@@ -46,7 +47,7 @@ def supervised_fine_tune(model, tokenizer, examples, steps: int, seed: int) -> N
         rows.append((list(full), labels))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r, _ in rows])
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     mask = (torch.arange(width)[None] < torch.tensor([len(r) for r, _ in rows])[:, None]).long()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
@@ -64,6 +65,7 @@ def gold(prompts, responses):
     return [gold_score(p, r) for p, r in zip(prompts, responses)]
 
 
+@pytest.mark.slow
 def test_ppo_on_the_gold_reward_raises_sampled_and_greedy_gold(tmp_path):
     torch.manual_seed(0)
     assert all(task_family(prompt(w)) == "keyword" for w in VOCAB)

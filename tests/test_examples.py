@@ -414,4 +414,8 @@ def test_ppo_value_model_from_an_in_memory_policy(micro, tmp_path):
     ppo_cfg = PPOStageConfig(model="", output_dir=str(tmp_path / "ppo"), value_model="policy", num_updates=1,
                              rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=4,
                              num_ppo_epochs=1, response_length=4, save_steps=0, sample_every=0)
-    train_ppo(ppo_cfg, policy=policy, tokenizer=tok, prompts=prompts, reward_fn=_gold_reward)
+    result = train_ppo(ppo_cfg, policy=policy, tokenizer=tok, prompts=prompts, reward_fn=_gold_reward)
+    # a value model of the policy's architecture with a new head: it trained (a value loss), and the policy saved
+    (row,) = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert result.metrics["updates"] == 1 and row["loss/value_avg"] > 0 and 0 <= row["val/clipfrac_avg"] <= 1
+    assert (tmp_path / "ppo" / "model" / "model.safetensors").is_file()

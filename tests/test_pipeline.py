@@ -71,12 +71,17 @@ def test_chain_end_to_end(finished_run):
     assert f"{summary['eval.ppo.gold']:.4g} ± {summary['eval.ppo.gold_se']:.2g}" in text
 
 
-def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(finished_run, tmp_path):
+def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(finished_run, tmp_path, monkeypatch):
+    import rlhfkit.pipeline
+    import rlhfkit.ppo
+    import rlhfkit.sft
+
     out, _ = finished_run
-    started = time.perf_counter()
-    again = run_chain(tiny_config(out), log=lambda _: None)
+    with monkeypatch.context() as patched:  # a skipped stage loads no model: its function is never entered
+        for module, name in ((rlhfkit.sft, "train_sft"), (rlhfkit.ppo, "train_ppo"), (rlhfkit.pipeline, "evaluate_stage")):
+            patched.setattr(module, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran for an unchanged stage"))
+        again = run_chain(tiny_config(out), log=lambda _: None)
     assert again.ran == [] and len(again.skipped) == 7
-    assert time.perf_counter() - started < 20
     ppo_model = (out / "ppo" / "model" / "model.safetensors").stat().st_mtime_ns
     sft_model = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
     changed = run_chain(tiny_config(out, **{"ppo.kl_coef": 0.2}), log=lambda _: None)
@@ -85,6 +90,7 @@ def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(finished_run, t
     assert (out / "ppo" / "model" / "model.safetensors").stat().st_mtime_ns != ppo_model
 
 
+@pytest.mark.slow
 def test_kill_during_ppo_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "tiny.yaml"
@@ -265,6 +271,7 @@ def test_evaluation_spread_over_two_processes_gives_the_one_process_figures(fini
     assert [p["update"] for p in curve["ppo"]] == [0, 2, 4] and len(curve["best_of_n"]) == 2
 
 
+@pytest.mark.slow
 def test_reward_ensemble_trains_seeded_members_and_ppo_optimises_their_combination(finished_run, tmp_path):
     out = tmp_path / "run"
     result = run_chain(tiny_config(out, reward_ensemble=3, **{"ppo.ensemble_reduction": "mean_minus_std"}),
@@ -436,6 +443,7 @@ def test_evaluation_refuses_a_users_folder_and_bad_config_in_one_line(finished_r
     assert "gold: must be auto, on or off" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_dpo_in_place_of_reward_and_ppo_learns_the_small_worlds_preferences(tmp_path):
     """`ppo.algorithm: dpo`: sft -> dpo -> eval; DPO's implicit reward ranks the held-out pairs above
     chance (0.5), where it started at 0 (policy = reference: every implicit reward is 0). The
@@ -457,6 +465,7 @@ def test_dpo_in_place_of_reward_and_ppo_learns_the_small_worlds_preferences(tmp_
     assert (out / "reward" / "model").is_dir()  # the reward model still scores the evaluation
 
 
+@pytest.mark.slow
 def test_the_trl_peer_benchmark_runs_every_system_on_a_finished_chain(finished_run, tmp_path):
     """benchmarks/trl_peers.py on the tiny chain, one update each: rlhfkit's rloo and grpo and TRL's
     RLOOTrainer and GRPOTrainer train from the same SFT folder against the same reward model, and

@@ -652,7 +652,7 @@ def test_loss_weight_sums_micro_batches_to_the_minibatch_aggregate():
     losses = [torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([4.0, 4.0, 4.0, 6.0])]
     masks = [torch.tensor([1, 1, 0, 0]), torch.tensor([1, 1, 1, 1])]
     total_tokens = torch.tensor(6.0)
-    parts = {t: sum(loss_weight(t, m.sum(), total_tokens, 2, 4) * masked_mean(l, m) for l, m in zip(losses, masks))
+    parts = {t: sum(loss_weight(t, m.sum(), total_tokens, 2, 4) * masked_mean(loss, m) for loss, m in zip(losses, masks))
              for t in ("dapo", "dr_grpo")}
     close(parts["dapo"], (1 + 2 + 4 + 4 + 4 + 6) / 6)  # token mean over the minibatch
     close(parts["dr_grpo"], (1 + 2 + 4 + 4 + 4 + 6) / (2 * 4))  # token sum over episodes x R

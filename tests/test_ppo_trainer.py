@@ -639,6 +639,8 @@ def has_digit(prompts, responses):
     global calls
     calls += 1
     if calls == hang_at:  # park the run after its checkpoint until the test kills it
+        if os.environ.get("PARKED"):  # what the test waits for: the run is in this update
+            Path(os.environ["PARKED"]).touch()
         time.sleep(600)
     return [float(any(c.isdigit() for c in r)) for r in responses]
 
@@ -679,15 +681,15 @@ def test_resume_after_sigkill_equals_uninterrupted_run(world, tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(world.prompts))
     (tmp_path / "run.py").write_text(RUN_SCRIPT)
     proc = subprocess.Popen([PYTHON, str(tmp_path / "run.py"), str(tmp_path / "config.json"), str(tmp_path / "prompts.json")],
-                            env=_run_env(HANG_AT_CALL="3"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    marker = out / "checkpoints" / "update-000002" / "state.json"
+                            env=_run_env(HANG_AT_CALL="3", PARKED=str(tmp_path / "parked")),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     try:
-        while not marker.exists():
+        while not (tmp_path / "parked").exists():  # parked in update 3, after the update-2 checkpoint
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint after 120 s"
+            assert time.time() < deadline, "the run did not reach update 3 in 120 s"
             time.sleep(0.05)
-        time.sleep(0.2)  # let the run go on into update 3
+        assert (out / "checkpoints" / "update-000002" / "state.json").is_file()
         assert proc.poll() is None, "the run must still be going when it is killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -1065,15 +1067,15 @@ def test_fsdp_run_killed_and_resumed_equals_data_parallel_run(world, tmp_path):
     _finish(straight)
 
     config = small_config(world, fsdp, **kwargs)
-    proc = _launch(tmp_path, config, world.prompts, *FSDP, HANG_AT_CALL="3")  # parks in update 3, after the update-2 checkpoint
-    marker = fsdp / "checkpoints" / "update-000002" / "state.json"
+    parked = tmp_path / "parked"  # a process parks in update 3, after the update-2 checkpoint
+    proc = _launch(tmp_path, config, world.prompts, *FSDP, HANG_AT_CALL="3", PARKED=str(parked))
     try:
         deadline = time.time() + 180
-        while not marker.exists():
+        while not parked.exists():
             assert proc.poll() is None, proc.communicate()[0][-4000:]
-            assert time.time() < deadline, "no checkpoint after 180 s"
+            assert time.time() < deadline, "the run did not reach update 3 in 180 s"
             time.sleep(0.05)
-        time.sleep(0.5)
+        assert (fsdp / "checkpoints" / "update-000002" / "state.json").is_file()
         assert proc.poll() is None, "the run must still be going when it is killed"
     finally:
         import psutil  # accelerate's dependency

@@ -11,7 +11,6 @@ for where the models come from. Slow (a LoRA step of the 135 M model takes secon
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +244,7 @@ def chain(smollm2, tmp_path_factory):
     return run, result
 
 
+@pytest.mark.slow
 def test_chain_runs_every_stage_on_the_real_model(chain, tokenizer):
     run, result = chain
     sft = json.loads((run / "sft" / "metrics.json").read_text())
@@ -274,6 +274,7 @@ def test_final_policy_answers_a_chat_in_a_transformers_pipeline(chain):
 # -- a reward model with another tokenizer: MiniLM (BERT) ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_minilm_reward_model_scores_ppo_responses_through_decode_and_re_encode(chain, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -97,6 +97,7 @@ def tiny_sweep(tmp_path_factory):
     return out, result, lines
 
 
+@pytest.mark.slow
 def test_sweep_shares_upstream_stages(tiny_sweep):
     out, result, lines = tiny_sweep
     assert result.stage_runs == {"world": 1, "data": 1, "model": 1, "sft": 1, "reward": 1, "ppo": 2, "eval": 2}
@@ -171,6 +172,7 @@ def test_sweep_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "sw").exists()  # nothing is started when any run's config is wrong
 
 
+@pytest.mark.slow
 def test_a_sweep_over_rl_methods_shares_sft_and_reward_and_compares_them_over_seeds(tmp_path):
     """`--grid ppo.algorithm=ppo,rloo --seeds 2`: one SFT and reward model per seed, shared by both
     methods; each method the same episodes; comparison.csv and the report average over the seeds."""
