@@ -274,7 +274,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def launch_main() -> bool:
     """Whether this is the main process of its launch (rank 0; a plain run has only that one)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from rlhfkit.processes import launch_rank
+
+    return launch_rank() == 0
 
 
 def locks_output(attribute: str) -> Callable[[F], F]:

@@ -14,6 +14,18 @@ from rlhfkit.errors import ConfigError
 T = TypeVar("T")
 
 
+# The launch as its launcher (torchrun, accelerate launch) describes it in the environment: read here alone,
+# before any process group or model exists (config validation, folder locks, the batch arithmetic).
+def launch_rank() -> int:
+    """This process's rank in its launch (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launch_size() -> int:
+    """The number of processes of this launch (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 class Processes:
     """The processes of this launch; with one (no launcher, or WORLD_SIZE 1) ``share`` and ``spread`` are local."""
 
@@ -24,7 +36,7 @@ class Processes:
         # joins the launch's process group (gloo on CPU, as the stages' Accelerator does); made before
         # any other PartialState, since the first one made sets it up for the whole process
         self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-        expected = int(os.environ.get("WORLD_SIZE", "1"))
+        expected = launch_size()
         if self.state.num_processes != expected:  # as the RL stage refuses it (make_accelerator)
             raise ConfigError(f"the launcher gives {self.state.num_processes} process(es) but WORLD_SIZE is "
                               f"{expected}; on CPU launch with ACCELERATE_USE_CPU=true")

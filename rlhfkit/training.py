@@ -41,6 +41,7 @@ from rlhfkit.artifacts import (atomic_dir, check_output_dir, claim_dir, length_p
                                resolve_model_path, sanitize, write_json_atomic)
 from rlhfkit.config import Passthrough, field, to_dict
 from rlhfkit.errors import ConfigError, DataError, TrainingError, first_line
+from rlhfkit.processes import launch_size
 from rlhfkit.stage import METRICS_FILE
 
 logger = logging.getLogger("rlhfkit")
@@ -236,7 +237,7 @@ def build_trl_args(trl_cls: type, kwargs: dict[str, Any], stage: str):
         args = trl_cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{stage}: {first_line(e)}") from None
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    launched = launch_size()
     if launched > 1 and args.world_size != launched:
         raise ConfigError(
             f"{stage}: launched as {launched} processes (WORLD_SIZE) but the Trainer sees {args.world_size}; "

@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 from rlhfkit.config import choice_problems, field
+from rlhfkit.processes import launch_size
 
 
 DEFAULT_GROUP = 4  # rloo / grpo samples per prompt when num_generations is not set
-
-
-def world_size() -> int:
-    """Processes of this launch, read from the launcher's environment (no model loaded)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def launch_problems() -> list[str]:
@@ -159,7 +154,7 @@ class PPOStageConfig:
                 f"total_episodes={self.total_episodes} is not a whole number of updates of "
                 f"rollout_batch_size={self.rollout_batch_size} episodes"
             )
-        n = world_size()
+        n = launch_size()
         if self.rollout_batch_size % self.num_mini_batches:
             problems.append(
                 f"rollout_batch_size={self.rollout_batch_size} does not split into num_mini_batches={self.num_mini_batches} equal minibatches"
@@ -221,7 +216,7 @@ class PPOStageConfig:
     # --- derived sizes, computed once
     @property
     def num_processes(self) -> int:
-        return world_size()
+        return launch_size()
 
     @property
     def mini_batch_size(self) -> int:
