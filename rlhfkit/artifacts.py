@@ -585,27 +585,36 @@ def refuse_non_generative(path: str | os.PathLike) -> None:
         raise ConfigError(problem)
 
 
-def load_pretrained(auto_cls, path: str | os.PathLike, trust_remote_code: bool = False, **kwargs):
-    """``auto_cls.from_pretrained`` with safetensors only and one-line errors (missing, pickle, unknown
-    architecture, a policy folder without a language-model head, weights missing from the folder)."""
+def _load_reporting_missing(auto_cls, path: str, trust_remote_code: bool, role: str, **kwargs):
+    """``auto_cls.from_pretrained`` (safetensors only) -> (model, the weights it initialised anew, sorted).
+
+    transformers' own load report of them is silenced: the callers say what the missing weights mean."""
     from transformers.utils import logging as hf_logging
 
     from rlhfkit.errors import ConfigError, first_line
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                               output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{role}{path}: cannot load the model ({first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, sorted(info["missing_keys"])
+
+
+def load_pretrained(auto_cls, path: str | os.PathLike, trust_remote_code: bool = False, **kwargs):
+    """``auto_cls.from_pretrained`` with safetensors only and one-line errors (missing, pickle, unknown
+    architecture, a policy folder without a language-model head, weights missing from the folder)."""
+    from rlhfkit.errors import ConfigError
 
     path = resolve_model_path(path)  # a stage folder holds its model in model/
     refuse_pickle_only(path)
     if auto_cls.__name__ == "AutoModelForCausalLM":
         refuse_non_generative(path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # transformers' load report of missing weights: said below in one line
-    try:
-        model, info = auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True,
-                                               output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: cannot load the model ({first_line(e)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = sorted(info["missing_keys"])
+    model, missing = _load_reporting_missing(auto_cls, path, trust_remote_code, "", **kwargs)
     if missing:
         raise ConfigError(f"{path}: {len(missing)} weight(s) of the model are not in the folder ({', '.join(missing[:3])}): "
                           "they would start random. Give the complete model folder")
@@ -619,26 +628,16 @@ def load_scoring_model(path: str | os.PathLike, role: str = "reward_model", trus
     several scores is refused in one line: PPO against a random head optimises noise. ``new_head``: the head is
     meant to start new (a value model initialised from the policy): allowed, and this line says so."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    from rlhfkit.errors import ConfigError, first_line
+    from rlhfkit.errors import ConfigError
 
     path = resolve_model_path(path)  # a stage folder holds its model in model/
     refuse_pickle_only(path)
     problem = None if new_head else head_problem(path, role)
     if problem:
         raise ConfigError(problem)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # transformers' load report of a new head: said below in one line instead
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1, output_loading_info=True,
-            **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{role} {path}: cannot load the model ({first_line(e)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = sorted(info["missing_keys"])
+    model, missing = _load_reporting_missing(AutoModelForSequenceClassification, path, trust_remote_code, f"{role} ",
+                                             num_labels=1, **kwargs)
     if missing and new_head is None:  # e.g. a hub model without config.json architectures, or a cut-down folder
         raise ConfigError(
             f"{role} {path}: its scoring head would be newly initialised ({', '.join(missing[:3])} not in the folder), "

@@ -309,7 +309,7 @@ DEFAULT_MAX_LENGTH = 1024  # TRL's default for SFT and reward models
 def default_max_length(model) -> int:
     """TRL's default ``max_length``, capped at the model's ``max_position_embeddings`` (a small model
     has fewer positions than 1024): the SFT and reward stages' default."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = positions_of(model.config)
     return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
 
 
